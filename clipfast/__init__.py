@@ -1,0 +1,38 @@
+"""clipfast: fast, verified inference for CLIP-family dual encoders."""
+
+from __future__ import annotations
+
+from clipfast.errors import (
+    ArtifactError,
+    BackendUnavailable,
+    ClipfastError,
+    ExportError,
+    FidelityError,
+    ImageLoadError,
+    InputError,
+    TextInputError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "BackendUnavailable",
+    "ClipfastError",
+    "Engine",
+    "ExportError",
+    "FidelityError",
+    "ImageLoadError",
+    "InputError",
+    "TextInputError",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Engine pulls in numpy/onnxruntime lazily so `import clipfast` stays cheap.
+    if name == "Engine":
+        from clipfast.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module 'clipfast' has no attribute {name!r}")

@@ -1,0 +1,27 @@
+"""The protocol every backend implements."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    """A loaded pair of towers.
+
+    run_image: ``float32 (batch, 3, H, W) -> float32 (batch, D)``, not normalised.
+    run_text: ``{name: int64 (batch, L)} -> float32 (batch, D)``, not normalised; the names are the
+        manifest's ``text.inputs``.
+    max_batch: the largest batch one call accepts (the engine chunks to it), or None.
+    """
+
+    name: str
+    device: str
+    max_batch: int | None
+
+    def run_image(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...

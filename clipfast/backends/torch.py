@@ -1,0 +1,68 @@
+"""torch backend: the source model itself (the reference, and the last fallback).
+
+Needs the export dependencies (torch, open_clip / transformers) and the source weights: the
+manifest's ``source`` section says where they come from, and their fingerprint is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from clipfast.errors import BackendUnavailable, ClipfastError
+
+log = logging.getLogger("clipfast")
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, manifest, device: str, threads: int | None = None):
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailable(
+                "the torch backend needs PyTorch and the model sources; install them with "
+                f"`pip install clipfast[export]` ({e})"
+            ) from e
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch backend: no CUDA device is visible to PyTorch")
+        try:
+            from clipfast.export.sources import load_source_from_spec
+        except ImportError as e:
+            raise BackendUnavailable(
+                f"the torch backend needs the export extras (`pip install clipfast[export]`): {e}"
+            ) from e
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            self._source = load_source_from_spec(manifest["source"], device=device)
+        except ClipfastError as e:
+            raise BackendUnavailable(f"torch backend cannot load the source model: {e}") from e
+        self._torch = torch
+        self.device = device
+        self.max_batch = None
+        self.text_inputs = tuple(manifest["text"]["inputs"])
+
+    def run_image(self, pixels: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
+            return self._source.image_tower(x).float().cpu().numpy()
+
+    def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(inputs[n], dtype=np.int32)).to(self.device)
+                    for n in self.text_inputs]
+            return self._source.text_tower(*args).float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "device": self.device, "torch": self._torch.__version__,
+                "source": self._source.spec.get("model")}
+
+
+def load(manifest, device: str = "cpu", threads: int | None = None, **_: Any) -> TorchBackend:
+    return TorchBackend(manifest, device=device, threads=threads)

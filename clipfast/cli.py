@@ -1,0 +1,193 @@
+"""Command line: ``clipfast export | verify | info | encode``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from clipfast.errors import ClipfastError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from clipfast.export.pipeline import ExportOptions, run_export
+    except ImportError as e:
+        raise ClipfastError(
+            f"`clipfast export` needs the export extras: pip install 'clipfast[export]' ({e})"
+        ) from e
+    options = ExportOptions(
+        model=args.model, pretrained=args.pretrained, precision=args.precision, out=Path(args.out),
+        opset=args.opset, seed=args.seed, images=Path(args.images) if args.images else None,
+        overwrite=args.overwrite, gate=not args.no_gate, progress=not args.quiet,
+    )
+    out = run_export(options)
+    _print_info(out)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import clipfast
+    from clipfast.fidelity import check_gates
+
+    try:
+        from clipfast.export.sources import load_source_from_spec
+        from clipfast.export.verify import images_from_dir, measure
+    except ImportError as e:
+        raise ClipfastError(
+            f"`clipfast verify` compares against the PyTorch source and needs the export extras: "
+            f"pip install 'clipfast[export]' ({e})"
+        ) from e
+    engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device)
+    source = load_source_from_spec(engine.manifest["source"])
+    images = [str(p) for p in images_from_dir(args.images)] if args.images else None
+    figures = measure(source, engine, images=images)
+    gates = engine.manifest.get("gates") or {}
+    failures = check_gates(figures, gates)
+    print(f"clipfast verify {args.artifact} (backend {engine.backend}, "
+          f"precision {engine.manifest.precision})")
+    for key, value in figures.items():
+        print(f"  {key:32s} {value}")
+    if failures:
+        print("FAILED gates:\n  " + "\n  ".join(failures))
+        return 1
+    print(f"all {len(gates)} gates passed")
+    return 0
+
+
+def _print_info(directory: str | Path) -> None:
+    from clipfast.manifest import load_manifest
+
+    m = load_manifest(directory, verify_checksums=False)
+    d = m.data
+    size = sum(f["bytes"] for f in d["files"].values())
+    print(f"artifact   {m.directory}")
+    print(f"source     {d['source'].get('model')} (pretrained: {d['source'].get('pretrained', '-')})"
+          + ("  [RANDOM WEIGHTS]" if d.get("random_weights") else ""))
+    print(f"family     {d['family']}   precision {d['precision']}   embed_dim {d['embed_dim']}")
+    pp = d["preprocess"]
+    print(f"preprocess {json.dumps(pp)}")
+    print(f"tokenizer  {json.dumps(d['tokenizer'])}")
+    print(f"logits     {json.dumps(d['logits'])}")
+    for name, f in d["files"].items():
+        print(f"file       {name:16s} {f['bytes'] / 2**20:9.1f} MiB  sha256 {f['sha256'][:16]}")
+    print(f"total      {size / 2**20:.1f} MiB")
+    if d.get("export_seconds") is not None:
+        print(f"export     {d['export_seconds']} s")
+    if d.get("fidelity"):
+        print("fidelity   " + json.dumps(d["fidelity"]))
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    _print_info(args.artifact)
+    return 0
+
+
+def _expand_images(inputs: list[str]) -> list[str]:
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(item)  # a missing path becomes a per-item failure, not a crash
+    return out
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import clipfast
+
+    engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device,
+                             batch_size=args.batch_size)
+    for name, reason in engine.fallbacks:
+        print(f"note: backend {name} skipped: {reason}", file=sys.stderr)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.texts:
+        emb = engine.encode_texts(args.texts)
+        np.save(out, emb)
+        print(f"{len(args.texts)} texts -> {out} {emb.shape} (backend {engine.backend})")
+        return 0
+    paths = _expand_images(args.images)
+    if not paths:
+        raise ClipfastError("encode: no images given (pass files or directories, or --texts)")
+    res = engine.encode_images(paths, errors="skip", progress=not args.quiet)
+    np.save(out, res.embeddings)
+    index = out.with_suffix(".json")
+    index.write_text(json.dumps({
+        "embeddings": out.name,
+        "rows": [paths[i] for i in res.indices.tolist()],
+        "failures": [{"index": f.index, "item": f.item, "error": f.error} for f in res.failures],
+        "backend": engine.backend,
+    }, indent=2))
+    print(f"{len(res.indices)} of {len(paths)} images -> {out} {res.embeddings.shape} "
+          f"(backend {engine.backend}); row index in {index}")
+    for f in res.failures:
+        print(f"failed: {f.error}", file=sys.stderr)
+    return 0 if not res.failures else 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipfast", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a model's towers to an artifact directory")
+    e.add_argument("--model", required=True,
+                   help="open_clip name (ViT-B-32), hf-hub:ORG/NAME, transformers:ID_OR_DIR")
+    e.add_argument("--pretrained", default=None,
+                   help="open_clip weights: registry TAG, checkpoint FILE, or none (random)")
+    e.add_argument("--precision", default="fp32", help="fp32 (fp16 and int8 are not built yet)")
+    e.add_argument("--out", required=True, help="artifact directory to write")
+    e.add_argument("--images", default=None, help="directory of images to measure fidelity on")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--seed", type=int, default=0, help="seed for --pretrained none")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    e.add_argument("--no-gate", action="store_true",
+                   help="write the artifact even if fidelity is below the gate")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(fn=_cmd_export)
+
+    v = sub.add_parser("verify", help="re-measure fidelity against the PyTorch source")
+    v.add_argument("artifact")
+    v.add_argument("--images", default=None, help="directory of images (default: built-in set)")
+    v.add_argument("--backend", default="onnxruntime")
+    v.add_argument("--device", default="cpu")
+    v.set_defaults(fn=_cmd_verify)
+
+    i = sub.add_parser("info", help="describe an artifact")
+    i.add_argument("artifact")
+    i.set_defaults(fn=_cmd_info)
+
+    n = sub.add_parser("encode", help="embed images (files or directories) or --texts to .npy")
+    n.add_argument("artifact")
+    n.add_argument("images", nargs="*")
+    n.add_argument("--texts", nargs="+", default=None)
+    n.add_argument("--out", required=True, help="output .npy (a .json row index is written beside)")
+    n.add_argument("--backend", default="auto")
+    n.add_argument("--device", default="cpu")
+    n.add_argument("--batch-size", type=int, default=32)
+    n.add_argument("--quiet", action="store_true")
+    n.set_defaults(fn=_cmd_encode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ClipfastError as e:
+        print(f"clipfast {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

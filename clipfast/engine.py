@@ -1,0 +1,301 @@
+"""The runtime Engine: preprocessing, tokenization and the two towers behind one object."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from clipfast.backends import resolve_backend
+from clipfast.errors import ClipfastError, InputError
+from clipfast.fidelity import l2_normalize
+from clipfast.manifest import Manifest, load_manifest
+
+log = logging.getLogger("clipfast")
+
+_ERROR_MODES = ("raise", "skip")
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class Failure:
+    """One input that could not be used: its batch position, a short description, the reason."""
+
+    index: int
+    item: str
+    error: str
+
+
+@dataclass
+class BatchResult:
+    """What ``errors="skip"`` returns: the rows that worked and the inputs that did not.
+
+    embeddings: float32 ``(M, D)`` for the M good inputs, in input order.
+    indices: int64 ``(M,)`` position of each row in the input batch.
+    failures: one Failure per bad input.
+    """
+
+    embeddings: np.ndarray
+    indices: np.ndarray
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _check_errors_mode(errors: str) -> None:
+    if errors not in _ERROR_MODES:
+        raise ValueError(f"errors={errors!r}: expected one of {_ERROR_MODES}")
+
+
+def _as_list(items: Any, what: str) -> list:
+    if isinstance(items, (str, bytes, os.PathLike)) or isinstance(items, np.ndarray) and (
+        items.dtype == np.uint8 and items.ndim in (2, 3)
+    ):
+        raise InputError(f"{what}: expected a list of items, got a single {type(items).__name__}; "
+                         "wrap it in a list")
+    if not isinstance(items, Iterable):
+        raise InputError(f"{what}: expected a list, got {type(items).__name__}")
+    return list(items)
+
+
+class Engine:
+    """Run an exported artifact.
+
+    >>> engine = Engine("artifacts/vit-b-32")          # doctest: +SKIP
+    >>> engine.encode_images(["cat.jpg"]).shape          # doctest: +SKIP
+    (1, 512)
+
+    backend: "auto" (onnxruntime, then torch; skipped ones are listed in ``fallbacks``),
+        "onnxruntime" or "torch". ``fallback=False`` makes "auto" raise at the first backend that
+        cannot run instead of trying the next.
+    device: "cpu" (default) or "cuda".
+    batch_size: inputs per tower call; any number of inputs is accepted and chunked.
+    exif_transpose / alpha_background: image loading policy (see ``clipfast.preprocess``).
+    """
+
+    def __init__(
+        self,
+        artifact: str | os.PathLike,
+        backend: str = "auto",
+        device: str | None = None,
+        *,
+        fallback: bool = True,
+        batch_size: int = 32,
+        threads: int | None = None,
+        verify_checksums: bool = True,
+        exif_transpose: bool = True,
+        alpha_background: tuple[int, int, int] = (255, 255, 255),
+        prompt_template: str = DEFAULT_TEMPLATE,
+    ):
+        from clipfast.tokenizer import Tokenizer
+
+        device = (device or "cpu").lower()
+        if device.startswith("cuda:"):
+            device = "cuda"
+        if device not in ("cpu", "cuda"):
+            raise ClipfastError(f"device={device!r}: expected 'cpu' or 'cuda'")
+        if batch_size < 1:
+            raise ClipfastError(f"batch_size={batch_size}: must be at least 1")
+        self.manifest: Manifest = load_manifest(artifact, verify_checksums=verify_checksums)
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.exif_transpose = exif_transpose
+        self.alpha_background = tuple(alpha_background)
+        self.prompt_template = prompt_template
+        self.preprocess_config = self.manifest.preprocess
+        tok_cfg = self.manifest.tokenizer
+        self.tokenizer = Tokenizer(tok_cfg, self.manifest.path(tok_cfg.file))
+        self._backend, self.fallbacks = resolve_backend(
+            backend, self.manifest, device, fallback=fallback, threads=threads
+        )
+        for name, reason in self.fallbacks:
+            log.info("clipfast: backend %s skipped: %s", name, reason)
+        self._threads = threads or os.cpu_count() or 1
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def embed_dim(self) -> int:
+        return self.manifest.embed_dim
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self._backend.describe(),
+            "artifact": str(self.manifest.directory),
+            "family": self.manifest["family"],
+            "precision": self.manifest.precision,
+            "embed_dim": self.embed_dim,
+            "fallbacks": list(self.fallbacks),
+        }
+
+    def __repr__(self) -> str:
+        return (f"Engine({str(self.manifest.directory)!r}, backend={self.backend!r}, "
+                f"device={self.device!r})")
+
+    # -- images ------------------------------------------------------------------------------
+    def _load_and_preprocess(self, item: Any, index: int) -> np.ndarray:
+        from clipfast.preprocess import load_image, preprocess_image
+
+        img = load_image(item, index=index, exif_transpose=self.exif_transpose,
+                         alpha_background=self.alpha_background)
+        return preprocess_image(img, self.preprocess_config)
+
+    def _pixels(self, items: list, offset: int, errors: str
+                ) -> tuple[np.ndarray, list[int], list[Failure]]:
+        """Preprocess ``items`` (positions ``offset..``) in parallel threads; Pillow's decode and
+        resize release the GIL. Returns float32 (M, 3, H, W), good positions, failures."""
+        def work(pair):
+            i, item = pair
+            try:
+                return i, self._load_and_preprocess(item, i), None
+            except InputError as e:
+                if errors == "raise":
+                    raise
+                return i, None, Failure(i, e.item or type(item).__name__, str(e))
+
+        pairs = list(enumerate(items, start=offset))
+        if len(pairs) > 1 and self._threads > 1:
+            with ThreadPoolExecutor(max_workers=min(self._threads, len(pairs))) as pool:
+                results = list(pool.map(work, pairs))
+        else:
+            results = [work(p) for p in pairs]
+        h, w = self.preprocess_config.image_size
+        good = [(i, x) for i, x, f in results if f is None]
+        failures = [f for _, _, f in results if f is not None]
+        pixels = (np.stack([x for _, x in good]) if good
+                  else np.zeros((0, 3, h, w), dtype=np.float32))
+        return pixels, [i for i, _ in good], failures
+
+    def preprocess(self, images: Sequence[Any], errors: str = "raise") -> np.ndarray:
+        """Images -> float32 ``(N, 3, H, W)``, exactly what the image tower receives.
+
+        With ``errors="skip"`` returns a BatchResult whose ``embeddings`` holds the pixels.
+        """
+        _check_errors_mode(errors)
+        items = _as_list(images, "images")
+        pixels, idx, failures = self._pixels(items, 0, errors)
+        if errors == "skip":
+            return BatchResult(pixels, np.asarray(idx, dtype=np.int64), failures)
+        return pixels
+
+    def run_image_tower(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 ``(N, 3, H, W)`` -> float32 ``(N, D)``, not normalised; chunked."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        h, w = self.preprocess_config.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, h, w):
+            raise InputError(f"pixels: expected shape (N, 3, {h}, {w}), got {pixels.shape}")
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        out = [self._backend.run_image(pixels[s:s + self.batch_size])
+               for s in range(0, pixels.shape[0], self.batch_size)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def encode_images(self, images: Sequence[Any], *, normalize: bool = True,
+                      errors: str = "raise", progress: bool = False):
+        """PIL images, paths, bytes or uint8 HWC arrays -> float32 ``(N, D)``.
+
+        ``errors="raise"`` (default): the first bad image raises ImageLoadError naming its index.
+        ``errors="skip"``: returns a BatchResult with the good rows and a Failure per bad image.
+        """
+        _check_errors_mode(errors)
+        items = _as_list(images, "images")
+        chunks, indices, failures = [], [], []
+        starts = range(0, len(items), self.batch_size)
+        bar = None
+        if progress and len(items) > self.batch_size:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), unit="img", desc="encode images")
+        for s in starts:
+            pixels, idx, fails = self._pixels(items[s:s + self.batch_size], s, errors)
+            failures.extend(fails)
+            if len(idx):
+                chunks.append(self._backend.run_image(pixels).astype(np.float32, copy=False))
+                indices.extend(idx)
+            if bar is not None:
+                bar.update(min(self.batch_size, len(items) - s))
+        if bar is not None:
+            bar.close()
+        emb = (np.concatenate(chunks) if chunks
+               else np.zeros((0, self.embed_dim), dtype=np.float32))
+        if normalize:
+            emb = l2_normalize(emb)
+        if errors == "skip":
+            return BatchResult(emb, np.asarray(indices, dtype=np.int64), failures)
+        return emb
+
+    # -- texts -------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Texts -> ``{name: int64 (N, L)}``, exactly what the text tower receives."""
+        return self.tokenizer(_as_list(texts, "texts"))
+
+    def run_text_tower(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """``{name: int (N, L)}`` -> float32 ``(N, D)``, not normalised; chunked."""
+        n = len(next(iter(inputs.values())))
+        if n == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        out = [self._backend.run_text({k: v[s:s + self.batch_size] for k, v in inputs.items()})
+               for s in range(0, n, self.batch_size)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def encode_texts(self, texts: Sequence[str], *, normalize: bool = True,
+                     errors: str = "raise"):
+        """Strings -> float32 ``(N, D)``. A non-string raises TextInputError naming its index,
+        or with ``errors="skip"`` becomes a Failure in the returned BatchResult."""
+        _check_errors_mode(errors)
+        items = _as_list(texts, "texts")
+        failures = []
+        if errors == "skip":
+            good = [i for i, t in enumerate(items) if isinstance(t, str)]
+            failures = [Failure(i, type(t).__name__, f"texts[{i}]: expected str, got "
+                                f"{type(t).__name__}") for i, t in enumerate(items)
+                        if not isinstance(t, str)]
+            items = [items[i] for i in good]
+        emb = self.run_text_tower(self.tokenizer(items))
+        if normalize:
+            emb = l2_normalize(emb)
+        if errors == "skip":
+            return BatchResult(emb, np.asarray(good, dtype=np.int64), failures)
+        return emb
+
+    # -- zero-shot ---------------------------------------------------------------------------
+    def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        """L2-normalised ``(N, D)`` and ``(L, D)`` -> logits ``(N, L)`` with the model's scale
+        (and bias for sigmoid models)."""
+        cfg = self.manifest["logits"]
+        out = float(cfg["scale"]) * (l2_normalize(image_embeds) @ l2_normalize(text_embeds).T)
+        if cfg.get("bias") is not None:
+            out = out + float(cfg["bias"])
+        return out.astype(np.float32)
+
+    def classify(self, images: Sequence[Any], labels: Sequence[str], *,
+                 template: str | None = None) -> np.ndarray:
+        """Zero-shot probabilities ``(N, L)``: softmax over labels for CLIP/ALIGN, independent
+        sigmoids for SigLIP. ``template`` (default the engine's ``prompt_template``) must contain
+        ``{}``, which is replaced by each label."""
+        template = template or self.prompt_template
+        if "{}" not in template:
+            raise InputError(f"template {template!r} must contain '{{}}' for the label")
+        labels = _as_list(labels, "labels")
+        if not labels:
+            raise InputError("labels: at least one label is needed")
+        text = self.encode_texts([template.format(label) for label in labels])
+        img = self.encode_images(images)
+        logits = self.logits(img, text).astype(np.float64)
+        if self.manifest["logits"]["kind"] == "sigmoid":
+            probs = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            logits -= logits.max(axis=1, keepdims=True)
+            probs = np.exp(logits)
+            probs /= probs.sum(axis=1, keepdims=True)
+        return probs.astype(np.float32)

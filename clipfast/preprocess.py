@@ -1,0 +1,542 @@
+"""CPU image loading and preprocessing that reproduces the source models' own transforms.
+
+The geometry (resize, center crop / pad) is computed with Pillow exactly as open_clip
+(torchvision on PIL images) and transformers' PIL image processors do it, so the uint8 pixels
+match the reference pixel for pixel; normalization goes through a per-channel 256-entry float32
+table built with the references' own float32 arithmetic. No torch here.
+
+Image mode policy (``load_image``), applied before any resizing:
+
+- EXIF orientation is applied (``ImageOps.exif_transpose``) unless ``exif_transpose=False``.
+  Neither open_clip nor transformers does this: they see the stored pixel grid.
+- ``RGB`` passes through; ``L`` is replicated to RGB; ``1`` becomes ``L`` (0 / 255) then RGB.
+  A ``transparency`` entry on an ``L`` / ``RGB`` image (PNG tRNS colour key) is ignored.
+- Modes with an alpha band (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``) and ``P`` images with a
+  ``transparency`` entry are composited over ``alpha_background`` (default white, as
+  transformers' ``convert_to_rgb`` does) with ``Image.alpha_composite``.
+- ``P`` without transparency goes through its palette to RGB *before* resizing, so palette images
+  get the model's filter (Pillow resizes ``P`` images with nearest neighbour only).
+  open_clip converts to RGB *after* resizing, so for ``P`` / ``1`` inputs it differs from us
+  (and, we argue, is the less faithful of the two); for RGB inputs the two orders agree.
+- ``CMYK``, ``YCbCr`` and other colour modes are converted by Pillow (``Image.convert("RGB")``).
+- 16-bit modes (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) and ``I`` (treated as 16-bit data,
+  clipped to 0..65535) are scaled to 8 bits as ``value >> 8``; ``F`` is clipped to 0..255 and
+  rounded to nearest (NaN -> 0). Pillow's own ``convert("L")`` would clip 16-bit data at 255.
+- Animated / multi-frame files: the first frame.
+- numpy arrays must be uint8 ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` (RGB) or ``(H, W, 4)``
+  (RGBA, composited like above).
+- Pillow's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS`` is enforced strictly: images
+  above it are refused (Pillow itself only warns up to twice the limit).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from clipfast.errors import ImageLoadError
+
+RESIZE_MODES = ("shortest", "squash", "longest")
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+CROP_ROUNDINGS = ("round", "floor")
+
+# An intermediate (resized, not yet cropped) image above this many pixels is produced by
+# resizing only the crop window (Pillow's ``box=``) instead of the whole image. This only
+# triggers for extreme aspect ratios (a 1 x 20000 strip would otherwise need a 224 x 4.5M
+# intermediate); the result can differ from the full resize by rounding (<= 1 uint8 level).
+MAX_INTERMEDIATE_PIXELS = 1 << 25
+
+_EXIF_ORIENTATION = 0x0112
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    raise ValueError(f"preprocess config: {name} must be an int or (height, width), got {value!r}")
+
+
+def _triple(value: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(float(v) for v in value)  # type: ignore[return-value]
+    raise ValueError(f"preprocess config: {name} must be 3 floats, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How one model turns an RGB image into its ``float32 (3, H, W)`` input. Pure data.
+
+    image_size: (H, W) of the tower input.
+    resize_mode:
+        "shortest": scale so the image covers the target, keeping the aspect ratio. With an int
+            ``resize_size`` s the short side becomes s and the long side ``int(s * long / short)``
+            (torchvision ``Resize(int)`` / transformers ``shortest_edge``); with an (H, W)
+            ``resize_size`` the scale is ``min(h / H, w / W)`` and each side is
+            ``round(side / scale)`` (open_clip ``ResizeKeepRatio``, non-square targets).
+        "squash": resize to ``resize_size`` (H, W) ignoring the aspect ratio.
+        "longest": scale so the image fits inside the (H, W) box ``resize_size``:
+            ``round(side / max(h / H, w / W))`` (open_clip ``ResizeKeepRatio(longest=1)``).
+    interpolation: Pillow filter name, one of ``INTERPOLATIONS``.
+    crop: center crop (padding with ``fill_color`` where the image is smaller) to image_size.
+        Without crop the resized size must be image_size ("squash" only).
+    crop_rounding: offset of the crop window, per axis with ``d = size - target``:
+        "round": torchvision, ``int(round(d / 2))`` (Python rounding, half to even) when cropping,
+            ``(-d) // 2`` pixels of padding before the image when padding;
+        "floor": transformers, ``d // 2`` (negative means ``ceil(-d / 2)`` pixels of padding).
+    fill_color: 0..255, the padding value in every channel.
+    rescale, offset, mean, std: ``pixel = ((x * rescale + offset) - mean) / std`` per channel,
+        each step rounded to float32 like the references (identity mean 0 / std 1 for ALIGN).
+    """
+
+    image_size: tuple[int, int]
+    resize_mode: str = "shortest"
+    resize_size: int | tuple[int, int] = 224
+    interpolation: str = "bicubic"
+    crop: bool = True
+    crop_rounding: str = "round"
+    fill_color: int = 0
+    rescale: float = 1.0 / 255.0
+    offset: float = 0.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        # Normalise container types so equality and hashing do not depend on list vs tuple.
+        object.__setattr__(self, "image_size", _pair(self.image_size, "image_size"))
+        if isinstance(self.resize_size, (list, tuple)):
+            object.__setattr__(self, "resize_size", _pair(self.resize_size, "resize_size"))
+        elif isinstance(self.resize_size, (int, np.integer)) and not isinstance(
+            self.resize_size, bool
+        ):
+            object.__setattr__(self, "resize_size", int(self.resize_size))
+        else:
+            raise TypeError(
+                "preprocess config: resize_size must be an int or (height, width), "
+                f"got {self.resize_size!r}"
+            )
+        object.__setattr__(self, "mean", _triple(self.mean, "mean"))
+        object.__setattr__(self, "std", _triple(self.std, "std"))
+        object.__setattr__(self, "rescale", float(self.rescale))
+        object.__setattr__(self, "offset", float(self.offset))
+        object.__setattr__(self, "fill_color", int(self.fill_color))
+        object.__setattr__(self, "crop", bool(self.crop))
+
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"preprocess config: unknown resize_mode {self.resize_mode!r}; "
+                f"expected one of {list(RESIZE_MODES)}"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"preprocess config: unknown interpolation {self.interpolation!r}; "
+                f"expected one of {sorted(INTERPOLATIONS)}"
+            )
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ValueError(
+                f"preprocess config: unknown crop_rounding {self.crop_rounding!r}; "
+                f"expected one of {list(CROP_ROUNDINGS)}"
+            )
+        if min(self.image_size) < 1:
+            raise ValueError(f"preprocess config: image_size must be positive, got {self.image_size}")
+        sizes = self.resize_size if isinstance(self.resize_size, tuple) else (self.resize_size,)
+        if min(sizes) < 1:
+            raise ValueError(
+                f"preprocess config: resize_size must be positive, got {self.resize_size}"
+            )
+        if self.resize_mode == "squash" and not isinstance(self.resize_size, tuple):
+            object.__setattr__(self, "resize_size", (self.resize_size, self.resize_size))
+        if not self.crop and not (
+            self.resize_mode == "squash" and self.resize_size == self.image_size
+        ):
+            raise ValueError(
+                "preprocess config: crop=False needs resize_mode 'squash' with resize_size == "
+                f"image_size (got resize_mode {self.resize_mode!r}, resize_size "
+                f"{self.resize_size}, image_size {self.image_size})"
+            )
+        if not 0 <= self.fill_color <= 255:
+            raise ValueError(f"preprocess config: fill_color must be 0..255, got {self.fill_color}")
+        if any(s == 0.0 for s in self.std):
+            raise ValueError(f"preprocess config: std must be non-zero, got {self.std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists), the manifest's ``preprocess`` section."""
+        return {
+            "image_size": list(self.image_size),
+            "resize_mode": self.resize_mode,
+            "resize_size": (
+                list(self.resize_size) if isinstance(self.resize_size, tuple) else self.resize_size
+            ),
+            "interpolation": self.interpolation,
+            "crop": self.crop,
+            "crop_rounding": self.crop_rounding,
+            "fill_color": self.fill_color,
+            "rescale": self.rescale,
+            "offset": self.offset,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        """Inverse of ``to_dict``; raises ValueError naming unknown keys or values."""
+        if not isinstance(d, dict):
+            raise TypeError(f"preprocess config: expected a dict, got {type(d).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"preprocess config: unknown keys {unknown}; known keys are {sorted(known)}"
+            )
+        if "image_size" not in d:
+            raise ValueError("preprocess config: missing required key 'image_size'")
+        return cls(**d)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of one preprocessed image."""
+        return (3, *self.image_size)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _describe(item: Any) -> str:
+    """Short printable description of an input for error messages."""
+    if isinstance(item, (str, os.PathLike)):
+        return str(os.fspath(item))
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<{type(item).__name__} of {len(item)} bytes>"
+    if isinstance(item, np.ndarray):
+        return f"<numpy array shape {item.shape} dtype {item.dtype}>"
+    if isinstance(item, Image.Image):
+        return f"<PIL image mode {item.mode} size {item.size[0]}x{item.size[1]}>"
+    return f"<{type(item).__module__}.{type(item).__qualname__}>"
+
+
+def _error(problem: str, index: int | None, item: Any) -> ImageLoadError:
+    desc = _describe(item)
+    where = f"image {index} ({desc})" if index is not None else f"image {desc}"
+    return ImageLoadError(f"{where}: {problem}", index=index, item=desc)
+
+
+def _bomb_hint() -> str:
+    return (
+        f"Pillow's decompression-bomb limit is PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{Image.MAX_IMAGE_PIXELS}; if you trust this input, raise it "
+        "(PIL.Image.MAX_IMAGE_PIXELS = <pixels>, or None to disable the check)"
+    )
+
+
+def _decode(data: bytes, index: int | None, item: Any) -> Image.Image:
+    """Open and fully decode encoded image bytes, enforcing the decompression-bomb limit."""
+    # NOTE: warnings filters are process-global and catch_warnings is not thread-safe on 3.11;
+    # a race can at worst leave this one "error" filter installed, which only makes the same
+    # refusal stricter elsewhere. The explicit pixel check below does not depend on the filter.
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            limit = Image.MAX_IMAGE_PIXELS
+            pixels = max(1, img.size[0]) * max(1, img.size[1])
+            if limit is not None and pixels > limit:
+                raise _error(f"image has {pixels} pixels, too many: {_bomb_hint()}", index, item)
+            # Image.open only reads the header: load() decodes everything, so truncated or
+            # corrupt data fails here, with the item named, and not later inside a batch.
+            img.load()
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _error(f"{exc} {_bomb_hint()}", index, item) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise _error(
+            "cannot identify image data (not an image, or a format Pillow cannot read)",
+            index,
+            item,
+        ) from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...
+        raise _error(
+            f"corrupt or truncated image data ({type(exc).__name__}: {exc})", index, item
+        ) from exc
+    return img
+
+
+def _from_array(arr: np.ndarray, index: int | None) -> Image.Image:
+    if arr.dtype != np.uint8:
+        raise _error(
+            f"numpy arrays must be uint8, got dtype {arr.dtype} (scale to 0..255 and cast with "
+            ".astype(np.uint8))",
+            index,
+            arr,
+        )
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise _error(
+            f"numpy arrays must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape "
+            f"{arr.shape}",
+            index,
+            arr,
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise _error(f"image is empty (shape {arr.shape})", index, arr)
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _composite(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    rgba = img.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Convert any Pillow mode to RGB following the module's mode policy."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    bands = img.getbands()
+    if "A" in bands or "a" in bands or (mode == "P" and "transparency" in img.info):
+        return _composite(img, background)
+    if mode in ("L", "P", "CMYK", "YCbCr", "RGBX", "LAB", "HSV"):
+        return img.convert("RGB")
+    if mode == "1":
+        return img.convert("L").convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img)
+        if mode == "I":
+            arr = np.clip(arr, 0, 65535)
+        return Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        arr = np.rint(np.clip(arr, 0.0, 255.0)).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    item: Any,
+    *,
+    index: int | None = None,
+    exif_transpose: bool = True,
+    alpha_background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """Load one image input as a fully decoded PIL image in mode RGB.
+
+    item: a PIL image, a path (str / os.PathLike), encoded bytes (bytes, bytearray,
+        memoryview) or a uint8 numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4).
+    index: position in the caller's batch, used in error messages.
+    Raises ImageLoadError naming the item and the problem. Mode policy: module docstring.
+    """
+    if isinstance(item, Image.Image):
+        img = item
+        try:
+            img.load()
+        except Exception as exc:
+            raise _error(
+                f"PIL image could not be decoded ({type(exc).__name__}: {exc})", index, item
+            ) from exc
+    elif isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        if not os.path.exists(path):
+            raise _error("file not found", index, item)
+        if os.path.isdir(path):
+            raise _error("is a directory, not an image file", index, item)
+        try:
+            # Read the bytes up front: no file handle stays open behind a lazily decoded image.
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise _error(f"cannot read file ({exc.strerror or exc})", index, item) from exc
+        img = _decode(data, index, item)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        if len(item) == 0:
+            raise _error("empty bytes", index, item)
+        img = _decode(bytes(item), index, item)
+    elif isinstance(item, np.ndarray):
+        img = _from_array(item, index)
+    else:
+        raise _error(
+            f"unsupported input type {type(item).__name__}; expected a PIL image, a path, "
+            "encoded bytes or a uint8 numpy array (H, W[, C])",
+            index,
+            item,
+        )
+
+    if exif_transpose and not isinstance(item, np.ndarray):
+        try:
+            # Checking the tag first avoids exif_transpose's full copy for the usual case.
+            if img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
+                img = ImageOps.exif_transpose(img)
+        except Exception as exc:
+            raise _error(
+                f"EXIF orientation could not be applied ({type(exc).__name__}: {exc}); pass "
+                "exif_transpose=False to use the stored pixel grid",
+                index,
+                item,
+            ) from exc
+    try:
+        return _to_rgb(img, tuple(int(c) for c in alpha_background))  # type: ignore[arg-type]
+    except Exception as exc:
+        raise _error(
+            f"cannot convert mode {img.mode} to RGB ({type(exc).__name__}: {exc})", index, item
+        ) from exc
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def resized_size(height: int, width: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(H, W) of the image after the resize step, before crop / pad."""
+    mode, size = cfg.resize_mode, cfg.resize_size
+    if mode == "squash":
+        return size  # type: ignore[return-value]
+    if mode == "shortest" and isinstance(size, int):
+        # torchvision _compute_resized_output_size == transformers get_resize_output_image_size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size, int(size * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+    # open_clip ResizeKeepRatio.get_params, same float expressions (longest is 0. or 1.).
+    target_h, target_w = size if isinstance(size, tuple) else (size, size)
+    longest = 1.0 if mode == "longest" else 0.0
+    ratio_h = height / target_h
+    ratio_w = width / target_w
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    # The reference fails on a zero-sized side (a 1 x 2000 strip fitted in 224); keep 1 pixel.
+    return max(1, round(height * 1.0 / ratio)), max(1, round(width * 1.0 / ratio))
+
+
+def _offset(size: int, target: int, rounding: str) -> int:
+    """Start of the target window in image coordinates (negative: padding before the image)."""
+    d = size - target
+    if rounding == "floor":
+        return d // 2
+    # torchvision: pads (target - size) // 2 before, then crops at int(round(d / 2.0)).
+    return round(d / 2.0) if d >= 0 else -((-d) // 2)
+
+
+def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Geometry only: RGB PIL image -> uint8 (H, W, 3) at ``cfg.image_size``."""
+    if img.mode != "RGB":
+        raise ValueError(f"resize_and_crop needs an RGB image, got mode {img.mode}")
+    w, h = img.size
+    new_h, new_w = resized_size(h, w, cfg)
+    out_h, out_w = cfg.image_size
+    resample = INTERPOLATIONS[cfg.interpolation]
+    top = _offset(new_h, out_h, cfg.crop_rounding) if cfg.crop else 0
+    left = _offset(new_w, out_w, cfg.crop_rounding) if cfg.crop else 0
+
+    if new_h * new_w > MAX_INTERMEDIATE_PIXELS:
+        # Resize only the visible window: same scale, source box in input coordinates.
+        y0, y1 = max(0, top), min(new_h, top + out_h)
+        x0, x1 = max(0, left), min(new_w, left + out_w)
+        sy, sx = h / new_h, w / new_w
+        resized = img.resize(
+            (x1 - x0, y1 - y0), resample=resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+        )
+        top, left = top - y0, left - x0
+        new_h, new_w = y1 - y0, x1 - x0
+    elif (new_h, new_w) != (h, w):
+        resized = img.resize((new_w, new_h), resample=resample, reducing_gap=None)
+    else:
+        resized = img
+    arr = np.asarray(resized)
+    if (top, left) == (0, 0) and (new_h, new_w) == (out_h, out_w):
+        return arr
+    out = np.full((out_h, out_w, 3), cfg.fill_color, dtype=np.uint8)
+    # Intersection of the target window [top, top + out_h) with the image [0, new_h).
+    sy0, sy1 = max(0, top), min(new_h, top + out_h)
+    sx0, sx1 = max(0, left), min(new_w, left + out_w)
+    if sy1 > sy0 and sx1 > sx0:
+        out[sy0 - top : sy1 - top, sx0 - left : sx1 - left] = arr[sy0:sy1, sx0:sx1]
+    return out
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+@functools.lru_cache(maxsize=32)
+def _lut(
+    rescale: float, offset: float, mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
+    """float32 (3, 256): the normalized value of every uint8 level, per channel.
+
+    Steps rounded like the references: ``float32(float64(x) * rescale)`` (transformers
+    ``rescale``; equal to torchvision's float32 ``x / 255`` because x / 255 is never within
+    float64 error of a float32 rounding boundary), then float32 ``+ offset``, ``- mean``,
+    ``/ std`` (torchvision ``Normalize`` / transformers ``normalize`` in float32).
+    """
+    x = (np.arange(256, dtype=np.float64) * rescale).astype(np.float32)
+    if offset != 0.0:
+        x = x + np.float32(offset)
+    m = np.asarray(mean, dtype=np.float32)[:, None]
+    s = np.asarray(std, dtype=np.float32)[:, None]
+    lut = (x[None, :] - m) / s
+    lut.setflags(write=False)
+    return lut
+
+
+def normalize(pixels: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, W) with the config's rescale / offset / mean / std."""
+    lut = _lut(cfg.rescale, cfg.offset, cfg.mean, cfg.std)
+    if out is None:
+        out = np.empty((3, pixels.shape[0], pixels.shape[1]), dtype=np.float32)
+    for c in range(3):
+        np.take(lut[c], pixels[:, :, c], out=out[c], mode="clip")
+    return out
+
+
+def preprocess_image(
+    img: Any,
+    cfg: PreprocessConfig,
+    *,
+    exif_transpose: bool = True,
+    alpha_background: tuple[int, int, int] = (255, 255, 255),
+) -> np.ndarray:
+    """One image (anything ``load_image`` accepts) -> float32 (3, H, W)."""
+    rgb = load_image(img, exif_transpose=exif_transpose, alpha_background=alpha_background)
+    return normalize(resize_and_crop(rgb, cfg), cfg)
+
+
+def preprocess_batch(
+    images: Sequence[Any],
+    cfg: PreprocessConfig,
+    *,
+    exif_transpose: bool = True,
+    alpha_background: tuple[int, int, int] = (255, 255, 255),
+) -> np.ndarray:
+    """A sequence of images -> float32 (N, 3, H, W); errors name the failing index."""
+    if isinstance(images, (str, bytes, bytearray, memoryview, Image.Image)) or (
+        isinstance(images, np.ndarray) and images.ndim != 4
+    ):
+        raise TypeError(
+            "preprocess_batch expects a sequence of images (or a uint8 (N, H, W, C) array); "
+            "use preprocess_image for one image"
+        )
+    items = list(images)
+    out = np.empty((len(items), *cfg.input_shape), dtype=np.float32)
+    for i, item in enumerate(items):
+        rgb = load_image(
+            item, index=i, exif_transpose=exif_transpose, alpha_background=alpha_background
+        )
+        normalize(resize_and_crop(rgb, cfg), cfg, out=out[i])
+    return out

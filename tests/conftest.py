@@ -1,0 +1,46 @@
+"""Shared fixtures: artifacts exported once per session from random-weight real architectures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tests never reach a hub: fail fast instead of hanging on a download.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _export(model: str, out: Path, pretrained: str | None = "none") -> Path:
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    return run_export(ExportOptions(model=model, pretrained=pretrained, out=out, progress=False))
+
+
+@pytest.fixture(scope="session")
+def vitb32_artifact(tmp_path_factory) -> Path:
+    """open_clip ViT-B-32 at full size, random weights (seed 0), fp32."""
+    return _export("ViT-B-32", tmp_path_factory.mktemp("art") / "vit-b-32")
+
+
+@pytest.fixture(scope="session")
+def vitb32_engine(vitb32_artifact):
+    import clipfast
+
+    return clipfast.Engine(vitb32_artifact, backend="onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photographs bundled with scikit-image (offline)."""
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in
+            ("astronaut", "chelsea", "coffee", "rocket", "camera")}
+
+
+@pytest.fixture(scope="session")
+def export_fn():
+    return _export
