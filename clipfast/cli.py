@@ -66,7 +66,8 @@ def _print_info(directory: str | Path) -> None:
     d = m.data
     size = sum(f["bytes"] for f in d["files"].values())
     print(f"artifact   {m.directory}")
-    print(f"source     {d['source'].get('model')} (pretrained: {d['source'].get('pretrained', '-')})"
+    src = d["source"]
+    print(f"source     {src.get('model')} (pretrained: {src.get('pretrained', '-')})"
           + ("  [RANDOM WEIGHTS]" if d.get("random_weights") else ""))
     print(f"family     {d['family']}   precision {d['precision']}   embed_dim {d['embed_dim']}")
     pp = d["preprocess"]

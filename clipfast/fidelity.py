@@ -36,7 +36,9 @@ def centred_relative_error(e: np.ndarray, e_ref: np.ndarray) -> np.ndarray:
     e = np.asarray(e, dtype=np.float64)
     e_ref = np.asarray(e_ref, dtype=np.float64)
     if e.shape != e_ref.shape or e.ndim != 2:
-        raise ValueError(f"expected two (N, D) arrays of one shape, got {e.shape} and {e_ref.shape}")
+        raise ValueError(
+            f"expected two (N, D) arrays of one shape, got {e.shape} and {e_ref.shape}"
+        )
     if e.shape[0] < 2:
         raise ValueError("centred error needs at least 2 rows (the mean of one row is itself)")
     centred = e_ref - e_ref.mean(axis=0, keepdims=True)
@@ -66,7 +68,9 @@ def pixel_levels(x: np.ndarray, x_ref: np.ndarray, std: Any, rescale: float) -> 
     return float((np.abs(x - x_ref) / level).max())
 
 
-def top1_agreement(img: np.ndarray, txt: np.ndarray, img_ref: np.ndarray, txt_ref: np.ndarray) -> float:
+def top1_agreement(
+    img: np.ndarray, txt: np.ndarray, img_ref: np.ndarray, txt_ref: np.ndarray
+) -> float:
     """Fraction of images whose best-matching text is the same under both embedding sets."""
     a = (l2_normalize(img) @ l2_normalize(txt).T).argmax(axis=1)
     b = (l2_normalize(img_ref) @ l2_normalize(txt_ref).T).argmax(axis=1)

@@ -78,13 +78,20 @@ class Manifest:
     def preprocess(self):
         from clipfast.preprocess import PreprocessConfig
 
-        return PreprocessConfig.from_dict(self.data["preprocess"])
+        return self._section("preprocess", PreprocessConfig.from_dict)
 
     @property
     def tokenizer(self):
         from clipfast.tokenizer import TokenizerConfig
 
-        return TokenizerConfig.from_dict(self.data["tokenizer"])
+        return self._section("tokenizer", TokenizerConfig.from_dict)
+
+    def _section(self, key: str, parse):
+        try:
+            return parse(self.data[key])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{self.directory / MANIFEST_NAME}: invalid {key!r} section: {e}"
+                                ) from e
 
     def path(self, name: str) -> Path:
         return self.directory / name

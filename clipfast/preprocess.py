@@ -2,26 +2,31 @@
 
 The geometry (resize, center crop / pad) is computed with Pillow exactly as open_clip
 (torchvision on PIL images) and transformers' PIL image processors do it, so the uint8 pixels
-match the reference pixel for pixel; normalization goes through a per-channel 256-entry float32
-table built with the references' own float32 arithmetic. No torch here.
+match the reference pixel for pixel (the one exception, extreme aspect ratios, is described at
+``MAX_INTERMEDIATE_PIXELS``); normalization goes through a per-channel 256-entry float32 table
+built with the references' own float32 arithmetic. No torch here.
 
 Image mode policy (``load_image``), applied before any resizing:
 
-- EXIF orientation is applied (``ImageOps.exif_transpose``) unless ``exif_transpose=False``.
-  Neither open_clip nor transformers does this: they see the stored pixel grid.
+- EXIF orientation is applied (``ImageOps.exif_transpose``) unless ``exif_transpose=False``
+  (as ``transformers.image_utils.load_image`` does when it opens a file; the processors
+  themselves, and open_clip's transform, take a PIL image's stored pixel grid as given).
 - ``RGB`` passes through; ``L`` is replicated to RGB; ``1`` becomes ``L`` (0 / 255) then RGB.
   A ``transparency`` entry on an ``L`` / ``RGB`` image (PNG tRNS colour key) is ignored.
 - Modes with an alpha band (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``) and ``P`` images with a
   ``transparency`` entry are composited over ``alpha_background`` (default white, as
   transformers' ``convert_to_rgb`` does) with ``Image.alpha_composite``.
 - ``P`` without transparency goes through its palette to RGB *before* resizing, so palette images
-  get the model's filter (Pillow resizes ``P`` images with nearest neighbour only).
-  open_clip converts to RGB *after* resizing, so for ``P`` / ``1`` inputs it differs from us
-  (and, we argue, is the less faithful of the two); for RGB inputs the two orders agree.
+  get the model's filter (Pillow resizes ``P`` and ``1`` images with nearest neighbour only).
+  transformers converts before resizing too: for every mode above but the 16-bit ones our
+  pixels equal its PIL processors'. open_clip converts *after* resizing (``P`` / ``1`` resized
+  with nearest neighbour, ``RGBA`` resized then its alpha dropped), so for those inputs it
+  differs from us; for RGB and L inputs the two orders agree (CMYK: within 1 level).
 - ``CMYK``, ``YCbCr`` and other colour modes are converted by Pillow (``Image.convert("RGB")``).
 - 16-bit modes (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``) and ``I`` (treated as 16-bit data,
-  clipped to 0..65535) are scaled to 8 bits as ``value >> 8``; ``F`` is clipped to 0..255 and
-  rounded to nearest (NaN -> 0). Pillow's own ``convert("L")`` would clip 16-bit data at 255.
+  clipped to 0..65535) are scaled to 8 bits as ``value >> 8`` (Pillow's own ``convert("L")``,
+  hence transformers, clips 16-bit data at 255: a mostly white image); ``F`` is clipped to
+  0..255 and truncated, as Pillow converts it (NaN -> 0).
 - Animated / multi-frame files: the first frame.
 - numpy arrays must be uint8 ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` (RGB) or ``(H, W, 4)``
   (RGBA, composited like above).
@@ -54,6 +59,15 @@ INTERPOLATIONS = {
     "hamming": Image.Resampling.HAMMING,
 }
 CROP_ROUNDINGS = ("round", "floor")
+# Pillow's filter support radii (Resample.c), in source pixels at scale 1.
+_FILTER_SUPPORT = {
+    "nearest": 0.5,
+    "box": 0.5,
+    "bilinear": 1.0,
+    "hamming": 1.0,
+    "bicubic": 2.0,
+    "lanczos": 3.0,
+}
 
 # An intermediate (resized, not yet cropped) image above this many pixels is produced by
 # resizing only the crop window (Pillow's ``box=``) instead of the whole image. This only
@@ -158,7 +172,9 @@ class PreprocessConfig:
                 f"expected one of {list(CROP_ROUNDINGS)}"
             )
         if min(self.image_size) < 1:
-            raise ValueError(f"preprocess config: image_size must be positive, got {self.image_size}")
+            raise ValueError(
+                f"preprocess config: image_size must be positive, got {self.image_size}"
+            )
         sizes = self.resize_size if isinstance(self.resize_size, tuple) else (self.resize_size,)
         if min(sizes) < 1:
             raise ValueError(
@@ -199,7 +215,10 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        """Inverse of ``to_dict``; raises ValueError naming unknown keys or values."""
+        """Inverse of ``to_dict``; raises ValueError naming unknown keys or values.
+
+        The artifact loader is expected to wrap this in an ArtifactError naming the manifest.
+        """
         if not isinstance(d, dict):
             raise TypeError(f"preprocess config: expected a dict, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
@@ -224,7 +243,8 @@ class PreprocessConfig:
 def _describe(item: Any) -> str:
     """Short printable description of an input for error messages."""
     if isinstance(item, (str, os.PathLike)):
-        return str(os.fspath(item))
+        text = str(os.fspath(item))
+        return text if len(text) <= 200 else f"{text[:100]}...{text[-97:]}"
     if isinstance(item, (bytes, bytearray, memoryview)):
         return f"<{type(item).__name__} of {len(item)} bytes>"
     if isinstance(item, np.ndarray):
@@ -304,6 +324,8 @@ def _from_array(arr: np.ndarray, index: int | None) -> Image.Image:
 
 
 def _composite(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if img.mode == "La":  # premultiplied: Pillow converts it to LA only
+        img = img.convert("LA")
     rgba = img.convert("RGBA")
     base = Image.new("RGBA", rgba.size, (*background, 255))
     return Image.alpha_composite(base, rgba).convert("RGB")
@@ -317,7 +339,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     bands = img.getbands()
     if "A" in bands or "a" in bands or (mode == "P" and "transparency" in img.info):
         return _composite(img, background)
-    if mode in ("L", "P", "CMYK", "YCbCr", "RGBX", "LAB", "HSV"):
+    if mode in ("L", "P", "CMYK", "YCbCr", "RGBX"):
         return img.convert("RGB")
     if mode == "1":
         return img.convert("L").convert("RGB")
@@ -327,8 +349,9 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
             arr = np.clip(arr, 0, 65535)
         return Image.fromarray((arr.astype(np.uint32) >> 8).astype(np.uint8)).convert("RGB")
     if mode == "F":
+        # Truncated like Pillow's own F -> L conversion (what transformers' convert_to_rgb does).
         arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
-        arr = np.rint(np.clip(arr, 0.0, 255.0)).astype(np.uint8)
+        arr = np.clip(arr, 0.0, 255.0).astype(np.uint8)
         return Image.fromarray(arr).convert("RGB")
     return img.convert("RGB")
 
@@ -358,7 +381,8 @@ def load_image(
     elif isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
         if not os.path.exists(path):
-            raise _error("file not found", index, item)
+            hint = " (URLs are not fetched: download the file first)" if "://" in str(path) else ""
+            raise _error(f"file not found{hint}", index, item)
         if os.path.isdir(path):
             raise _error("is a directory, not an image file", index, item)
         try:
@@ -434,6 +458,52 @@ def _offset(size: int, target: int, rounding: str) -> int:
     return round(d / 2.0) if d >= 0 else -((-d) // 2)
 
 
+def _resize_window(
+    img: Image.Image, size: tuple[int, int], window: tuple[int, int, int, int], interpolation: str
+) -> Image.Image:
+    """The ``window`` (x0, y0, x1, y1) of ``img.resize(size)``, computing only that window.
+
+    Pillow resizes in two separable passes, horizontal first, rounding to uint8 in between;
+    this does the same passes explicitly. A pass whose output is not restricted is exact; a
+    restricted one resizes a crop of the source with a ``box`` in the crop's local coordinates
+    (Pillow keeps box coordinates in float32: small local values keep the sample positions
+    precise), which can move a pixel by 1 level through coefficient rounding. (A single
+    ``resize(box=...)`` call restricting both axes of an RGB image was measured 22 levels off
+    with Pillow 13, hence the explicit passes.)
+    """
+    w, h = img.size
+    new_w, new_h = size
+    x0, y0, x1, y1 = window
+    sx, sy = w / new_w, h / new_h
+    resample = INTERPOLATIONS[interpolation]
+    support = _FILTER_SUPPORT[interpolation]
+    crop_y = (y0, y1) != (0, new_h)
+    if crop_y:
+        # Rows the vertical pass reads; the horizontal pass is row by row, so this is exact.
+        margin = support * max(sy, 1.0) + 2
+        ay, by = max(0, int(y0 * sy - margin)), min(h, int(y1 * sy + margin) + 1)
+        img = img.crop((0, ay, w, by))
+    else:
+        ay, by = 0, h
+    rows = by - ay
+    if (x0, x1) != (0, new_w):
+        margin = support * max(sx, 1.0) + 2
+        ax, bx = max(0, int(x0 * sx - margin)), min(w, int(x1 * sx + margin) + 1)
+        img = img.crop((ax, 0, bx, rows)).resize(
+            (x1 - x0, rows), resample=resample, box=(x0 * sx - ax, 0, x1 * sx - ax, rows)
+        )
+    elif new_w != w:
+        img = img.resize((new_w, rows), resample=resample)
+    cols = img.size[0]
+    if crop_y:
+        img = img.resize(
+            (cols, y1 - y0), resample=resample, box=(0, y0 * sy - ay, cols, y1 * sy - ay)
+        )
+    elif new_h != rows:
+        img = img.resize((cols, new_h), resample=resample)
+    return img
+
+
 def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """Geometry only: RGB PIL image -> uint8 (H, W, 3) at ``cfg.image_size``."""
     if img.mode != "RGB":
@@ -446,13 +516,10 @@ def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     left = _offset(new_w, out_w, cfg.crop_rounding) if cfg.crop else 0
 
     if new_h * new_w > MAX_INTERMEDIATE_PIXELS:
-        # Resize only the visible window: same scale, source box in input coordinates.
+        # Compute only the visible window [y0, y1) x [x0, x1) of the intermediate.
         y0, y1 = max(0, top), min(new_h, top + out_h)
         x0, x1 = max(0, left), min(new_w, left + out_w)
-        sy, sx = h / new_h, w / new_w
-        resized = img.resize(
-            (x1 - x0, y1 - y0), resample=resample, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-        )
+        resized = _resize_window(img, (new_w, new_h), (x0, y0, x1, y1), cfg.interpolation)
         top, left = top - y0, left - x0
         new_h, new_w = y1 - y0, x1 - x0
     elif (new_h, new_w) != (h, w):
@@ -495,7 +562,9 @@ def _lut(
     return lut
 
 
-def normalize(pixels: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None) -> np.ndarray:
+def normalize(
+    pixels: np.ndarray, cfg: PreprocessConfig, out: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (3, H, W) with the config's rescale / offset / mean / std."""
     lut = _lut(cfg.rescale, cfg.offset, cfg.mean, cfg.std)
     if out is None:

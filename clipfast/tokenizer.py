@@ -18,22 +18,32 @@ Outputs are int64 arrays ``(batch, context_length)``.
 from __future__ import annotations
 
 import html
+import logging
 import os
 import string
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import ftfy
 import numpy as np
-import regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import pre_tokenizers, processors
 
-from clipfast.errors import ArtifactError, TextInputError
+from clipfast.errors import ArtifactError, ClipfastError, TextInputError
 
-__all__ = ["CLEAN_MODES", "KINDS", "OUTPUT_NAMES", "TokenizerConfig", "Tokenizer", "clean_text"]
+log = logging.getLogger("clipfast")
+
+__all__ = [
+    "CLEAN_MODES",
+    "KINDS",
+    "OUTPUT_NAMES",
+    "Tokenizer",
+    "TokenizerConfig",
+    "clean_text",
+    "library_versions",
+]
 
 KINDS = ("open_clip_bpe", "hf")
 CLEAN_MODES = ("lower", "whitespace", "canonicalize", "none")
@@ -60,6 +70,9 @@ class TokenizerConfig:
     split_special_tokens: hf only; True makes special-token text in the input ordinary text.
     strip_sep_id: hf only; an id replaced by 0 in input_ids after tokenizing (open_clip's
         ``HFTokenizer(strip_sep_token=True)``), or None.
+    versions: versions of the libraries the ids depend on at export time (ftfy, regex,
+        tokenizers); a runtime with other versions logs a warning, since Unicode tables and
+        ftfy's heuristics change between releases and with them the ids of rare text.
     """
 
     kind: str
@@ -78,6 +91,7 @@ class TokenizerConfig:
     pattern: str | None = None
     split_special_tokens: bool = False
     strip_sep_id: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # frozen dataclass: normalise list -> tuple (JSON round trip gives lists)
@@ -100,7 +114,8 @@ class TokenizerConfig:
         if self.kind == "open_clip_bpe":
             if self.sot_id is None or self.eot_id is None or not self.pattern:
                 problems.append("open_clip_bpe needs sot_id, eot_id and pattern")
-            if not self.truncation or self.truncation_side != "right" or self.padding_side != "right":
+            sides = (self.truncation_side, self.padding_side)
+            if not self.truncation or sides != ("right", "right"):
                 problems.append("open_clip_bpe always truncates and pads on the right")
         if problems:
             raise ValueError("invalid TokenizerConfig: " + "; ".join(problems))
@@ -175,6 +190,34 @@ def clean_text(text: str, mode: str) -> str:
     raise ValueError(f"unknown clean mode {mode!r}; expected one of {CLEAN_MODES}")
 
 
+def library_versions(config_kind: str, clean: str) -> dict[str, str]:
+    """Installed versions of the libraries whose behaviour decides the ids for this kind."""
+    import tokenizers
+
+    names = {"tokenizers": tokenizers.__version__}
+    if config_kind == "open_clip_bpe":
+        names["regex"] = _regex().__version__
+    if clean != "none":
+        names["ftfy"] = ftfy.__version__
+    return names
+
+
+_warned_versions: set[tuple[str, str, str]] = set()
+
+
+def _check_versions(config: TokenizerConfig) -> None:
+    here = library_versions(config.kind, config.clean)
+    for lib, exported in sorted(config.versions.items()):
+        mine = here.get(lib)
+        if mine is not None and mine != exported and (lib, exported, mine) not in _warned_versions:
+            _warned_versions.add((lib, exported, mine))
+            log.warning(
+                "clipfast: tokenizer exported with %s %s but %s %s is installed; token ids of "
+                "rare text (new Unicode characters, mojibake) may differ from the source model",
+                lib, exported, lib, mine,
+            )
+
+
 class Tokenizer:
     """Tokenize batches of strings into fixed-length int64 arrays, without torch.
 
@@ -209,16 +252,21 @@ class Tokenizer:
 
     def _setup(self, config: TokenizerConfig, backend: _HFTokenizer, source: str) -> None:
         self.config = config
+        self.source = source  # the tokenizer file, for messages
         self._backend = backend
+        _check_versions(config)
         L = config.context_length
         self._pattern = None
         if config.kind == "open_clip_bpe":
             # Pre-tokenization runs in Python with open_clip's own regex (same `regex` module and
-            # flags): the Oniguruma engine inside `tokenizers` uses older Unicode tables (4,600+
-            # code points such as Unicode 16 letters classify differently) and folds U+0345 into
-            # \p{L} under (?i), so its Split gives other words than open_clip on such text. It is
-            # also about 2x faster here than the JSON's Split pre-tokenizer. The words then go
-            # through ByteLevel + BPE in tokenizers, which also extracts special-token words.
+            # flags) instead of the JSON's Split: the Oniguruma engine inside `tokenizers` has
+            # older Unicode tables (4,657 code points, e.g. Unicode 16 letters and digits, class
+            # differently) and folds U+0345 into \p{L} under (?i); and tokenizers would extract
+            # "<end_of_text>" after punctuation, where open_clip's regex never starts a special
+            # token ("(<end_of_text>)"). Measured no slower (160 vs 180 ms per 5000 prompts). The
+            # words then go through ByteLevel + BPE in tokenizers, which maps the words equal to
+            # a special token to its id, as open_clip's cache does.
+            regex = _regex()
             self._pattern = regex.compile(config.pattern, regex.IGNORECASE)
             backend.normalizer = None
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(
@@ -231,7 +279,8 @@ class Tokenizer:
                     f"eot_id={config.eot_id} of the manifest"
                 )
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{sot} $A {eot}", special_tokens=[(sot, config.sot_id), (eot, config.eot_id)]
+                single=f"{sot} $A {eot}",
+                special_tokens=[(sot, config.sot_id), (eot, config.eot_id)],
             )
         else:
             backend.encode_special_tokens = config.split_special_tokens
@@ -325,6 +374,17 @@ class Tokenizer:
     def __repr__(self) -> str:
         c = self.config
         return f"Tokenizer(kind={c.kind!r}, context_length={c.context_length}, outputs={c.outputs})"
+
+
+def _regex() -> Any:
+    # open_clip's pattern needs \p{L} / \p{N}, which the stdlib `re` lacks.
+    try:
+        import regex
+    except ImportError as e:
+        raise ClipfastError(
+            "open_clip tokenizers need the 'regex' package: pip install regex"
+        ) from e
+    return regex
 
 
 def _short(text: str, n: int = 40) -> str:

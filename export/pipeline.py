@@ -15,7 +15,7 @@ from typing import Any
 import clipfast
 from clipfast.errors import ExportError, FidelityError
 from clipfast.fidelity import GATES, check_gates
-from clipfast.manifest import MANIFEST_NAME, write_manifest
+from clipfast.manifest import write_manifest
 
 log = logging.getLogger("clipfast.export")
 

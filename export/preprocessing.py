@@ -169,7 +169,10 @@ def _known_preprocess_methods() -> set[Any]:
             EfficientNetImageProcessorPil,
         )
 
-        methods |= {EfficientNetImageProcessor._preprocess, EfficientNetImageProcessorPil._preprocess}
+        methods |= {
+            EfficientNetImageProcessor._preprocess,
+            EfficientNetImageProcessorPil._preprocess,
+        }
     except ImportError:  # a transformers without EfficientNet: nothing to add
         pass
     return methods

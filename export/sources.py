@@ -11,7 +11,7 @@ TRANSFORMERS_PREFIX = "transformers:"
 
 
 def load_source(model: str, pretrained: str | None = None, *, seed: int = 0,
-                device: str = "cpu") -> SourceModel:
+                device: str = "cpu", revision: str | None = None) -> SourceModel:
     """``model`` forms: an open_clip name (+ ``pretrained`` TAG | FILE | none),
     ``hf-hub:ORG/NAME`` (open_clip-format repo), ``transformers:ORG/NAME`` or ``transformers:DIR``.
     """
@@ -25,7 +25,8 @@ def load_source(model: str, pretrained: str | None = None, *, seed: int = 0,
                 f"--pretrained {pretrained!r} does not apply to transformers models: the weights "
                 "come from the repo or directory named in --model"
             )
-        src = load_transformers_source(model[len(TRANSFORMERS_PREFIX):], device=device)
+        src = load_transformers_source(model[len(TRANSFORMERS_PREFIX):], device=device,
+                                       revision=revision)
     else:
         from clipfast.export.sources_openclip import load_open_clip_source
 
@@ -42,7 +43,8 @@ def load_source_from_spec(spec: dict[str, Any], *, device: str = "cpu") -> Sourc
         src = load_source(spec["model"], spec.get("pretrained", "none"),
                           seed=int(spec.get("seed", 0)), device=device)
     elif loader == "transformers":
-        src = load_source(spec["model"], device=device)
+        # The exact hub commit that was exported, so a moved branch cannot change the reference.
+        src = load_source(spec["model"], device=device, revision=spec.get("revision"))
     else:
         raise ExportError(f"manifest source loader {loader!r} is unknown")
     expected = spec.get("weights_sha256")

@@ -7,7 +7,8 @@ export-friendly modules that reproduce ``get_image_features`` / ``get_text_featu
 - no Python control flow on tensor values (masks and pooling indices are computed with tensor ops,
   so a traced graph is right for every input, padded or not);
 - integer inputs arrive as int32 (what the runtime feeds) and are cast to int64 inside;
-- eager attention with an explicit additive mask, the graph shape ONNX Runtime's fusions match.
+- eager attention, masks written so the traced graph matches ONNX Runtime's attention fusions
+  (CLIP causal pattern, transformers-5 BERT mask pattern).
 """
 
 from __future__ import annotations
@@ -55,12 +56,18 @@ def _neg_inf(dtype: torch.dtype) -> float:
 
 
 def _causal_mask(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive causal mask ``(1, 1, L, L)`` for ids (N, L): 0 on and below the diagonal,
-    finfo.min above. Passed to HF as a ready 4D mask, which it uses as-is."""
-    pos = torch.arange(ids.shape[1], device=ids.device)
-    future = pos[None, :] > pos[:, None]  # (L, L): key position after query position
+    """Additive causal mask ``(N, 1, L, L)`` for ids (N, L): 0 on and below the diagonal,
+    finfo.min above. HF uses a ready 4D mask as-is.
+
+    Written as Where(Less) -> Unsqueeze x2 -> Expand: the causal pattern ONNX Runtime's CLIP
+    attention fusion recognises (it then fuses to Attention with unidirectional=1).
+    """
+    length = ids.shape[1]
+    pos = torch.arange(length, device=ids.device)
+    future = pos[:, None] < pos[None, :]  # (L, L): key position after query position
     zero = torch.zeros((), dtype=dtype, device=ids.device)
-    return torch.where(future, _neg_inf(dtype), zero)[None, None]
+    mask = torch.where(future, _neg_inf(dtype), zero)[None][None]
+    return mask.expand(ids.shape[0], 1, length, length)
 
 
 def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -150,11 +157,12 @@ class AlignTextTower(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = input_ids.to(torch.int64)
-        # BERT's extended additive mask (N, 1, 1, L), built here so the graph never depends on
-        # whether the example batch had padding
-        keep = attention_mask.to(torch.float32)[:, None, None, :]
-        mask = (1.0 - keep) * _neg_inf(torch.float32)
-        out = self.text_model(input_ids=ids, attention_mask=mask)
+        # HF builds the additive mask from the 2D one. Under tracing it never takes its
+        # "no padding -> no mask" shortcut (guarded by is_tracing), so the graph is right for
+        # padded batches even when traced on an unpadded one; the tests check exactly that.
+        # Its traced pattern is the one ONNX Runtime's BERT fusion knows ("transformers 5 eager
+        # mask"): Attention and EmbedLayerNormalization fuse.
+        out = self.text_model(input_ids=ids, attention_mask=attention_mask.to(torch.int64))
         return self.text_projection(out.last_hidden_state[:, 0, :])
 
 
@@ -231,17 +239,27 @@ def build_towers(model: nn.Module, *, name: str = "") -> HFTowers:
     """
     config = model.config
     model_type = config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ExportError(
+            f"transformers model_type {model_type!r} is not supported; supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     tc, vc = config.text_config, config.vision_config
     arch: dict[str, Any] = {"model_type": model_type}
     if model_type in ("clip", "metaclip_2"):
         eos = tc.eos_token_id
+        if not isinstance(eos, int):
+            raise ExportError(
+                f"{model_type} text config eos_token_id must be one integer (text pooling finds "
+                f"it in the ids), got {eos!r}"
+            )
         # CLIP keeps the pre-#24773 behaviour for eos_token_id == 2; MetaCLIP 2 never does
         argmax_ids = model_type == "clip" and eos == 2
         image_tower: nn.Module = CLIPImageTower(model)
         text_tower: nn.Module = CLIPTextTower(model, eos_token_id=eos, argmax_ids=argmax_ids)
         text_inputs: tuple[str, ...] = ("input_ids",)
         embed_dim = int(config.projection_dim)
-        logits = {"kind": "softmax", "scale": float(model.logit_scale.exp()), "bias": None}
+        logits = {"kind": "softmax", "scale": float(model.logit_scale.detach().exp()), "bias": None}
         arch.update(vision=_sizes(vc, _VIT_KEYS), text=_sizes(tc, _TEXT_KEYS),
                     projection_dim=embed_dim,
                     text_pooling="argmax_ids" if argmax_ids else f"first_eos({eos})")
@@ -256,7 +274,7 @@ def build_towers(model: nn.Module, *, name: str = "") -> HFTowers:
                 f"ALIGN image features have {vision_dim} channels but text projection_dim is "
                 f"{embed_dim}: the towers do not share an embedding space"
             )
-        logits = {"kind": "softmax", "scale": float(1.0 / model.temperature), "bias": None}
+        logits = {"kind": "softmax", "scale": float(1.0 / model.temperature.detach()), "bias": None}
         arch.update(
             vision=_sizes(vc, ("image_size", "width_coefficient", "depth_coefficient",
                                "hidden_dim", "hidden_act", "num_hidden_layers")),
@@ -274,16 +292,13 @@ def build_towers(model: nn.Module, *, name: str = "") -> HFTowers:
             )
         logits = {
             "kind": "sigmoid",
-            "scale": float(model.logit_scale.exp()),
-            "bias": float(model.logit_bias),
+            "scale": float(model.logit_scale.detach().exp()),
+            "bias": float(model.logit_bias.detach()),
         }
         arch.update(vision=_sizes(vc, _VIT_KEYS), text=_sizes(tc, _TEXT_KEYS),
                     text_pooling="last_token")
-    else:
-        raise ExportError(
-            f"transformers model_type {model_type!r} is not supported; supported model types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    else:  # pragma: no cover - SUPPORTED_MODEL_TYPES and the branches above must agree
+        raise AssertionError(model_type)
     image_tower.eval()
     text_tower.eval()
     return HFTowers(
@@ -303,7 +318,9 @@ def build_towers(model: nn.Module, *, name: str = "") -> HFTowers:
 def _resolve(id_or_dir: str) -> tuple[str, bool]:
     """-> (path or hub id, is_local). Anything that looks like a path must exist as a directory."""
     if not id_or_dir or not isinstance(id_or_dir, str):
-        raise ExportError(f"transformers source: expected 'ORG/NAME' or a directory, got {id_or_dir!r}")
+        raise ExportError(
+            f"transformers source: expected 'ORG/NAME' or a directory, got {id_or_dir!r}"
+        )
     expanded = os.path.expanduser(id_or_dir)
     if os.path.isdir(expanded):
         path = Path(expanded).resolve()
@@ -340,10 +357,15 @@ def load_transformers_towers(
             str(resolved) if resolved and _COMMIT_RE.match(str(resolved)) else None
         )
         revision = commit or revision
+    # hub / cache failures come as OSError, huggingface_hub errors or ValueError: wrap them all,
+    # keeping the cause chained
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"transformers:{id_or_dir}: cannot load config: {exc}") from exc
+    except Exception as exc:
+        raise ExportError(
+            f"transformers:{id_or_dir}: cannot load config ({type(exc).__name__}: {exc}); give "
+            "a directory written by save_pretrained or a hub id present in the local cache"
+        ) from exc
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ExportError(
@@ -354,9 +376,11 @@ def load_transformers_towers(
         model = AutoModel.from_pretrained(
             source, revision=revision, dtype=torch.float32, attn_implementation="eager"
         )
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"transformers:{id_or_dir}: cannot load model weights: {exc}") from exc
-    model = model.to(device=device, dtype=torch.float32).eval()
+    except Exception as exc:
+        raise ExportError(
+            f"transformers:{id_or_dir}: cannot load model weights ({type(exc).__name__}: {exc})"
+        ) from exc
+    model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     towers = build_towers(model, name=id_or_dir)
     towers.spec = {
         "loader": "transformers",
@@ -393,9 +417,10 @@ def load_transformers_source(
     try:
         image_processor = AutoImageProcessor.from_pretrained(source, revision=rev)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=rev)
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:
         raise ExportError(
-            f"transformers:{id_or_dir}: cannot load image processor / tokenizer: {exc}"
+            f"transformers:{id_or_dir}: cannot load image processor / tokenizer "
+            f"({type(exc).__name__}: {exc})"
         ) from exc
     preprocess, reference_transform = hf_preprocess(image_processor)
     context_length = _context_length(tokenizer, towers)

@@ -11,6 +11,7 @@ import torch
 
 from clipfast.errors import ClipfastError, ImageLoadError
 from clipfast.export.source import SourceModel
+from clipfast.export.tokenization import PARITY_TEXTS
 from clipfast.fidelity import (
     centred_relative_error,
     cosine,
@@ -75,6 +76,7 @@ def measure(source: SourceModel, engine, images: list[Any] | None = None,
         "images": len(rgb),
         "images_skipped": skipped,
         "texts": len(texts),
+        "token_texts": len(texts) + len(PARITY_TEXTS),
         "pixel_levels": pixel_levels(pixels, ref_pixels, cfg.std, cfg.rescale),
     }
 
@@ -83,10 +85,14 @@ def measure(source: SourceModel, engine, images: list[Any] | None = None,
     # Tower alone: the same pixels through both, separating graph error from preprocessing.
     tower_img = l2_normalize(engine.run_image_tower(ref_pixels))
 
-    tokens = engine.tokenize(texts)
-    ref_tokens = source.reference_tokenize(texts)
+    # Token ids are compared on the captions plus an awkward corpus (empty, emoji, CJK, HTML
+    # entities, control characters, 10k characters) where tokenizers usually drift.
+    id_texts = list(texts) + list(PARITY_TEXTS)
+    tokens = engine.tokenize(id_texts)
+    ref_tokens = source.reference_tokenize(id_texts)
     identical = all(np.array_equal(np.asarray(tokens[k]), np.asarray(ref_tokens[k]))
                     for k in source.text_inputs)
+    ref_tokens = {k: np.asarray(v)[: len(texts)] for k, v in ref_tokens.items()}
     txt = engine.encode_texts(texts, normalize=True)
     ref_txt = l2_normalize(_torch_batches(
         source.text_tower,

@@ -19,6 +19,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = ["clip_bpe_files", "save_align", "save_clip", "save_metaclip2", "save_siglip"]
@@ -180,6 +181,52 @@ def _bert_vocab(vocab_size: int) -> list[str]:
     return tokens
 
 
+def _lecun_linears(module: torch.nn.Module, gain: float = 1.0) -> None:
+    """Re-draw Linear weights with std gain / sqrt(fan_in) (the scale trained weights have).
+
+    HF's std-0.02 init is far below 1/sqrt(width) for narrow test models: attention stays
+    uniform, every text pools to nearly the same vector (cosine 0.9999 between unrelated texts),
+    which makes retrieval / fidelity checks on these models meaningless.
+    """
+    for mod in module.modules():
+        if isinstance(mod, torch.nn.Linear):
+            torch.nn.init.normal_(mod.weight, std=gain / mod.in_features**0.5)
+
+
+def _calibrate_efficientnet(vision: torch.nn.Module, image_size: int) -> None:
+    """Make random EfficientNet weights behave like trained ones.
+
+    HF's init (normal std 0.02 convs, BatchNorm running stats 0/1) shrinks activations ~1e4x per
+    block, to ~1e-28 at the top: useless for fidelity tests (and fp16 would flush it to zero).
+    Kaiming (fan_in) convs, then BatchNorm running statistics measured on one random batch in
+    [-1, 1] (cumulative average), give unit-scale activations through all blocks.
+    """
+    for mod in vision.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None
+    vision.train()
+    # Statistics from noise alone leave smooth images (gradients, flat colours) far outside the
+    # calibrated range: their activations then grow to ~1e6 and fp32 round-off dominates. A mix of
+    # noise and the built-in varied images keeps every kind of input at unit scale.
+    from PIL import Image
+
+    from clipfast.samples import sample_images
+
+    varied = [np.asarray(Image.fromarray(a).convert("RGB").resize((image_size, image_size)))
+              for a in sample_images(6)]
+    batch = torch.from_numpy(np.stack(varied)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    batch = torch.cat([batch, torch.rand(2, 3, image_size, image_size) * 2 - 1])
+    with torch.no_grad():
+        vision(pixel_values=batch)
+    vision.eval()
+    for mod in vision.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = vision.config.batch_norm_momentum
+
+
 def save_align(directory: str | Path, full: bool = True, *, seed: int = 0) -> Path:
     """Save a random-weight ``AlignModel`` with its processor into ``directory``.
 
@@ -224,11 +271,15 @@ def save_align(directory: str | Path, full: bool = True, *, seed: int = 0) -> Pa
     config = AlignConfig(text_config=text, vision_config=vision, projection_dim=640 if full else 80)
     torch.manual_seed(seed)
     model = AlignModel(config).eval()
+    _calibrate_efficientnet(model.vision_model, config.vision_config.image_size)
+    if not full:
+        _lecun_linears(model.text_model.encoder)
     with torch.no_grad():
         model.temperature.fill_(0.0125)  # a plausible trained value (logit scale 80)
     model.save_pretrained(directory)
 
-    (directory / "vocab.txt").write_text("\n".join(_bert_vocab(vocab_size)) + "\n", encoding="utf-8")
+    vocab_text = "\n".join(_bert_vocab(vocab_size)) + "\n"
+    (directory / "vocab.txt").write_text(vocab_text, encoding="utf-8")
     tokenizer = BertTokenizer(vocab=str(directory / "vocab.txt"), model_max_length=64)
     image_processor = EfficientNetImageProcessor(
         size={"height": resize, "width": resize},
@@ -293,6 +344,7 @@ def save_siglip(directory: str | Path, *, seed: int = 0) -> Path:
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "max_position_embeddings": 64,
+            "bos_token_id": None,
             "pad_token_id": 1,
             "eos_token_id": 1,
         },
@@ -307,6 +359,7 @@ def save_siglip(directory: str | Path, *, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = SiglipModel(config).eval()
+    _lecun_linears(model.text_model.encoder, gain=2.0)
     with torch.no_grad():  # released SigLIP values: scale ~ exp(4.7), bias ~ -12.7
         model.logit_scale.fill_(4.7)
         model.logit_bias.fill_(-12.7)
@@ -319,8 +372,8 @@ def save_siglip(directory: str | Path, *, seed: int = 0) -> Path:
 def save_metaclip2(directory: str | Path, *, seed: int = 0) -> Path:
     """Save a small random-weight ``MetaClip2Model`` (model_type "metaclip_2") with its processor.
 
-    Tokenizer: a small XLM-R style Unigram (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3), standing
-    in for the released facebook/xlm-v-base tokenizer the MetaCLIP 2 repos ship.
+    Tokenizer: a small XLM-R style Unigram (``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3),
+    standing in for the released facebook/xlm-v-base tokenizer the MetaCLIP 2 repos ship.
     """
     from transformers import (
         CLIPImageProcessor,

@@ -31,7 +31,8 @@ def test_encode_images_with_a_bad_file(vitb32_artifact, tmp_path, photos, capsys
 
 def test_encode_texts(vitb32_artifact, tmp_path):
     out = tmp_path / "t.npy"
-    assert main(["encode", str(vitb32_artifact), "--texts", "a cat", "a dog", "--out", str(out)]) == 0
+    args = ["encode", str(vitb32_artifact), "--texts", "a cat", "a dog", "--out", str(out)]
+    assert main(args) == 0
     assert np.load(out).shape == (2, 512)
 
 

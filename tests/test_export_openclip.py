@@ -105,8 +105,8 @@ def test_metaclip_quickgelu_export_and_gelu_mixup_detected(tmp_path, export_fn):
     gelu = open_clip.create_model("ViT-B-32", pretrained=None)
     gelu.load_state_dict(quick.image_tower.model.state_dict())
     gelu.eval()
-    x = torch.from_numpy(np.stack([quick.reference_transform(Image.fromarray(a))
-                                   for a in _awkward_images()[:4] + [np.full((64, 64, 3), 9, np.uint8)]]))
+    arrays = _awkward_images()[:4] + [np.full((64, 64, 3), 9, np.uint8)]
+    x = torch.from_numpy(np.stack([quick.reference_transform(Image.fromarray(a)) for a in arrays]))
     with torch.no_grad():
         a = quick.image_tower(x).numpy()
         b = gelu.encode_image(x).numpy()

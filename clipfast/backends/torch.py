@@ -55,8 +55,10 @@ class TorchBackend:
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(inputs[n], dtype=np.int32)).to(self.device)
-                    for n in self.text_inputs]
+            args = [
+                torch.from_numpy(np.ascontiguousarray(inputs[n], dtype=np.int32)).to(self.device)
+                for n in self.text_inputs
+            ]
             return self._source.text_tower(*args).float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
