@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch-size", type=int, default=32)
     n.add_argument("--quiet", action="store_true")
     n.set_defaults(fn=_cmd_encode)
+
+    from clipfast.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 
