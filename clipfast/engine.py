@@ -115,9 +115,20 @@ class Engine:
         self._backend, self.fallbacks = resolve_backend(
             backend, self.manifest, device, fallback=fallback, threads=threads
         )
-        for name, reason in self.fallbacks:
-            log.info("clipfast: backend %s skipped: %s", name, reason)
         self._threads = threads or os.cpu_count() or 1
+        self._gpu_preprocess = None
+        if device == "cuda":
+            from clipfast.errors import BackendUnavailable
+            from clipfast.gpu_preprocess import GpuPreprocessor
+
+            try:
+                self._gpu_preprocess = GpuPreprocessor(
+                    self.preprocess_config, device, exif_transpose=exif_transpose,
+                    alpha_background=self.alpha_background)
+            except BackendUnavailable as e:
+                self.fallbacks.append(("gpu-preprocess", str(e)))
+        for name, reason in self.fallbacks:
+            log.info("clipfast: %s skipped: %s", name, reason)
 
     # -- facts -------------------------------------------------------------------------------
     @property
@@ -216,8 +227,9 @@ class Engine:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), unit="img", desc="encode images")
+        pixel_fn = self._gpu_preprocess or self._pixels
         for s in starts:
-            pixels, idx, fails = self._pixels(items[s:s + self.batch_size], s, errors)
+            pixels, idx, fails = pixel_fn(items[s:s + self.batch_size], s, errors)
             failures.extend(fails)
             if len(idx):
                 chunks.append(self._backend.run_image(pixels).astype(np.float32, copy=False))

@@ -41,13 +41,47 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[
         raise ExportError(f"{path.name}: exported graph does not pass onnx.checker: {e}") from e
 
 
-def export_image_tower(source: SourceModel, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def _export_module(source: SourceModel, which: str, fusable: bool) -> tuple[torch.nn.Module,
+                                                                            str | None]:
+    """The module to trace for tower ``which``: with ``fusable``, an open_clip tower's export
+    copy whose attention ONNX Runtime can fuse (``fusion.fusable_tower``; the source's own tower,
+    the reference, is never modified). Returns ``(module, why_not_rewritten or None)``."""
+    tower = source.image_tower if which == "image" else source.text_tower
+    if not fusable or source.loader != "open_clip":
+        # transformers towers are loaded with eager attention, already the fusable pattern
+        return tower, None
+    from clipfast.export.fusion import fusable_tower
+
+    return fusable_tower(tower, which)
+
+
+def example_image_inputs(source: SourceModel) -> dict[str, np.ndarray]:
+    """``{"pixel_values": float32 (2, 3, H, W)}``: what the image tower is traced with."""
     h, w = source.preprocess.image_size
-    example = torch.zeros(2, 3, h, w)
-    _export(source.image_tower, (example,), path, [IMAGE_INPUT], IMAGE_OUTPUT, opset)
+    return {IMAGE_INPUT: np.zeros((2, 3, h, w), dtype=np.float32)}
 
 
-def export_text_tower(source: SourceModel, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def example_text_inputs(source: SourceModel) -> dict[str, np.ndarray]:
+    """``{name: int32 (2, L)}`` for ``source.text_inputs``: what the text tower is traced with."""
     batch = source.reference_tokenize(["a photo of a cat", "two dogs playing in the snow"])
-    args = tuple(torch.from_numpy(np.asarray(batch[n], dtype=np.int32)) for n in source.text_inputs)
-    _export(source.text_tower, args, path, list(source.text_inputs), TEXT_OUTPUT, opset)
+    return {n: np.asarray(batch[n], dtype=np.int32) for n in source.text_inputs}
+
+
+def export_image_tower(source: SourceModel, path: Path, opset: int = DEFAULT_OPSET, *,
+                       fusable: bool = True) -> str | None:
+    """Export the image tower to ``path``; return why its attention was not rewritten for
+    ONNX Runtime's fusion (None when it was, or needed no rewrite)."""
+    module, note = _export_module(source, "image", fusable)
+    example = torch.from_numpy(example_image_inputs(source)[IMAGE_INPUT])
+    _export(module, (example,), path, [IMAGE_INPUT], IMAGE_OUTPUT, opset)
+    return note
+
+
+def export_text_tower(source: SourceModel, path: Path, opset: int = DEFAULT_OPSET, *,
+                      fusable: bool = True) -> str | None:
+    """Export the text tower to ``path``; return value as ``export_image_tower``."""
+    module, note = _export_module(source, "text", fusable)
+    feed = example_text_inputs(source)
+    args = tuple(torch.from_numpy(feed[n]) for n in source.text_inputs)
+    _export(module, args, path, list(source.text_inputs), TEXT_OUTPUT, opset)
+    return note

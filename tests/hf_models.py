@@ -209,8 +209,9 @@ def _calibrate_efficientnet(vision: torch.nn.Module, image_size: int) -> None:
             mod.momentum = None
     vision.train()
     # Statistics from noise alone leave smooth images (gradients, flat colours) far outside the
-    # calibrated range: their activations then grow to ~1e6 and fp32 round-off dominates. A mix of
-    # noise and the built-in varied images keeps every kind of input at unit scale.
+    # calibrated range: their embeddings grew to norm ~1e3-1e6 (photos: ~10) and fp32 round-off
+    # dominated. A mix of noise, flat images and the built-in varied images keeps every kind of
+    # input at unit scale.
     from PIL import Image
 
     from clipfast.samples import sample_images
@@ -218,7 +219,8 @@ def _calibrate_efficientnet(vision: torch.nn.Module, image_size: int) -> None:
     varied = [np.asarray(Image.fromarray(a).convert("RGB").resize((image_size, image_size)))
               for a in sample_images(6)]
     batch = torch.from_numpy(np.stack(varied)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    batch = torch.cat([batch, torch.rand(2, 3, image_size, image_size) * 2 - 1])
+    flat = torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1, 1).expand(3, 3, image_size, image_size)
+    batch = torch.cat([batch, flat, torch.rand(2, 3, image_size, image_size) * 2 - 1])
     with torch.no_grad():
         vision(pixel_values=batch)
     vision.eval()

@@ -25,3 +25,11 @@ class Backend(Protocol):
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def host_array(x, dtype) -> np.ndarray:
+    """A contiguous numpy array of ``dtype`` from numpy or a torch tensor (GPU preprocessing
+    hands the towers torch CUDA tensors; backends that run on the host copy them down here)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=dtype)

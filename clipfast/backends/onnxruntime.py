@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.backends.base import host_array
 from clipfast.errors import ArtifactError, BackendUnavailable
 
 _DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(float)": np.float32,
@@ -59,7 +60,7 @@ class OnnxRuntimeBackend:
 
     def run_image(self, pixels: np.ndarray) -> np.ndarray:
         dtype = _DTYPES.get(self._image_input.type, np.float32)
-        x = np.ascontiguousarray(pixels, dtype=dtype)
+        x = host_array(pixels, dtype)
         out = self._sessions["image"].run(None, {self._image_input.name: x})[0]
         return out.astype(np.float32, copy=False)
 

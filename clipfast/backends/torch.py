@@ -46,10 +46,15 @@ class TorchBackend:
         self.max_batch = None
         self.text_inputs = tuple(manifest["text"]["inputs"])
 
-    def run_image(self, pixels: np.ndarray) -> np.ndarray:
+    def run_image(self, pixels) -> np.ndarray:
+        """``pixels``: numpy, or a torch tensor already on the device (GPU preprocessing)."""
         torch = self._torch
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device)
+            if isinstance(pixels, torch.Tensor):
+                x = pixels.to(self.device, torch.float32)
+            else:
+                x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+                x = x.to(self.device)
             return self._source.image_tower(x).float().cpu().numpy()
 
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
