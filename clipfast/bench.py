@@ -256,8 +256,8 @@ class FlopCount:
     method: str = "onnx.shape_inference"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"gflop": round(self.total / 1e9, 4), "by_op_gflop":
-                {k: round(v / 1e9, 4) for k, v in sorted(self.by_op.items())},
+        return {"gflop": _sig(self.total / 1e9, 6), "by_op_gflop":
+                {k: _sig(v / 1e9, 6) for k, v in sorted(self.by_op.items())},
                 "int8_fraction": round(self.int8_fraction, 4), "nodes": self.nodes,
                 "unresolved": self.unresolved[:20], "unresolved_count": len(self.unresolved),
                 "uncounted_ops": self.uncounted_ops, "method": self.method}
@@ -1173,6 +1173,13 @@ def _tower_shapes(manifest, tower: str) -> dict[str, list[int]]:
     return {name: [1, length] for name in manifest["text"]["inputs"]}
 
 
+def _sig(x: float, digits: int = 5) -> float:
+    """``x`` rounded to ``digits`` significant digits (FLOPs of tiny and huge towers alike)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
 def _make_row(label, art, backend, engine, precision, tower, mode, batch, times, config, mem,
               load_s, load_rss, flops, peak) -> dict[str, Any]:
     stats = summarize(times, batch)
@@ -1181,19 +1188,19 @@ def _make_row(label, art, backend, engine, precision, tower, mode, batch, times,
         "precision": precision, "tower": tower, "mode": mode, "batch_size": batch,
         "warmup": config.warmup,
     }
-    row.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()})
+    row.update({k: (_sig(v, 6) if isinstance(v, float) else v) for k, v in stats.items()})
     row.update(mem)
     row["load_s"] = round(load_s, 2)
     row["load_rss_mb"] = load_rss
     if engine.backend == "onnxruntime":
         row["providers"] = getattr(engine._backend, "providers", None)
-    row["gflop_per_item"] = round(flops / 1e9, 4) if flops else None
+    row["gflop_per_item"] = _sig(flops / 1e9) if flops else None
     peak_g = peak_for(precision, peak)
     if flops and math.isfinite(stats["items_per_s"]):
         achieved = flops * stats["items_per_s"] / 1e9
-        row["achieved_gflops"] = round(achieved, 2)
+        row["achieved_gflops"] = _sig(achieved)
         row["peak_gflops"] = peak_g
-        row["utilisation"] = round(achieved / peak_g, 4) if peak_g else None
+        row["utilisation"] = _sig(achieved / peak_g) if peak_g else None
     else:
         row["achieved_gflops"] = row["peak_gflops"] = row["utilisation"] = None
     return row

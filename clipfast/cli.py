@@ -22,8 +22,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         ) from e
     options = ExportOptions(
         model=args.model, pretrained=args.pretrained, precision=args.precision, out=Path(args.out),
-        opset=args.opset, seed=args.seed, images=Path(args.images) if args.images else None,
-        overwrite=args.overwrite, gate=not args.no_gate, progress=not args.quiet,
+        io=args.io, opset=args.opset, seed=args.seed,
+        images=Path(args.images) if args.images else None,
+        calibration_images=Path(args.calibration_images) if args.calibration_images else None,
+        fuse=not args.no_fuse, overwrite=args.overwrite, gate=not args.no_gate,
+        progress=not args.quiet,
     )
     out = run_export(options)
     _print_info(out)
@@ -144,9 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open_clip name (ViT-B-32), hf-hub:ORG/NAME, transformers:ID_OR_DIR")
     e.add_argument("--pretrained", default=None,
                    help="open_clip weights: registry TAG, checkpoint FILE, or none (random)")
-    e.add_argument("--precision", default="fp32", help="fp32 (fp16 and int8 are not built yet)")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="graph precision: fp32, fp16 (LayerNorm/softmax kept fp32) or int8 "
+                        "(QDQ, calibrated; refused below the fidelity gate)")
+    e.add_argument("--io", default="fp32", choices=["fp32", "fp16"],
+                   help="dtype of the pixel input and embedding outputs (fp16: --precision fp16 "
+                        "only)")
     e.add_argument("--out", required=True, help="artifact directory to write")
     e.add_argument("--images", default=None, help="directory of images to measure fidelity on")
+    e.add_argument("--calibration-images", default=None, metavar="DIR",
+                   help="int8: directory of images to calibrate on (default: built-in set)")
+    e.add_argument("--no-fuse", action="store_true",
+                   help="skip ONNX Runtime's transformer fusions (plain ONNX operators only)")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--seed", type=int, default=0, help="seed for --pretrained none")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")

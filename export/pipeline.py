@@ -1,4 +1,9 @@
-"""Export as stages with a gate: load -> ONNX per tower -> tokenizer -> manifest -> measure."""
+"""Export as stages with a gate.
+
+load -> ONNX per tower (fp32, attention written to fuse) -> ORT transformer fusions (counted,
+checked, kept only when complete and exact) -> precision (fp32 as is, fp16 conversion, or int8
+quantization with a fidelity guard) -> tokenizer + manifest -> measure against PyTorch -> gate.
+"""
 
 from __future__ import annotations
 
@@ -12,31 +17,60 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import clipfast
 from clipfast.errors import ExportError, FidelityError
-from clipfast.fidelity import GATES, check_gates
+from clipfast.fidelity import (
+    GATES,
+    centred_relative_error,
+    check_gates,
+    cosine,
+    l2_normalize,
+    top1_agreement,
+)
 from clipfast.manifest import write_manifest
 
 log = logging.getLogger("clipfast.export")
 
 PRECISIONS = ("fp32", "fp16", "int8")
-SUPPORTED_PRECISIONS = ("fp32",)
+SUPPORTED_PRECISIONS = PRECISIONS
+IO_DTYPES = ("fp32", "fp16")
 IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+TOWER_FILES = {"image": IMAGE_FILE, "text": TEXT_FILE}
+# ORT fusion level: 0 = Python fusions only. The saved graph then holds only standard ONNX and
+# com.microsoft contrib operators that every ORT execution provider reads; level 1 would add
+# nothing here (the exporter already folded constants), levels 2/99 bake in CPU-only layouts.
+FUSION_OPT_LEVEL = 0
+# A fused graph must reproduce the source tower on the trace inputs to this relative max error
+# (fp32 round-off through 12 blocks is ~1e-6; a lost causal mask or a mis-split QKV is ~1).
+FUSION_CHECK_TOL = 1e-4
+CALIBRATION_BATCH = 8
+_NP_DTYPE = {"fp32": "float32", "fp16": "float16"}
 
 
 @dataclass
 class ExportOptions:
-    """Everything an export needs; the CLI fills it from its flags."""
+    """Everything an export needs; the CLI fills it from its flags.
+
+    precision: "fp32", "fp16" or "int8". io: dtype of the image input and the embedding outputs,
+    "fp32" (default) or "fp16" (``--precision fp16`` only). calibration_images: directory of
+    images to calibrate int8 activations on (default: a built-in varied set). fuse: rewrite
+    attention and run ONNX Runtime's transformer fusions (default on).
+    """
 
     model: str
     out: Path
     pretrained: str | None = None
     precision: str = "fp32"
+    io: str = "fp32"
     opset: int = 17
     seed: int = 0
     images: Path | None = None
+    calibration_images: Path | None = None
+    fuse: bool = True
     overwrite: bool = False
     gate: bool = True
     progress: bool = True
@@ -48,8 +82,19 @@ class ExportOptions:
             raise ExportError(
                 f"--precision {self.precision} is not available in clipfast "
                 f"{clipfast.__version__} yet: only {', '.join(SUPPORTED_PRECISIONS)} exports "
-                "are built; export fp32 for now"
+                "are built"
             )
+        if self.io not in IO_DTYPES:
+            raise ExportError(f"--io {self.io!r}: expected one of {IO_DTYPES}")
+        if self.io == "fp16" and self.precision != "fp16":
+            raise ExportError(f"--io fp16 needs --precision fp16 (got --precision "
+                              f"{self.precision}): fp32 and int8 graphs take float32 pixels")
+        if self.calibration_images is not None:
+            if self.precision != "int8":
+                raise ExportError("--calibration-images only applies to --precision int8")
+            if not Path(self.calibration_images).is_dir():
+                raise ExportError(f"--calibration-images {str(self.calibration_images)!r}: not a "
+                                  "directory")
         if self.opset < 17:
             raise ExportError(f"--opset {self.opset}: 17 or newer is required "
                               "(LayerNormalization)")
@@ -94,6 +139,237 @@ class _Stages:
             self.bar.close()
 
 
+# -- graphs ------------------------------------------------------------------------------------
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # fp16 / QDQ graphs log harmless CPU fallback warnings
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _run_graph(session, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Run ``session`` on each feed (cast to the graph's input dtypes); float32 (N, D)."""
+    from clipfast.backends.onnxruntime import _DTYPES
+
+    types = {i.name: _DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    out = []
+    for feed in feeds:
+        cast = {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feed.items()}
+        out.append(session.run(None, cast)[0].astype(np.float32))
+    return np.concatenate(out)
+
+
+def _tower_reference(source, which: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The source (PyTorch, fp32) tower on ``feed``: float32 (N, D), not normalised."""
+    import torch
+
+    tower = source.image_tower if which == "image" else source.text_tower
+    names = ["pixel_values"] if which == "image" else list(source.text_inputs)
+    with torch.inference_mode():
+        return tower(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names]
+                     ).float().numpy()
+
+
+def _check_feed(source, which: str) -> dict[str, np.ndarray]:
+    from clipfast.export.onnx_export import example_image_inputs, example_text_inputs
+
+    if which == "text":
+        return example_text_inputs(source)
+    feed = example_image_inputs(source)
+    # noise, not the zeros the trace used: two different rows through every block
+    rng = np.random.default_rng(0)
+    return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in feed.items()}
+
+
+def _fuse_tower(source, which: str, raw: Path, fused: Path, rewrite_note: str | None,
+                enabled: bool) -> tuple[Path, dict[str, Any]]:
+    """Fuse one exported tower; return ``(graph to use, manifest["graph"][which] record)``.
+
+    The fused graph is used only when it has one fused Attention per transformer block and
+    reproduces the source tower; otherwise the unfused graph is kept and the record says why.
+    """
+    from clipfast.export.fusion import attention_spec, count_ops, optimize
+
+    record: dict[str, Any] = {"fused": None, "fusion": None}
+    if not enabled:
+        record["fusion"] = "off (--no-fuse)"
+        return raw, record
+    tower = source.image_tower if which == "image" else source.text_tower
+    spec, reason = attention_spec(tower, which)
+    if spec is None or rewrite_note:
+        record["fusion"] = f"not applied: {rewrite_note or reason}"
+        return raw, record
+    record.update(model_type=spec.model_type, layers=spec.layers, num_heads=spec.num_heads,
+                  hidden_size=spec.hidden_size, opt_level=FUSION_OPT_LEVEL)
+    try:
+        counts = optimize(raw, fused, spec.model_type, spec.num_heads, spec.hidden_size,
+                          opt_level=FUSION_OPT_LEVEL)
+    except ExportError as e:
+        log.warning("export: %s tower keeps its unfused graph: %s", which, e)
+        record["fusion"] = f"failed, unfused graph kept: {e}"
+        return raw, record
+    attention = counts["Attention"] + counts["MultiHeadAttention"]
+    if attention != spec.layers:
+        msg = (f"fused {attention} attention nodes for {spec.layers} layers (expected one per "
+               f"layer); unfused graph kept")
+        log.warning("export: %s tower: %s", which, msg)
+        record.update(fusion=f"failed: {msg}", rejected_counts=counts)
+        return raw, record
+    feed = _check_feed(source, which)
+    ref = _tower_reference(source, which, feed)
+    got = _run_graph(_ort_session(fused), [feed])
+    err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    if not err <= FUSION_CHECK_TOL:
+        msg = (f"fused graph differs from the source tower (max relative difference {err:.2e} "
+               f"> {FUSION_CHECK_TOL}); unfused graph kept")
+        log.warning("export: %s tower: %s", which, msg)
+        record.update(fusion=f"failed: {msg}", rejected_counts=counts)
+        return raw, record
+    record.update(fused=counts, fusion="ok", check_max_rel_diff=err)
+    # what the unfused graph had, for comparison (zero fused attention on a plain MHA export)
+    import onnx
+
+    record["unfused_attention"] = count_ops(onnx.load(str(raw), load_external_data=False)
+                                            )["Attention"]
+    return fused, record
+
+
+# -- int8 --------------------------------------------------------------------------------------
+def _load_rgb(items: list[Any]) -> list[Any]:
+    from clipfast.errors import ImageLoadError
+    from clipfast.preprocess import load_image
+
+    rgb = []
+    for i, item in enumerate(items):
+        try:
+            rgb.append(load_image(item, index=i))
+        except ImageLoadError as e:
+            log.warning("export: skipping image: %s", e)
+    return rgb
+
+
+def calibration_inputs(source, images_dir: Path | None = None, *, batch: int = CALIBRATION_BATCH
+                       ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]],
+                                  dict[str, Any]]:
+    """Calibration feeds for int8: ``(image feeds, text feeds, description)``.
+
+    Image feeds: ``{"pixel_values": float32 (B, 3, H, W)}`` preprocessed exactly as the runtime
+    does, from ``images_dir`` or the built-in generated set (seed 1: not the seed-0 images the
+    fidelity is measured on). Text feeds: ``{name: int32 (B, L)}`` from the built-in captions.
+    """
+    from clipfast.export.tokenization import PARITY_TEXTS
+    from clipfast.export.verify import images_from_dir
+    from clipfast.preprocess import normalize, resize_and_crop
+    from clipfast.samples import CAPTIONS, sample_images
+
+    if images_dir is not None:
+        items: list[Any] = [str(p) for p in images_from_dir(images_dir)]
+        where = str(images_dir)
+    else:
+        items = sample_images(32, seed=1)
+        where = "built-in generated images (seed 1)"
+    rgb = _load_rgb(items)
+    if not rgb:
+        raise ExportError(f"--calibration-images {where}: no readable images")
+    cfg = source.preprocess
+    pixels = np.stack([normalize(resize_and_crop(im, cfg), cfg) for im in rgb])
+    texts = list(CAPTIONS) + [t for t in PARITY_TEXTS if len(t) < 200]
+    tokens = source.reference_tokenize(texts)
+    tokens = {k: np.asarray(tokens[k], dtype=np.int32) for k in source.text_inputs}
+    image_feeds = [{"pixel_values": pixels[s:s + batch]} for s in range(0, len(pixels), batch)]
+    text_feeds = [{k: v[s:s + batch] for k, v in tokens.items()}
+                  for s in range(0, len(texts), batch)]
+    return image_feeds, text_feeds, {"images_from": where, "images": len(pixels),
+                                     "texts": len(texts)}
+
+
+class TowerFidelity:
+    """Fidelity of candidate tower graphs against the fp32 PyTorch source, tower by tower (the
+    int8 guard's ``measure``): the same images / captions as the export's final measurement,
+    fed as the reference transform's pixels and the reference tokenizer's ids."""
+
+    def __init__(self, source, images: list[Any] | None = None):
+        from clipfast.samples import sample_captions, sample_images
+
+        self.source = source
+        rgb = _load_rgb(images if images is not None else sample_images())
+        texts = sample_captions(max(len(rgb), 2))
+        pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)
+                           for im in rgb])
+        tokens = source.reference_tokenize(texts)
+        tokens = {k: np.asarray(tokens[k], dtype=np.int32) for k in source.text_inputs}
+        b = CALIBRATION_BATCH
+        self.image_feeds = [{"pixel_values": pixels[s:s + b]} for s in range(0, len(pixels), b)]
+        self.text_feeds = [{k: v[s:s + b] for k, v in tokens.items()}
+                           for s in range(0, len(texts), b)]
+        self.ref_img = l2_normalize(np.concatenate(
+            [_tower_reference(source, "image", f) for f in self.image_feeds]))
+        self.ref_txt = l2_normalize(np.concatenate(
+            [_tower_reference(source, "text", f) for f in self.text_feeds]))
+        self.pairs = min(len(rgb), len(texts))
+        self.img: np.ndarray | None = None  # the accepted image tower's embeddings
+
+    def image(self, path: Path) -> dict[str, Any]:
+        img = l2_normalize(_run_graph(_ort_session(path), self.image_feeds))
+        return {
+            "image_centred_rel_error": float(centred_relative_error(img, self.ref_img).max()),
+            "image_cosine": float(cosine(img, self.ref_img).min()),
+            "top1_agreement": top1_agreement(img, self.ref_txt, self.ref_img, self.ref_txt),
+            "retrieval_pairs": self.pairs,
+        }
+
+    def text(self, path: Path) -> dict[str, Any]:
+        txt = l2_normalize(_run_graph(_ort_session(path), self.text_feeds))
+        img = self.img if self.img is not None else self.ref_img
+        return {
+            "text_centred_rel_error": float(centred_relative_error(txt, self.ref_txt).max()),
+            "text_cosine": float(cosine(txt, self.ref_txt).min()),
+            "top1_agreement": top1_agreement(img, txt, self.ref_img, self.ref_txt),
+            "retrieval_pairs": self.pairs,
+        }
+
+
+def _tower_gates(gates: dict[str, Any], which: str) -> dict[str, Any]:
+    shared = ("top1_agreement_min", "retrieval_pairs_min")
+    return {k: v for k, v in gates.items() if k.startswith(f"{which}_") or k in shared}
+
+
+def _quantize(source, options: ExportOptions, graphs: dict[str, Path], work: Path,
+              gates: dict[str, Any]) -> dict[str, Any]:
+    """int8 both towers into ``work``; return manifest["quantization"]."""
+    try:
+        from clipfast.export.quantize import QuantOptions, guarded_quantize, quantize_tower
+    except ImportError as e:
+        raise ExportError(f"--precision int8: the quantizer (clipfast.export.quantize) is not "
+                          f"available: {e}") from e
+    image_calib, text_calib, described = calibration_inputs(source, options.calibration_images)
+    from clipfast.export.verify import images_from_dir
+
+    images = [str(p) for p in images_from_dir(options.images)] if options.images else None
+    fidelity = TowerFidelity(source, images)
+    reports: dict[str, Any] = {"calibration": described}
+    for which, calib, measure in (("image", image_calib, fidelity.image),
+                                  ("text", text_calib, fidelity.text)):
+        out = work / TOWER_FILES[which]
+        if options.gate:
+            try:
+                report = guarded_quantize(graphs[which], out, calib, measure,
+                                          _tower_gates(gates, which), QuantOptions())
+            except FidelityError as e:
+                raise FidelityError(
+                    f"{options.model} int8: the {which} tower stays below the gate with every "
+                    f"quantization the guard tried; nothing written to {options.out}: {e}"
+                ) from e
+        else:  # --no-gate: first configuration, measured below like any other
+            report = quantize_tower(graphs[which], out, calib, options=QuantOptions())
+        if which == "image":
+            fidelity.img = l2_normalize(_run_graph(_ort_session(out), fidelity.image_feeds))
+        reports[which] = report
+    return reports
+
+
+# -- the export --------------------------------------------------------------------------------
 def run_export(options: ExportOptions) -> Path:
     """Export ``options.model`` into ``options.out``; return the artifact directory.
 
@@ -109,18 +385,51 @@ def run_export(options: ExportOptions) -> Path:
     out = Path(options.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    stages = _Stages(["load source", "export image tower", "export text tower",
-                      "write tokenizer + manifest", "measure fidelity"], options.progress)
+    build = work / ".build"
+    build.mkdir()
+    names = ["load source", "export image tower", "export text tower", "fuse graphs"]
+    if options.precision != "fp32":
+        names.append(f"convert to {options.precision}")
+    names += ["write tokenizer + manifest", "measure fidelity"]
+    stages = _Stages(names, options.progress)
+    keep_work = False
     try:
         stages.start("load source")
         source = load_source(options.model, options.pretrained, seed=options.seed)
+        notes = {}
         stages.start("export image tower")
-        export_image_tower(source, work / IMAGE_FILE, options.opset)
+        notes["image"] = export_image_tower(source, build / "image.fp32.onnx", options.opset,
+                                            fusable=options.fuse)
         stages.start("export text tower")
-        export_text_tower(source, work / TEXT_FILE, options.opset)
+        notes["text"] = export_text_tower(source, build / "text.fp32.onnx", options.opset,
+                                          fusable=options.fuse)
+        stages.start("fuse graphs")
+        graph: dict[str, dict[str, Any]] = {}
+        fp32_graphs: dict[str, Path] = {}
+        for which in ("image", "text"):
+            fp32_graphs[which], graph[which] = _fuse_tower(
+                source, which, build / f"{which}.fp32.onnx", build / f"{which}.fused.onnx",
+                notes[which], options.fuse)
+        gates = GATES[options.precision]
+        quantization = None
+        if options.precision == "fp32":
+            for which, path in fp32_graphs.items():
+                os.replace(path, work / TOWER_FILES[which])
+        elif options.precision == "fp16":
+            stages.start("convert to fp16")
+            from clipfast.export.fp16 import convert_to_fp16
+
+            for which, path in fp32_graphs.items():
+                graph[which]["fp16"] = convert_to_fp16(path, work / TOWER_FILES[which],
+                                                       io=options.io)
+        else:
+            stages.start("convert to int8")
+            quantization = _quantize(source, options, fp32_graphs, work, gates)
+        shutil.rmtree(build)
+
         stages.start("write tokenizer + manifest")
         (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
-        gates = GATES[options.precision]
+        io_dtype = _NP_DTYPE[options.io]
         data: dict[str, Any] = {
             "clipfast_version": clipfast.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -130,17 +439,22 @@ def run_export(options: ExportOptions) -> Path:
             "random_weights": source.random_weights,
             "embed_dim": source.embed_dim,
             "precision": options.precision,
+            "io_dtype": options.io,
             "opset": options.opset,
             "image": {"file": IMAGE_FILE, "input": "pixel_values", "output": "image_embeds",
-                      "shape": [3, *source.preprocess.image_size], "dtype": "float32"},
+                      "shape": [3, *source.preprocess.image_size], "dtype": io_dtype,
+                      "output_dtype": io_dtype},
             "text": {"file": TEXT_FILE, "inputs": list(source.text_inputs),
-                     "output": "text_embeds", "dtype": "int32"},
+                     "output": "text_embeds", "dtype": "int32", "output_dtype": io_dtype},
             "preprocess": source.preprocess.to_dict(),
             "tokenizer": source.tokenizer.to_dict(),
             "logits": source.logits.to_dict(),
+            "graph": graph,
             "gates": gates,
             "fidelity": None,
         }
+        if quantization is not None:
+            data["quantization"] = quantization
         files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE]
         write_manifest(work, data, files)
         stages.start("measure fidelity")
@@ -155,6 +469,7 @@ def run_export(options: ExportOptions) -> Path:
         data["stage_seconds"] = stages.times
         write_manifest(work, data, files)
         if failures and options.gate:
+            keep_work = True
             raise FidelityError(
                 f"{options.model} {options.precision}: fidelity below the gate, artifact not "
                 f"written to {out} (kept for inspection in {work}): " + "; ".join(failures)
@@ -163,8 +478,8 @@ def run_export(options: ExportOptions) -> Path:
             shutil.rmtree(out)
         os.replace(work, out)
         return out
-    except BaseException as e:
+    except BaseException:
         stages.close()
-        if not isinstance(e, FidelityError):
+        if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
         raise

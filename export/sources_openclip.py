@@ -99,6 +99,8 @@ def load_open_clip_source(
             "(see open_clip.list_models()), or use hf-hub:ORG/NAME or transformers:ID"
         )
     random_weights = (not is_hub) and pretrained.lower() == "none"
+    if model_name.startswith("local-dir:"):
+        model_name = "local-dir:" + str(Path(model_name[len("local-dir:"):]).expanduser().resolve())
     spec: dict[str, Any] = {"loader": "open_clip", "model": model_name}
     kwargs: dict[str, Any] = {"device": device}
     if is_hub:
@@ -127,7 +129,8 @@ def load_open_clip_source(
     try:
         model = open_clip.create_model(model_name, **kwargs)
     except Exception as e:  # open_clip raises bare RuntimeError/FileNotFoundError/HTTP errors
-        raise ExportError(f"open_clip could not load {model_name} ({pretrained}): {e}") from e
+        what = model_name if is_hub else f"{model_name} with pretrained {pretrained!r}"
+        raise ExportError(f"open_clip could not load {what}: {e}") from e
     model.eval().float()
     # nn.MultiheadAttention's fused fast path does not export; the plain path is the reference.
     torch.backends.mha.set_fastpath_enabled(False)

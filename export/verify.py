@@ -107,5 +107,7 @@ def measure(source: SourceModel, engine, images: list[Any] | None = None,
         "text_centred_rel_error": float(centred_relative_error(txt, ref_txt).max()),
         "text_cosine": float(cosine(txt, ref_txt).min()),
         "top1_agreement": top1_agreement(img, txt, ref_img, ref_txt),
+        # image-caption pairs the top-1 agreement is measured on (gated for int8)
+        "retrieval_pairs": min(len(rgb), len(texts)),
     })
     return figures

@@ -141,6 +141,9 @@ def test_unknown_model_and_tag_list_known_ones():
         load_source("ViT-B-32-quickgelu", "no_such_tag")
     with pytest.raises(ExportError, match="not found"):
         load_source("ViT-B-32", "/nonexistent/ckpt.pt")
+    # Hub loading is real code; offline (tests set HF_HUB_OFFLINE) it fails fast and clearly.
+    with pytest.raises(ExportError, match="could not load hf-hub:clipfast-tests/absent"):
+        load_source("hf-hub:clipfast-tests/absent")
 
 
 def test_checkpoint_file_loads_the_same_weights(tmp_path):
@@ -169,3 +172,34 @@ def test_artifact_is_self_describing_json(vitb32_artifact):
     assert data["clipfast_version"] == clipfast.__version__
     assert data["text"]["inputs"] == ["input_ids"]
     assert data["image"]["shape"] == [3, 224, 224]
+
+
+def test_open_clip_hub_format_directory(tmp_path):
+    """hf-hub:ORG/NAME repos hold open_clip_config.json + open_clip_model.safetensors; the same
+    loader reads that layout from a local directory (local-dir:), so the real path is tested
+    offline. The repo's preprocess_cfg travels into the manifest."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from clipfast.export.sources import load_source
+
+    torch.manual_seed(7)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    cfg = {"model_cfg": open_clip.get_model_config("ViT-B-32"),
+           "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                              "interpolation": "bilinear", "resize_mode": "squash"}}
+    (repo / "open_clip_config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              repo / "open_clip_model.safetensors")
+    src = load_source(f"local-dir:{repo}")
+    assert src.spec["model"] == f"local-dir:{repo.resolve()}"
+    pp = src.preprocess
+    assert pp.resize_mode == "squash" and pp.interpolation == "bilinear" and pp.mean == (0.5,) * 3
+    with torch.no_grad():
+        x = torch.randn(2, 3, 224, 224)
+        np.testing.assert_allclose(src.image_tower(x).numpy(), model.encode_image(x).numpy(),
+                                   atol=1e-5)
+    assert src.tokenizer.context_length == 77
