@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -1013,7 +1014,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], Any] | None = None) -
     from clipfast.manifest import load_manifest
 
     config.validate()
-    say = log or (lambda msg: None)
+    say = log or logging.getLogger("clipfast.bench").info
     load_start = load_average()
     notes: list[str] = []
     modes = ["tower"] + (["end_to_end"] if config.images is not None else [])
@@ -1044,6 +1045,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], Any] | None = None) -
     skipped: list[dict[str, str]] = []
     artifacts: list[dict[str, Any]] = []
     baselines_done: set[str] = set()
+    rss_per_row = True
     try:
         for art_i, art in enumerate(config.artifacts):
             manifest = load_manifest(art, verify_checksums=False)
@@ -1110,11 +1112,23 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], Any] | None = None) -
                                 bar.set_postfix_str(f"{label} {backend} {tower} {mode} b{batch}")
                             fn = _row_callable(engine, tower, mode, batch, inputs)
                             probe.start()
-                            times = time_callable(
-                                fn, warmup=config.warmup, min_iters=config.min_iters,
-                                max_iters=config.max_iters, min_seconds=config.min_seconds,
-                                sync=sync)
+                            try:
+                                times = time_callable(
+                                    fn, warmup=config.warmup, min_iters=config.min_iters,
+                                    max_iters=config.max_iters, min_seconds=config.min_seconds,
+                                    sync=sync)
+                            except Exception as e:  # onnxruntime's errors are plain
+                                # Exceptions. One row failing (out of memory at a large batch)
+                                # must not lose the others: record it, with the reason, and go on.
+                                skipped.append({"artifact": str(art), "model": label,
+                                                "backend": backend, "tower": tower,
+                                                "mode": mode, "batch_size": batch,
+                                                "reason": f"{type(e).__name__}: {e}"})
+                                if bar is not None:
+                                    bar.update(1)
+                                continue
                             mem = probe.stop()
+                            rss_per_row = rss_per_row and probe.resettable
                             row = _make_row(label, art, backend, engine, row_precision, tower,
                                             mode, batch, times, config, mem, load_s, load_rss,
                                             flops_per_item.get(tower), peak)
@@ -1141,8 +1155,12 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], Any] | None = None) -
         notes.append(f"load average {busy:.2f} > {BUSY_LOAD} while measuring (start "
                      f"{load_start}, end {load_end}): other jobs were running on this machine, "
                      "timings are noisy")
+    if not rss_per_row:
+        notes.append("the RSS high-water mark could not be reset per row (no "
+                     "/proc/self/clear_refs): peak RSS is the process-lifetime maximum")
     for s in skipped:
-        notes.append(f"{s['model']}: backend {s['backend']} skipped: {s['reason']}")
+        where = (f" {s['tower']} {s['mode']} batch {s['batch_size']}" if "tower" in s else "")
+        notes.append(f"{s['model']}: backend {s['backend']}{where} skipped: {s['reason']}")
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

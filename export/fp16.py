@@ -102,7 +102,11 @@ def convert_to_fp16(path: str | Path, out_path: str | Path, *, io: str = "fp32",
     quiet.setLevel(logging.ERROR)
     try:
         model = OnnxModel(onnx.load(str(path)))
-        model.convert_float_to_float16(keep_io_types=(io == "fp32"), op_block_list=block)
+        # Symbolic shape inference types the fused contrib operators but gives up on some plain
+        # graphs (SigLIP's pooling head); onnx's own inference types every standard graph.
+        contrib = any(n.domain == "com.microsoft" for n in model.model.graph.node)
+        model.convert_float_to_float16(use_symbolic_shape_infer=contrib,
+                                       keep_io_types=(io == "fp32"), op_block_list=block)
     except Exception as e:  # the converter and shape inference raise assorted types
         raise ExportError(f"fp16 conversion of {Path(path).name} failed: "
                           f"{type(e).__name__}: {e}") from e

@@ -189,13 +189,15 @@ def fusion_plan(tower: nn.Module, which: str) -> tuple[nn.Module | None, bool, s
     return transformer, causal, None
 
 
-def fusable_tower(tower: nn.Module, which: str) -> tuple[nn.Module, str | None]:
+def fusable_tower(tower: nn.Module, which: str, attention_cls: type[nn.Module] | None = None
+                  ) -> tuple[nn.Module, str | None]:
     """An export copy of an open_clip tower with every block's ``nn.MultiheadAttention``
     replaced by ``EagerSelfAttention``; ``tower`` itself is not modified.
 
     The copy shares parameters and buffers with ``tower`` (structure copied, tensors not), so it
     costs no weight memory. Returns ``(copy, None)``, or ``(tower, reason)`` when the tower has
-    nothing to rewrite.
+    nothing to rewrite. ``attention_cls`` (default EagerSelfAttention) is the replacement module
+    class, constructed as ``attention_cls(mha, causal=...)``.
     """
     transformer, causal, reason = fusion_plan(tower, which)
     if transformer is None:
@@ -204,7 +206,7 @@ def fusable_tower(tower: nn.Module, which: str) -> tuple[nn.Module, str | None]:
     export_copy = copy.deepcopy(tower, memo)
     transformer, _, _ = fusion_plan(export_copy, which)
     for block in _blocks(transformer):
-        block.attn = EagerSelfAttention(block.attn, causal=causal)
+        block.attn = (attention_cls or EagerSelfAttention)(block.attn, causal=causal)
     return export_copy.eval(), None
 
 

@@ -53,8 +53,8 @@ def test_verify_fails_when_gates_are_not_met(vitb32_artifact, tmp_path, capsys):
     assert "image_centred_rel_error" in capsys.readouterr().out
 
 
-def test_export_refuses_unbuilt_precision(tmp_path, capsys):
+def test_export_refuses_fp16_io_for_int8(tmp_path, capsys):
     rc = main(["export", "--model", "ViT-B-32", "--pretrained", "none", "--precision", "int8",
-               "--out", str(tmp_path / "a")])
+               "--io", "fp16", "--out", str(tmp_path / "a")])
     assert rc == 1
-    assert "int8" in capsys.readouterr().err
+    assert "--io fp16" in capsys.readouterr().err

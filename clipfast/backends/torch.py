@@ -7,6 +7,7 @@ manifest's ``source`` section says where they come from, and their fingerprint i
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -41,10 +42,28 @@ class TorchBackend:
             self._source = load_source_from_spec(manifest["source"], device=device)
         except ClipfastError as e:
             raise BackendUnavailable(f"torch backend cannot load the source model: {e}") from e
+        self.attention = "source"
+        if device == "cuda" and os.environ.get("CLIPFAST_TORCH_ATTENTION", "") == "kernel":
+            self._use_kernel_attention()
         self._torch = torch
         self.device = device
         self.max_batch = None
         self.text_inputs = tuple(manifest["text"]["inputs"])
+
+    def _use_kernel_attention(self) -> None:
+        """Opt-in: swap the towers' attention for the csrc kernel (see export/kernel_attention)."""
+        from clipfast.export.kernel_attention import kernel_attention_tower
+
+        reasons = []
+        for which in ("image", "text"):
+            attr = f"{which}_tower"
+            tower, reason = kernel_attention_tower(getattr(self._source, attr), which)
+            setattr(self._source, attr, tower)
+            if reason:
+                reasons.append(f"{which}: {reason}")
+        self.attention = "kernel" + (f" (partly: {'; '.join(reasons)})" if reasons else "")
+        if reasons:
+            log.warning("clipfast: kernel attention not applied to every tower: %s", reasons)
 
     def run_image(self, pixels) -> np.ndarray:
         """``pixels``: numpy, or a torch tensor already on the device (GPU preprocessing)."""
@@ -68,7 +87,7 @@ class TorchBackend:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "torch": self._torch.__version__,
-                "source": self._source.spec.get("model")}
+                "source": self._source.spec.get("model"), "attention": self.attention}
 
 
 def load(manifest, device: str = "cpu", threads: int | None = None, **_: Any) -> TorchBackend:

@@ -1,0 +1,173 @@
+"""fp16 graphs: overflow-prone operators stay fp32, fidelity gates on ViT-B-32 and ALIGN against
+the PyTorch source through the Engine, `--io fp16`, and `clipfast verify` on an fp16 artifact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+import clipfast
+from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine, l2_normalize
+
+FP16 = GATES["fp16"]
+# the embedding gates (pixels, token ids and rankings are what `measure` adds)
+FP16_EMBED = {k: v for k, v in FP16.items() if k.startswith(("image_", "text_"))}
+
+
+class _TwoNorms(torch.nn.Module):
+    """One fp16 tensor read by two LayerNorms and a Softmax: the case where ORT's converter
+    emits two identical Cast nodes (same name) unless they are de-duplicated."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.ln1 = torch.nn.LayerNorm(16)
+        self.ln2 = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        y = self.lin(x) * 300.0  # activations whose squares overflow fp16 (> 65504)
+        return self.ln1(y) + self.ln2(y) + torch.softmax(y, dim=-1)
+
+
+@pytest.mark.parametrize("io", ["fp32", "fp16"])
+def test_convert_keeps_norms_fp32_and_runs_on_cpu(tmp_path, io):
+    import onnxruntime as ort
+
+    from clipfast.export.fp16 import convert_to_fp16
+
+    torch.manual_seed(0)
+    module = _TwoNorms().eval()
+    x = torch.randn(3, 5, 16)
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(module, (x,), str(src), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    report = convert_to_fp16(src, tmp_path / "m16.onnx", io=io)
+    assert report["io_dtype"] == io and {"LayerNormalization", "Softmax"} <= set(report["fp32_ops"])
+    model = onnx.load(str(tmp_path / "m16.onnx"))
+    names = [n.name for n in model.graph.node]
+    assert len(names) == len(set(names))
+    elem = onnx.TensorProto.FLOAT16 if io == "fp16" else onnx.TensorProto.FLOAT
+    assert model.graph.input[0].type.tensor_type.elem_type == elem
+    # the LayerNorm scales stayed fp32: the norm is computed in fp32
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            assert inits.get(node.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+    sess = ort.InferenceSession(str(tmp_path / "m16.onnx"), providers=["CPUExecutionProvider"])
+    feed = x.numpy().astype(np.float16 if io == "fp16" else np.float32)
+    got = sess.run(None, {"x": feed})[0].astype(np.float32)
+    with torch.no_grad():
+        ref = module(x).numpy()
+    assert np.isfinite(got).all()  # an fp16 LayerNorm would give inf / NaN here
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def _engine_figures(engine, source, photos, texts):
+    from clipfast.preprocess import load_image
+
+    rgb = [load_image(p) for p in photos]
+    pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)
+                       for im in rgb])
+    tokens = source.reference_tokenize(texts)
+    with torch.inference_mode():
+        ref_img = source.image_tower(torch.from_numpy(pixels)).numpy()
+        ref_txt = source.text_tower(*[torch.from_numpy(np.asarray(tokens[k], dtype=np.int32))
+                                      for k in source.text_inputs]).numpy()
+    img = engine.run_image_tower(pixels)
+    txt = engine.run_text_tower(engine.tokenize(texts))
+    img, txt, ref_img, ref_txt = map(l2_normalize, (img, txt, ref_img, ref_txt))
+    return {
+        "image_centred_rel_error": float(centred_relative_error(img, ref_img).max()),
+        "image_cosine": float(cosine(img, ref_img).min()),
+        "text_centred_rel_error": float(centred_relative_error(txt, ref_txt).max()),
+        "text_cosine": float(cosine(txt, ref_txt).min()),
+    }
+
+
+_TEXTS = ["a photo of an astronaut", "a cat", "a cup of coffee", "a rocket launch",
+          "a man with a camera", "", "中文 字符", "x" * 500]
+
+
+@pytest.fixture(scope="module")
+def vitb32_fp16(tmp_path_factory):
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    out = tmp_path_factory.mktemp("fp16") / "vit-b-32-fp16"
+    return run_export(ExportOptions(model="ViT-B-32", pretrained="none", out=out,
+                                    precision="fp16", progress=False))
+
+
+def test_vitb32_fp16_manifest_and_graph(vitb32_fp16):
+    m = json.loads((vitb32_fp16 / "manifest.json").read_text())
+    assert m["precision"] == "fp16" and m["io_dtype"] == "fp32" and m["gates"] == FP16
+    assert m["image"]["dtype"] == "float32" and m["text"]["output_dtype"] == "float32"
+    fid = m["fidelity"]
+    assert fid["passed"] is True and not check_gates(fid, FP16), fid
+    assert fid["image_centred_rel_error"] > 1e-5  # it really is fp16 arithmetic
+    for tower in ("image", "text"):
+        g = m["graph"][tower]
+        assert g["fused"]["Attention"] == 12  # fp16 is converted from the fused graph
+        assert g["fp16"]["fp32_ops"] == ["LayerNormalization", "SkipLayerNormalization"]
+        model = onnx.load(str(vitb32_fp16 / f"{tower}.onnx"), load_external_data=False)
+        kinds = {t.data_type for t in model.graph.initializer if len(t.dims) == 2}
+        assert onnx.TensorProto.FLOAT16 in kinds  # the weight matrices are fp16
+    size16 = m["files"]["image.onnx"]["bytes"]
+    assert size16 < 0.6 * 88e6 * 4  # half of the ~88M fp32 parameters' bytes, plus a little
+
+
+def test_vitb32_fp16_gates_on_photos_via_engine_and_verify(vitb32_fp16, photos, tmp_path):
+    """Real photos (not the built-in set the export measured on), through the Engine and through
+    `clipfast verify`, against the fp32 PyTorch source."""
+    from clipfast.export.sources import load_source_from_spec
+
+    engine = clipfast.Engine(vitb32_fp16, backend="onnxruntime")
+    assert engine.describe()["precision"] == "fp16"
+    source = load_source_from_spec(engine.manifest["source"])
+    fig = _engine_figures(engine, source, list(photos.values()), _TEXTS)
+    assert not check_gates(fig, FP16_EMBED), fig
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name, arr in photos.items():
+        Image.fromarray(arr).save(d / f"{name}.png")
+    r = subprocess.run([sys.executable, "-m", "clipfast.cli", "verify", str(vitb32_fp16),
+                        "--images", str(d)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "precision fp16" in r.stdout and f"all {len(FP16)} gates passed" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def align_tiny(tmp_path_factory):
+    from hf_models import save_align
+
+    return save_align(tmp_path_factory.mktemp("align") / "align-tiny", full=False)
+
+
+@pytest.mark.parametrize("io", ["fp32", "fp16"])
+def test_align_tiny_fp16_gates_via_engine(align_tiny, photos, tmp_path, io):
+    from clipfast.export.pipeline import ExportOptions, run_export
+    from clipfast.export.sources import load_source_from_spec
+
+    art = run_export(ExportOptions(model=f"transformers:{align_tiny}", out=tmp_path / "a",
+                                   precision="fp16", io=io, progress=False))
+    engine = clipfast.Engine(art, backend="onnxruntime")
+    m = engine.manifest
+    want = "float16" if io == "fp16" else "float32"
+    assert m["io_dtype"] == io and m["image"]["dtype"] == want
+    assert engine.describe()["image_input_dtype"] == want
+    assert m["graph"]["text"]["fused"]["Attention"] == 2
+    source = load_source_from_spec(m["source"])
+    fig = _engine_figures(engine, source, list(photos.values()), _TEXTS)
+    assert not check_gates(fig, FP16_EMBED), fig
+    # a torch tensor input takes the IO-binding path: same numbers as the numpy path
+    pixels = engine.preprocess(list(photos.values())[:2])
+    a = engine.run_image_tower(pixels)
+    b = engine._backend.run_image(torch.from_numpy(pixels))
+    np.testing.assert_array_equal(a, b)

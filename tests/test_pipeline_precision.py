@@ -1,0 +1,190 @@
+"""Precision plumbing: options and CLI flags, manifest contents, int8 integration with the
+quantizer contract (calibration feeds, per-tower guard, refusal), ORT session settings."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clipfast
+from clipfast.errors import ClipfastError, ExportError, FidelityError
+from clipfast.fidelity import GATES
+
+
+def _opts(tmp_path, **kw):
+    from clipfast.export.pipeline import ExportOptions
+
+    return ExportOptions(model="ViT-B-32", out=tmp_path / "a", **kw)
+
+
+def test_options_refuse_bad_combinations(tmp_path):
+    for kw, needle in (({"precision": "fp32", "io": "fp16"}, "--io fp16 needs --precision fp16"),
+                       ({"precision": "int8", "io": "fp16"}, "--io fp16"),
+                       ({"io": "bf16"}, "--io 'bf16'"),
+                       ({"precision": "fp16", "calibration_images": tmp_path},
+                        "only applies to --precision int8"),
+                       ({"precision": "int8", "calibration_images": tmp_path / "nope"},
+                        "not a directory")):
+        with pytest.raises(ExportError, match=needle):
+            _opts(tmp_path, **kw).validate()
+    _opts(tmp_path, precision="fp16", io="fp16").validate()
+
+
+def test_cli_export_flags_reach_the_options(tmp_path, monkeypatch):
+    import clipfast.export.pipeline as pipeline
+    from clipfast.cli import main
+
+    seen = {}
+
+    def fake_run_export(options):
+        seen["options"] = options
+        raise ClipfastError("stop here")
+
+    monkeypatch.setattr(pipeline, "run_export", fake_run_export)
+    rc = main(["export", "--model", "ViT-B-32", "--pretrained", "none", "--precision", "int8",
+               "--calibration-images", str(tmp_path), "--no-fuse", "--out", str(tmp_path / "o")])
+    o = seen["options"]
+    assert rc == 1 and o.precision == "int8" and o.io == "fp32" and o.fuse is False
+    assert o.calibration_images == tmp_path
+    main(["export", "--model", "M", "--precision", "fp16", "--io", "fp16", "--out", "x"])
+    assert (seen["options"].precision, seen["options"].io, seen["options"].fuse) == (
+        "fp16", "fp16", True)
+    with pytest.raises(SystemExit):  # argparse refuses unknown precisions up front
+        main(["export", "--model", "M", "--precision", "fp8", "--out", "x"])
+
+
+def test_fp32_manifest_records_precision_graph_and_session(vitb32_artifact):
+    m = json.loads((vitb32_artifact / "manifest.json").read_text())
+    assert m["precision"] == "fp32" and m["io_dtype"] == "fp32" and m["gates"] == GATES["fp32"]
+    assert set(m["graph"]) == {"image", "text"} and "quantization" not in m
+    assert m["fidelity"]["retrieval_pairs"] == 24
+    from clipfast.backends.onnxruntime import physical_cores
+
+    engine = clipfast.Engine(vitb32_artifact, backend="onnxruntime")
+    session = engine.describe()["session"]
+    assert session["intra_op_threads"] == physical_cores() >= 1
+    assert session["execution_mode"] == "sequential" and session["memory_arena"] is True
+
+
+def test_gates_are_stated_per_precision():
+    assert set(GATES) == {"fp32", "fp16", "int8"}
+    assert GATES["fp16"]["image_centred_rel_error_max"] == 1e-2
+    assert GATES["fp16"]["text_cosine_min"] == 0.9995
+    i8 = GATES["int8"]
+    assert i8["image_centred_rel_error_max"] == 0.15 and i8["image_cosine_min"] == 0.99
+    assert i8["top1_agreement_min"] == 0.95 and i8["retrieval_pairs_min"] == 20
+
+
+@pytest.fixture(scope="module")
+def clip_small(tmp_path_factory):
+    from hf_models import save_clip
+
+    return save_clip(tmp_path_factory.mktemp("clip") / "clip-small", "small")
+
+
+def test_calibration_inputs_from_a_directory_and_built_in(clip_small, tmp_path):
+    from clipfast.export.pipeline import calibration_inputs
+    from clipfast.export.sources import load_source
+
+    source = load_source(f"transformers:{clip_small}")
+    d = tmp_path / "cal"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        Image.fromarray(rng.integers(0, 256, (40 + i, 70, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    (d / "broken.jpg").write_bytes(b"not a jpeg")
+    images, texts, info = calibration_inputs(source, d, batch=4)
+    assert [f["pixel_values"].shape for f in images] == [(4, 3, 64, 64)] * 2 + [(3, 3, 64, 64)]
+    assert all(f["pixel_values"].dtype == np.float32 for f in images)
+    assert info["images"] == 11 and info["images_from"] == str(d)  # the broken file is skipped
+    assert all(set(f) == {"input_ids"} and f["input_ids"].dtype == np.int32 for f in texts)
+    assert sum(len(f["input_ids"]) for f in texts) == info["texts"] >= 24
+    images, _, info = calibration_inputs(source)
+    assert info["images"] == 32 and "built-in" in info["images_from"]
+
+
+def _stub_quantizer(monkeypatch, calls, fail_tower=None):
+    """A stand-in for clipfast.export.quantize honouring its contract: copies the fp32 graph,
+    measures it once, and reports (or refuses for ``fail_tower``)."""
+    mod = types.ModuleType("clipfast.export.quantize")
+    mod.__spec__ = importlib.machinery.ModuleSpec("clipfast.export.quantize", None)
+
+    class QuantOptions:
+        pass
+
+    def quantize_tower(fp32_path, out_path, calibration, *, options):
+        shutil.copy(fp32_path, out_path)
+        return {"method": "copy", "quantized_total": 0}
+
+    def guarded_quantize(fp32_path, out_path, calibration, measure, gates, options):
+        shutil.copy(fp32_path, out_path)
+        figures = measure(Path(out_path))
+        calls.append({"fp32": Path(fp32_path).name, "calibration": calibration,
+                      "figures": figures, "gates": gates})
+        if fail_tower and Path(fp32_path).name.startswith(fail_tower):
+            raise FidelityError("attempt 1 (static): image_cosine = 0.5 is below the gate 0.99")
+        return {"method": "copy", "quantized_total": 0, "attempts": [{"figures": figures}]}
+
+    mod.QuantOptions, mod.quantize_tower = QuantOptions, quantize_tower
+    mod.guarded_quantize = guarded_quantize
+    monkeypatch.setitem(sys.modules, "clipfast.export.quantize", mod)
+
+
+def test_int8_pipeline_follows_the_quantizer_contract(clip_small, tmp_path, monkeypatch):
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    calls: list[dict] = []
+    _stub_quantizer(monkeypatch, calls)
+    art = run_export(ExportOptions(model=f"transformers:{clip_small}", out=tmp_path / "i8",
+                                   precision="int8", progress=False))
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["precision"] == "int8" and m["gates"] == GATES["int8"]
+    q = m["quantization"]
+    assert q["image"]["method"] == "copy" and q["calibration"]["images"] == 32
+    image, text = calls
+    # the fused fp32 graph is what gets quantized
+    assert image["fp32"] == "image.fused.onnx" and text["fp32"] == "text.fused.onnx"
+    assert image["calibration"][0]["pixel_values"].shape[1:] == (3, 64, 64)
+    assert text["calibration"][0]["input_ids"].dtype == np.int32
+    # each tower is measured against the fp32 source on its own gates, with >= 20 pairs
+    assert set(image["gates"]) == {"image_centred_rel_error_max", "image_cosine_min",
+                                   "top1_agreement_min", "retrieval_pairs_min"}
+    assert set(text["gates"]) == {"text_centred_rel_error_max", "text_cosine_min",
+                                  "top1_agreement_min", "retrieval_pairs_min"}
+    assert image["figures"]["retrieval_pairs"] == 24
+    assert image["figures"]["image_centred_rel_error"] < 1e-4  # an fp32 copy: ~round-off
+    assert text["figures"]["top1_agreement"] == 1.0
+    assert m["fidelity"]["passed"] and m["fidelity"]["retrieval_pairs"] == 24
+
+
+def test_int8_refusal_names_the_tower_and_leaves_nothing(clip_small, tmp_path, monkeypatch):
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    _stub_quantizer(monkeypatch, [], fail_tower="image")
+    with pytest.raises(FidelityError, match="image tower.*image_cosine = 0.5"):
+        run_export(ExportOptions(model=f"transformers:{clip_small}", out=tmp_path / "i8",
+                                 precision="int8", progress=False))
+    assert list(tmp_path.iterdir()) == []  # no artifact, no temporary directory left
+
+
+def test_int8_export_with_the_real_quantizer(clip_small, tmp_path):
+    pytest.importorskip("clipfast.export.quantize")
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    art = run_export(ExportOptions(model=f"transformers:{clip_small}", out=tmp_path / "i8",
+                                   precision="int8", progress=False))
+    engine = clipfast.Engine(art, backend="onnxruntime")
+    m = engine.manifest
+    assert m["fidelity"]["passed"] and m["fidelity"]["retrieval_pairs"] >= 20
+    for tower in ("image", "text"):
+        report = m["quantization"][tower]
+        assert report["attempts"][-1]["passed"] is True
+    assert engine.encode_texts(["a cat"]).shape == (1, engine.embed_dim)
