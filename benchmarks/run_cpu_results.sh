@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce benchmarks/results/cpu-*.{json,md,png}: export the three models with random weights
 # (speed does not depend on the weights; nothing is downloaded), then benchmark each against its
-# PyTorch source. Run from the repository root on an otherwise idle machine:
+# PyTorch source, their calls interleaved (fair ratios even when other jobs share the CPU).
+# Run from the repository root, ideally on an otherwise idle machine:
 #     pip install -e ".[export,bench]" && bash benchmarks/run_cpu_results.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,12 @@ save_align('models/align-base', full=True)"
 
 uptime  # the results README says whether other jobs were running (load average > 1.5)
 clipfast bench artifacts/vit-b-32 --backends onnxruntime,torch --batch-sizes 1,8,32 \
-    --towers image,text --device cpu --images examples/images \
+    --towers image,text --device cpu --images examples/images --warmup 1 --interleave \
     --out benchmarks/results/cpu-vit-b-32.json
 clipfast bench artifacts/vit-b-32-quickgelu --backends onnxruntime,torch --batch-sizes 1,8,32 \
-    --towers image,text --device cpu --out benchmarks/results/cpu-vit-b-32-quickgelu.json
+    --towers image,text --device cpu --warmup 1 --interleave \
+    --out benchmarks/results/cpu-vit-b-32-quickgelu.json
 clipfast bench artifacts/align-base --backends onnxruntime,torch --batch-sizes 1,8,32 \
-    --towers image,text --device cpu --out benchmarks/results/cpu-align-base.json
+    --towers image,text --device cpu --warmup 1 --interleave \
+    --out benchmarks/results/cpu-align-base.json
 python benchmarks/headline.py benchmarks/results/cpu-*.json

@@ -16,6 +16,10 @@ preprocess + encode for images (the number users feel), tokenize + encode for te
 go to ``--out`` as JSON, with a markdown table (``.md``) and a latency-against-batch-size plot
 (``.png``, needs matplotlib: ``pip install 'clipfast[bench]'``) written beside it.
 
+By default one backend is loaded at a time (clean per-backend memory). ``--interleave`` loads
+them together and alternates their calls, so on a shared machine every backend is timed under
+the same background load and the speedups stay meaningful.
+
 Importing this module is cheap (standard library only): numpy, onnx, torch and matplotlib are
 imported by the functions that need them.
 """
@@ -78,6 +82,58 @@ def summarize(times_ms: Sequence[float], batch_size: int) -> dict[str, float]:
     }
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    warmup: int = 2,
+    min_iters: int = 5,
+    max_iters: int = 200,
+    min_seconds: float = 2.0,
+    sync: Callable[[], Any] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float] | Exception]:
+    """Time several callables in rounds, one call of each per round (the order rotating), so
+    that all of them see the same background load: on a shared machine the ratios stay fair
+    even when absolute times drift. Each gets ``warmup`` untimed calls first; rounds go on
+    until every callable has ``min_iters`` calls and ``min_seconds`` have passed, or
+    ``max_iters`` rounds. ``sync`` runs after every call, inside the timed region. Returns ms
+    per call for each name, or the exception a callable raised (it leaves the rotation)."""
+    if min_iters < 1 or max_iters < min_iters:
+        raise ValueError(f"need 1 <= min_iters <= max_iters, got {min_iters} and {max_iters}")
+    out: dict[str, list[float] | Exception] = {}
+    live: list[str] = []
+    for name, fn in fns.items():
+        try:
+            for _ in range(max(warmup, 0)):
+                fn()
+            if sync is not None:
+                sync()
+        except Exception as e:  # reported per callable; the others go on
+            out[name] = e
+            continue
+        out[name] = []
+        live.append(name)
+    start = clock()
+    rounds = 0
+    while live and rounds < max_iters:
+        shift = rounds % len(live)
+        for name in live[shift:] + live[:shift]:
+            t0 = clock()
+            try:
+                fns[name]()
+                if sync is not None:
+                    sync()
+            except Exception as e:  # e.g. out of memory at a large batch
+                out[name] = e
+                continue
+            out[name].append((clock() - t0) * 1000.0)
+        live = [n for n in live if not isinstance(out[n], Exception)]
+        rounds += 1
+        if rounds >= min_iters and clock() - start >= min_seconds:
+            break
+    return out
+
+
 def time_callable(
     fn: Callable[[], Any],
     *,
@@ -91,34 +147,26 @@ def time_callable(
     """Call ``fn`` ``warmup`` times untimed, then time calls (ms each) until at least
     ``min_iters`` calls and ``min_seconds`` have passed, or ``max_iters`` calls. ``sync`` (e.g.
     ``torch.cuda.synchronize``) runs after every call, inside the timed region, so queued GPU
-    work is counted where it belongs."""
-    if min_iters < 1 or max_iters < min_iters:
-        raise ValueError(f"need 1 <= min_iters <= max_iters, got {min_iters} and {max_iters}")
-    for _ in range(max(warmup, 0)):
-        fn()
-    if sync is not None:
-        sync()
-    times: list[float] = []
-    start = clock()
-    while len(times) < max_iters:
-        t0 = clock()
-        fn()
-        if sync is not None:
-            sync()
-        times.append((clock() - t0) * 1000.0)
-        if len(times) >= min_iters and clock() - start >= min_seconds:
-            break
-    return times
+    work is counted where it belongs. Exceptions from ``fn`` propagate."""
+    got = time_interleaved({"fn": fn}, warmup=warmup, min_iters=min_iters, max_iters=max_iters,
+                           min_seconds=min_seconds, sync=sync, clock=clock)["fn"]
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def add_speedups(rows: list[dict[str, Any]], baseline: str = BASELINE) -> None:
     """Set ``speedup_vs_torch`` on every row: its items/s over the baseline backend's items/s
     for the same model, tower, mode and batch size (None where the baseline was not
-    measured). The baseline's own rows get 1.0."""
-    base = {(r["model"], r["tower"], r["mode"], r["batch_size"]): r["items_per_s"]
-            for r in rows if r["backend"] == baseline}
+    measured). The baseline's own rows get 1.0. Rows with a ``group`` (timed interleaved)
+    compare only within their group."""
+    def key(r: dict[str, Any]) -> tuple:
+        # "group": rows timed together (--interleave) compare only with each other.
+        return r["model"], r["tower"], r["mode"], r["batch_size"], r.get("group")
+
+    base = {key(r): r["items_per_s"] for r in rows if r["backend"] == baseline}
     for r in rows:
-        b = base.get((r["model"], r["tower"], r["mode"], r["batch_size"]))
+        b = base.get(key(r))
         r["speedup_vs_torch"] = (round(r["items_per_s"] / b, 3) if b and b > 0
                                  and math.isfinite(r["items_per_s"]) else None)
 
@@ -676,7 +724,7 @@ def _best_rate(fn: Callable[[], Any], flop: float, repeats: int) -> float:
     return flop / best / 1e9
 
 
-def measure_cpu_peak(n: int = 2048, repeats: int = 3, threads: int | None = None
+def measure_cpu_peak(n: int = 2048, repeats: int = 10, threads: int | None = None
                      ) -> dict[str, Any]:
     """Matrix-multiply peak of this CPU: fp32 as the best of numpy (BLAS) and onnxruntime
     (MLAS) on an (n, n) @ (n, n) product, int8 from onnxruntime MatMulInteger. GFLOP/s (GOP/s
@@ -703,7 +751,7 @@ def measure_cpu_peak(n: int = 2048, repeats: int = 3, threads: int | None = None
     except ImportError as e:
         notes.append(f"onnxruntime GEMM peak not measured ({e}); install onnx for it")
     fp32 = max(v for k, v in found.items() if k.endswith("fp32"))
-    return {"device": "cpu", "size": n, "threads": threads or os.cpu_count(),
+    return {"device": "cpu", "size": n, "repeats": repeats, "threads": threads or os.cpu_count(),
             "fp32_gflops": round(fp32, 1),
             "int8_gops": round(found["onnxruntime_int8"], 1) if "onnxruntime_int8" in found
             else None,
@@ -743,7 +791,7 @@ def measure_gpu_peak(n: int = 8192, repeats: int = 10) -> dict[str, Any]:
             pass  # no int8 tensor-core path in this torch build: int8 rows get no utilisation
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    return {"device": "cuda", "name": torch.cuda.get_device_name(), "size": n,
+    return {"device": "cuda", "name": torch.cuda.get_device_name(), "size": n, "repeats": repeats,
             "fp32_gflops": round(found["fp32"], 1), "fp16_gflops": round(found["fp16"], 1),
             "int8_gops": round(found["int8"], 1) if "int8" in found else None,
             "measured": {k: round(v, 1) for k, v in found.items()}, "notes": []}
@@ -845,6 +893,7 @@ class BenchConfig:
     peak_size: int = 2048
     flops: bool = True
     progress: bool = True
+    interleave: bool = False
 
     def validate(self) -> None:
         if not self.artifacts:
@@ -879,6 +928,8 @@ class BenchConfig:
         for name in ("warmup", "min_iters", "max_iters", "min_seconds"):
             if getattr(self, name) != getattr(defaults, name):
                 parts += [f"--{name.replace('_', '-')}", str(getattr(self, name))]
+        if self.interleave:
+            parts.append("--interleave")
         if not self.peak:
             parts.append("--no-peak")
         if out is not None:
@@ -1079,63 +1130,77 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], Any] | None = None) -
                                      "are a lower bound")
             inputs = _prepare_inputs(manifest, max_batch, config.images, config.towers)
             verified = False
-            for backend in config.backends:
-                n_rows = len(config.towers) * len(modes) * len(batch_sizes)
-                if backend == BASELINE and label in baselines_done:
-                    if bar is not None:
-                        bar.update(n_rows)
-                    continue  # one eager baseline per source model, shared by its artifacts
-                say(f"loading {label} ({precision}) on {backend}")
-                rss0 = current_rss_mb()
-                t0 = time.perf_counter()
-                try:
-                    engine = _load_engine(art, backend, config, verify=not verified)
-                except (ClipfastError, ImportError, OSError) as e:
-                    skipped.append({"artifact": str(art), "model": label, "backend": backend,
-                                    "reason": str(e)})
-                    if bar is not None:
-                        bar.update(n_rows)
+            # Sequential: one backend loaded at a time (clean per-backend memory figures).
+            # Interleaved: all loaded, calls alternating, so every backend sees the same load.
+            wanted = [b for b in config.backends
+                      if config.interleave or not (b == BASELINE and label in baselines_done)]
+            n_rows = len(config.towers) * len(modes) * len(batch_sizes)
+            if bar is not None:
+                bar.update(n_rows * (len(config.backends) - len(wanted)))
+            groups = [wanted] if config.interleave else [[b] for b in wanted]
+            for group in groups:
+                engines: dict[str, Any] = {}
+                loads: dict[str, tuple[float, float | None]] = {}
+                for backend in group:
+                    say(f"loading {label} ({precision}) on {backend}")
+                    rss0 = current_rss_mb()
+                    t0 = time.perf_counter()
+                    try:
+                        engines[backend] = _load_engine(art, backend, config,
+                                                        verify=not verified)
+                    except (ClipfastError, ImportError, OSError) as e:
+                        skipped.append({"artifact": str(art), "model": label,
+                                        "backend": backend, "reason": str(e)})
+                        if bar is not None:
+                            bar.update(n_rows)
+                        continue
+                    verified = True
+                    rss1 = current_rss_mb()
+                    loads[backend] = (time.perf_counter() - t0,
+                                      round(rss1 - rss0, 1) if rss0 is not None and rss1
+                                      else None)
+                    if backend == BASELINE:
+                        baselines_done.add(label)
+                if not engines:
                     continue
-                verified = True
-                load_s = time.perf_counter() - t0
-                rss1 = current_rss_mb()
-                load_rss = round(rss1 - rss0, 1) if rss0 is not None and rss1 else None
-                if backend == BASELINE:
-                    baselines_done.add(label)
-                row_precision = "fp32" if backend == BASELINE else precision
                 sync = _cuda_sync(config.device)
                 probe = MemoryProbe(config.device)
                 for tower in config.towers:
                     for mode in modes:
                         for batch in batch_sizes:
                             if bar is not None:
-                                bar.set_postfix_str(f"{label} {backend} {tower} {mode} b{batch}")
-                            fn = _row_callable(engine, tower, mode, batch, inputs)
+                                bar.set_postfix_str(f"{label} {'+'.join(engines)} {tower} "
+                                                    f"{mode} b{batch}")
+                            fns = {b: _row_callable(e, tower, mode, batch, inputs)
+                                   for b, e in engines.items()}
                             probe.start()
-                            try:
-                                times = time_callable(
-                                    fn, warmup=config.warmup, min_iters=config.min_iters,
-                                    max_iters=config.max_iters, min_seconds=config.min_seconds,
-                                    sync=sync)
-                            except Exception as e:  # onnxruntime's errors are plain
-                                # Exceptions. One row failing (out of memory at a large batch)
-                                # must not lose the others: record it, with the reason, and go on.
-                                skipped.append({"artifact": str(art), "model": label,
-                                                "backend": backend, "tower": tower,
-                                                "mode": mode, "batch_size": batch,
-                                                "reason": f"{type(e).__name__}: {e}"})
-                                if bar is not None:
-                                    bar.update(1)
-                                continue
+                            timed = time_interleaved(
+                                fns, warmup=config.warmup, min_iters=config.min_iters,
+                                max_iters=config.max_iters, min_seconds=config.min_seconds,
+                                sync=sync)
                             mem = probe.stop()
                             rss_per_row = rss_per_row and probe.resettable
-                            row = _make_row(label, art, backend, engine, row_precision, tower,
-                                            mode, batch, times, config, mem, load_s, load_rss,
-                                            flops_per_item.get(tower), peak)
-                            rows.append(row)
-                            if bar is not None:
-                                bar.update(1)
-                del engine
+                            for backend, times in timed.items():
+                                if bar is not None:
+                                    bar.update(1)
+                                if isinstance(times, Exception) or not times:
+                                    # One row failing (out of memory at a large batch) must
+                                    # not lose the others: record it, with the reason.
+                                    skipped.append({"artifact": str(art), "model": label,
+                                                    "backend": backend, "tower": tower,
+                                                    "mode": mode, "batch_size": batch,
+                                                    "reason": f"{type(times).__name__}: "
+                                                              f"{times}"})
+                                    continue
+                                row = _make_row(
+                                    label, art, backend, engines[backend],
+                                    "fp32" if backend == BASELINE else precision, tower, mode,
+                                    batch, times, config, mem, *loads[backend],
+                                    flops_per_item.get(tower), peak)
+                                if config.interleave:
+                                    row["group"] = art_i
+                                rows.append(row)
+                del engines
                 gc.collect()
             if art_i + 1 < len(config.artifacts):
                 del inputs
@@ -1155,6 +1220,15 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], Any] | None = None) -
         notes.append(f"load average {busy:.2f} > {BUSY_LOAD} while measuring (start "
                      f"{load_start}, end {load_end}): other jobs were running on this machine, "
                      "timings are noisy")
+    if config.interleave:
+        notes.append("--interleave: the backends were loaded together and their calls "
+                     "alternated; peak RSS is the whole process's (every backend's weights), "
+                     "load_rss_mb in the JSON is what each backend's load added")
+    over = [r for r in rows if (r.get("utilisation") or 0) > 1.0]
+    if over:
+        notes.append(f"{len(over)} row(s) above 100% of the measured matrix-multiply peak: the "
+                     "peak (best of a few GEMMs at the start) was depressed by other load, or "
+                     "those calls ran in a quiet moment; compare utilisation on an idle machine")
     if not rss_per_row:
         notes.append("the RSS high-water mark could not be reset per row (no "
                      "/proc/self/clear_refs): peak RSS is the process-lifetime maximum")
@@ -1173,6 +1247,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], Any] | None = None) -
                      "max_iters": config.max_iters, "min_seconds": config.min_seconds,
                      "batch_sizes": batch_sizes, "towers": list(config.towers),
                      "backends": list(config.backends), "modes": modes,
+                     "interleave": config.interleave,
                      "images": str(config.images) if config.images else None},
         "peak": peak,
         "artifacts": artifacts,
@@ -1278,11 +1353,14 @@ def markdown_report(doc: dict[str, Any]) -> str:
                "end")
     out.append(f"- Timing: {doc['settings']['warmup']} warm-up call(s), then at least "
                f"{doc['settings']['min_iters']} calls and {doc['settings']['min_seconds']} s; "
-               "latency percentiles over calls, items/s at the median call")
+               "latency percentiles over calls, items/s at the median call"
+               + ("; backends interleaved call by call" if doc["settings"].get("interleave")
+                  else ""))
     peak = doc.get("peak")
     if peak:
         meas = ", ".join(f"{k} {v}" for k, v in peak.get("measured", {}).items())
-        out.append(f"- Matrix-multiply peak ({peak['device']}, {peak['size']}x{peak['size']}): "
+        out.append(f"- Matrix-multiply peak ({peak['device']}, {peak['size']}x{peak['size']}, "
+                   f"best of {peak.get('repeats', '?')} calls): "
                    f"fp32 {peak.get('fp32_gflops')} GFLOP/s"
                    + (f", fp16 {peak['fp16_gflops']} GFLOP/s" if peak.get("fp16_gflops") else "")
                    + (f", int8 {peak['int8_gops']} GOP/s" if peak.get("int8_gops") else "")
@@ -1439,6 +1517,10 @@ def add_parser(sub) -> None:
     b.add_argument("--max-iters", type=int, default=200, help="timed calls per row, at most")
     b.add_argument("--min-seconds", type=float, default=2.0,
                    help="keep timing a row until this much time has passed (default 2)")
+    b.add_argument("--interleave", action="store_true",
+                   help="load all backends at once and alternate their calls, so each one is "
+                        "timed under the same background load (fair ratios on a busy machine; "
+                        "memory figures are then the whole process's)")
     b.add_argument("--no-peak", action="store_true",
                    help="skip measuring the matrix-multiply peak (no utilisation figures)")
     b.add_argument("--peak-size", type=int, default=2048,
@@ -1456,7 +1538,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         images=Path(args.images) if args.images else None, device=args.device,
         threads=args.threads, warmup=args.warmup, min_iters=args.min_iters,
         max_iters=args.max_iters, min_seconds=args.min_seconds, peak=not args.no_peak,
-        peak_size=args.peak_size, progress=not args.quiet,
+        peak_size=args.peak_size, progress=not args.quiet, interleave=args.interleave,
     )
     doc = run_bench(config)
     doc["command"] = config.command(args.out)

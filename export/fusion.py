@@ -15,10 +15,14 @@ operator counts, so the export can assert them (one fused Attention per layer).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
 import math
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ __all__ = [
     "fusable_tower",
     "fusion_plan",
     "optimize",
+    "quiet_ort_tools",
 ]
 
 # Fused operators that the manifest records (a missing op type counts 0).
@@ -256,6 +261,29 @@ def attention_spec(tower: nn.Module, which: str) -> tuple[AttentionSpec | None, 
     return AttentionSpec("clip", len(blocks), int(attn.num_heads), int(attn.embed_dim)), None
 
 
+@contextlib.contextmanager
+def quiet_ort_tools(level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the level of ONNX Runtime's transformer-tool loggers while they run.
+
+    Those scripts import their modules as top-level names ("fusion_attention", "onnx_model",
+    "symbolic_shape_infer", ...) and warn about every pattern or shape they give up on; the
+    export records the outcome that matters (fused counts, or why fusion was not used) itself.
+    """
+    import onnxruntime
+
+    root = os.path.dirname(onnxruntime.__file__)
+    loggers = [logging.getLogger(name) for name, mod in list(sys.modules.items())
+               if (getattr(mod, "__file__", None) or "").startswith(root)]
+    saved = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, old in saved:
+            lg.setLevel(old)
+
+
 def count_ops(model: Any) -> dict[str, int]:
     """``{op_type: count}`` of ``FUSED_OPS`` in an onnx ModelProto (0 for absent ones)."""
     counts = dict.fromkeys(FUSED_OPS, 0)
@@ -280,18 +308,13 @@ def optimize(path: str | Path, out_path: str | Path, model_type: str, num_heads:
         raise ExportError(f"opt_level {opt_level}: only 0 or 1 keep the saved graph portable")
     from onnxruntime.transformers.optimizer import optimize_model
 
-    # The fusion modules log every unmatched pattern at INFO/DEBUG; keep the export quiet.
-    fusion_logger = logging.getLogger("onnxruntime.transformers")
-    level = fusion_logger.level
-    fusion_logger.setLevel(logging.WARNING)
     try:
-        optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads,
-                                   hidden_size=hidden_size, opt_level=opt_level)
+        with quiet_ort_tools():
+            optimized = optimize_model(str(path), model_type=model_type, num_heads=num_heads,
+                                       hidden_size=hidden_size, opt_level=opt_level)
     except Exception as e:  # the fusion scripts raise assorted types on unexpected graphs
         raise ExportError(f"ONNX Runtime fusion of {Path(path).name} ({model_type}) failed: "
                           f"{type(e).__name__}: {e}") from e
-    finally:
-        fusion_logger.setLevel(level)
     big = optimized.model.ByteSize() > _PROTOBUF_LIMIT
     optimized.save_model_to_file(str(out_path), use_external_data_format=big)
     return count_ops(optimized.model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -49,6 +50,10 @@ FUSION_OPT_LEVEL = 0
 # (fp32 round-off through 12 blocks is ~1e-6; a lost causal mask or a mis-split QKV is ~1).
 FUSION_CHECK_TOL = 1e-4
 CALIBRATION_BATCH = 8
+# An fp16 tower below the gate is converted again with its last weight operators (in graph order)
+# kept fp32, first this fraction of them, then this one; past that the export refuses.
+FP16_FALLBACK_FRACTIONS = (0.25, 0.5)
+_WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "Attention")
 _NP_DTYPE = {"fp32": "float32", "fp16": "float16"}
 
 
@@ -235,6 +240,20 @@ def _fuse_tower(source, which: str, raw: Path, fused: Path, rewrite_note: str | 
     return fused, record
 
 
+def _place_graph(src: Path, dst: Path) -> None:
+    """Move an ONNX graph to ``dst``. A graph over 2 GiB keeps its weights in external data
+    files named after the graph: those are rewritten as one ``dst.name + ".data"`` file."""
+    import onnx
+
+    header = onnx.load(str(src), load_external_data=False)
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer):
+        os.replace(src, dst)
+        return
+    model = onnx.load(str(src))
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data")
+
+
 # -- int8 --------------------------------------------------------------------------------------
 def _load_rgb(items: list[Any]) -> list[Any]:
     from clipfast.errors import ImageLoadError
@@ -335,6 +354,53 @@ def _tower_gates(gates: dict[str, Any], which: str) -> dict[str, Any]:
     return {k: v for k, v in gates.items() if k.startswith(f"{which}_") or k in shared}
 
 
+def _embedding_gates(gates: dict[str, Any], which: str) -> dict[str, Any]:
+    return {k: v for k, v in gates.items() if k.startswith(f"{which}_")}
+
+
+def _late_weight_nodes(path: Path, fraction: float) -> tuple[str, ...]:
+    """Names of the last ``fraction`` of weight operators (Conv/MatMul/Gemm/Attention) in graph
+    order: the layers closest to the embedding, whose rounding reaches it least damped."""
+    import onnx
+
+    header = onnx.load(str(path), load_external_data=False)
+    names = [n.name for n in header.graph.node if n.op_type in _WEIGHT_OPS]
+    k = math.ceil(len(names) * fraction)
+    return tuple(names[len(names) - k:]) if k else ()
+
+
+def _fp16_fallback(which: str, fp32_path: Path, out_path: Path, io: str,
+                   gates: dict[str, Any], fidelity: TowerFidelity) -> dict[str, Any]:
+    """Re-convert an fp16 tower that missed its embedding gates, keeping progressively more of
+    its last weight operators fp32; return the conversion report of the first that passes (with
+    every attempt's figures) or raise FidelityError listing them."""
+    from clipfast.export.fp16 import convert_to_fp16
+
+    measure = fidelity.image if which == "image" else fidelity.text
+    tower_gates = _embedding_gates(gates, which)
+    figures = measure(out_path)
+    attempts = [{"fp32_weight_fraction": 0.0, "fp32_weight_nodes": 0, "figures": figures,
+                 "failures": check_gates(figures, tower_gates)}]
+    for fraction in FP16_FALLBACK_FRACTIONS:
+        nodes = _late_weight_nodes(fp32_path, fraction)
+        log.warning("export: fp16 %s tower below the gate (%s); converting again with its last "
+                    "%d weight operators kept fp32", which, "; ".join(attempts[-1]["failures"]),
+                    len(nodes))
+        report = convert_to_fp16(fp32_path, out_path, io=io, fp32_nodes=nodes)
+        figures = measure(out_path)
+        failures = check_gates(figures, tower_gates)
+        attempts.append({"fp32_weight_fraction": fraction, "fp32_weight_nodes": len(nodes),
+                         "figures": figures, "failures": failures})
+        if not failures:
+            report.update(fp32_weight_nodes=len(nodes), fp32_weight_fraction=fraction,
+                          attempts=attempts)
+            return report
+    tried = " | ".join(f"last {a['fp32_weight_fraction']:.0%} of weight ops fp32: "
+                       + "; ".join(a["failures"]) for a in attempts)
+    raise FidelityError(f"fp16 {which} tower stays below the gate with the mixed precisions "
+                        f"tried: {tried}. Export fp32 instead.")
+
+
 def _quantize(source, options: ExportOptions, graphs: dict[str, Path], work: Path,
               gates: dict[str, Any]) -> dict[str, Any]:
     """int8 both towers into ``work``; return manifest["quantization"]."""
@@ -414,7 +480,7 @@ def run_export(options: ExportOptions) -> Path:
         quantization = None
         if options.precision == "fp32":
             for which, path in fp32_graphs.items():
-                os.replace(path, work / TOWER_FILES[which])
+                _place_graph(path, work / TOWER_FILES[which])
         elif options.precision == "fp16":
             stages.start("convert to fp16")
             from clipfast.export.fp16 import convert_to_fp16
@@ -425,7 +491,6 @@ def run_export(options: ExportOptions) -> Path:
         else:
             stages.start("convert to int8")
             quantization = _quantize(source, options, fp32_graphs, work, gates)
-        shutil.rmtree(build)
 
         stages.start("write tokenizer + manifest")
         (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
@@ -455,13 +520,33 @@ def run_export(options: ExportOptions) -> Path:
         }
         if quantization is not None:
             data["quantization"] = quantization
-        files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE]
+        # towers over 2 GiB carry their weights in "<tower>.onnx.data" files beside them
+        files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, *sorted(
+            p.name for p in work.iterdir() if p.name.endswith(".onnx.data"))]
         write_manifest(work, data, files)
         stages.start("measure fidelity")
         images = images_from_dir(options.images) if options.images else None
         engine = clipfast.Engine(work, backend="onnxruntime")
-        figures = measure(source, engine, images=[str(p) for p in images] if images else None)
+        measure_images = [str(p) for p in images] if images else None
+        figures = measure(source, engine, images=measure_images)
         failures = check_gates(figures, gates)
+        retry = [w for w in ("image", "text") if check_gates(figures, _embedding_gates(gates, w))]
+        if failures and retry and options.precision == "fp16" and options.gate:
+            del engine  # its sessions hold the graphs about to be rewritten
+            fidelity = TowerFidelity(source, measure_images)
+            try:
+                for which in retry:
+                    graph[which]["fp16"] = _fp16_fallback(
+                        which, fp32_graphs[which], work / TOWER_FILES[which], options.io, gates,
+                        fidelity)
+            except FidelityError as e:
+                raise FidelityError(f"{options.model} fp16: {e}; nothing written to {out}"
+                                    ) from e
+            write_manifest(work, data, files)
+            engine = clipfast.Engine(work, backend="onnxruntime")
+            figures = measure(source, engine, images=measure_images)
+            failures = check_gates(figures, gates)
+        shutil.rmtree(build)
         stages.close()
         figures["passed"] = not failures
         data["fidelity"] = figures

@@ -53,6 +53,20 @@ def test_time_callable_warms_up_syncs_and_stops_on_iterations_or_time():
         bench.time_callable(lambda: None, min_iters=5, max_iters=2)
 
 
+def test_interleaved_timing_rotates_and_isolates_failures():
+    order: list[str] = []
+
+    def boom():
+        order.append("c")
+        raise MemoryError("out of memory at batch 128")
+
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b"), "c": boom}
+    got = bench.time_interleaved(fns, warmup=1, min_iters=3, min_seconds=0)
+    assert isinstance(got["c"], MemoryError) and len(got["a"]) == len(got["b"]) == 3
+    # warm-up a, b, c (fails: leaves the rotation); then rounds a b, b a, a b.
+    assert "".join(order) == "abc" + "ab" + "ba" + "ab"
+
+
 def test_speedup_is_against_torch_for_the_same_model_tower_mode_and_batch():
     def row(backend, tower, batch, ips, model="m", mode="tower"):
         return {"model": model, "backend": backend, "tower": tower, "mode": mode,
@@ -65,6 +79,13 @@ def test_speedup_is_against_torch_for_the_same_model_tower_mode_and_batch():
     bench.add_speedups(rows)
     got = [r["speedup_vs_torch"] for r in rows]
     assert got == [1.0, 2.5, None, 1.0, 0.5, None, None]
+    # Interleaved groups compare only within themselves.
+    grouped = [dict(row("torch", "image", 1, 2.0), group=0),
+               dict(row("onnxruntime", "image", 1, 6.0), group=0),
+               dict(row("torch", "image", 1, 3.0), group=1),
+               dict(row("onnxruntime", "image", 1, 6.0), group=1)]
+    bench.add_speedups(grouped)
+    assert [r["speedup_vs_torch"] for r in grouped] == [1.0, 3.0, 1.0, 2.0]
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -288,3 +309,14 @@ def test_bench_run_on_a_tiny_artifact(tiny_artifact, tmp_path, photos, capsys):
     assert out.with_suffix(".md").is_file()
     printed = capsys.readouterr().out
     assert "| model | backend |" in printed and "results:" in printed
+
+    # Interleaved: both backends timed call by call in one group; speedups within it.
+    out2 = tmp_path / "inter.json"
+    assert main(["bench", str(tiny_artifact), "--backends", "onnxruntime,torch", "--towers",
+                 "text", "--batch-sizes", "2", "--warmup", "0", "--min-iters", "2",
+                 "--max-iters", "2", "--min-seconds", "0", "--no-peak", "--interleave",
+                 "--quiet", "--out", str(out2)]) == 0
+    rows = json.loads(out2.read_text())["rows"]
+    assert [(r["backend"], r["group"], r["iterations"]) for r in rows] == [
+        ("onnxruntime", 0, 2), ("torch", 0, 2)]
+    assert rows[1]["speedup_vs_torch"] == 1.0 and rows[0]["utilisation"] is None

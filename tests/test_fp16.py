@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import clipfast
+from clipfast.errors import FidelityError
 from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine, l2_normalize
 
 FP16 = GATES["fp16"]
@@ -36,6 +37,7 @@ class _TwoNorms(torch.nn.Module):
         return self.ln1(y) + self.ln2(y) + torch.softmax(y, dim=-1)
 
 
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
 @pytest.mark.parametrize("io", ["fp32", "fp16"])
 def test_convert_keeps_norms_fp32_and_runs_on_cpu(tmp_path, io):
     import onnxruntime as ort
@@ -104,6 +106,7 @@ def vitb32_fp16(tmp_path_factory):
                                     precision="fp16", progress=False))
 
 
+@pytest.mark.slow
 def test_vitb32_fp16_manifest_and_graph(vitb32_fp16):
     m = json.loads((vitb32_fp16 / "manifest.json").read_text())
     assert m["precision"] == "fp16" and m["io_dtype"] == "fp32" and m["gates"] == FP16
@@ -122,6 +125,7 @@ def test_vitb32_fp16_manifest_and_graph(vitb32_fp16):
     assert size16 < 0.6 * 88e6 * 4  # half of the ~88M fp32 parameters' bytes, plus a little
 
 
+@pytest.mark.slow
 def test_vitb32_fp16_gates_on_photos_via_engine_and_verify(vitb32_fp16, photos, tmp_path):
     """Real photos (not the built-in set the export measured on), through the Engine and through
     `clipfast verify`, against the fp32 PyTorch source."""
@@ -171,3 +175,62 @@ def test_align_tiny_fp16_gates_via_engine(align_tiny, photos, tmp_path, io):
     a = engine.run_image_tower(pixels)
     b = engine._backend.run_image(torch.from_numpy(pixels))
     np.testing.assert_array_equal(a, b)
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(8)])
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, pixel_values):
+        return self.norm(self.layers(pixel_values))
+
+
+class _FakeFidelity:
+    """Figures that improve with the share of fp32 weight MatMuls: 2% error when all are fp16."""
+
+    def image(self, path):
+        model = onnx.load(str(path))
+        inits = {t.name: t.data_type for t in model.graph.initializer}
+        mats = [n for n in model.graph.node if n.op_type == "MatMul"]
+        fp32 = sum(inits.get(n.input[1]) == onnx.TensorProto.FLOAT for n in mats)
+        return {"image_centred_rel_error": 0.02 * (1 - fp32 / len(mats)), "image_cosine": 1.0}
+
+
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
+def test_fp16_fallback_keeps_late_weight_ops_fp32_until_the_gate_passes(tmp_path):
+    from clipfast.export.pipeline import _fp16_fallback
+
+    src = tmp_path / "mlp.onnx"
+    torch.onnx.export(_Mlp().eval(), (torch.randn(2, 3, 16),), str(src), opset_version=17,
+                      input_names=["pixel_values"], output_names=["e"], dynamo=False)
+    from clipfast.export.fp16 import convert_to_fp16
+
+    out = tmp_path / "mlp16.onnx"
+    convert_to_fp16(src, out)
+    gates = {"image_centred_rel_error_max": 0.012, "image_cosine_min": 0.99,
+             "text_cosine_min": 0.99}
+    report = _fp16_fallback("image", src, out, "fp32", gates, _FakeFidelity())
+    # 0% fp32 -> 0.02, last 25% (2 of 8) -> 0.015, last 50% (4 of 8) -> 0.01: passes
+    assert [a["fp32_weight_nodes"] for a in report["attempts"]] == [0, 2, 4]
+    assert report["fp32_weight_fraction"] == 0.5 and report["attempts"][-1]["failures"] == []
+    model = onnx.load(str(out))
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    kinds = [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul"]
+    assert kinds == [onnx.TensorProto.FLOAT16] * 4 + [onnx.TensorProto.FLOAT] * 4  # the late ones
+
+    gates["image_centred_rel_error_max"] = 0.001
+    with pytest.raises(FidelityError, match="last 0%.*last 25%.*last 50%"):
+        _fp16_fallback("image", src, out, "fp32", gates, _FakeFidelity())
+
+
+def test_fp16_export_below_the_gate_refuses_after_trying_mixed_precision(
+        align_tiny, tmp_path, monkeypatch):
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    monkeypatch.setitem(GATES["fp16"], "image_centred_rel_error_max", 1e-9)
+    with pytest.raises(FidelityError, match="fp16 image tower stays below the gate.*last 50%"):
+        run_export(ExportOptions(model=f"transformers:{align_tiny}", out=tmp_path / "a",
+                                 precision="fp16", progress=False))
+    assert list(tmp_path.iterdir()) == []

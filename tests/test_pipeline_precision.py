@@ -188,3 +188,31 @@ def test_int8_export_with_the_real_quantizer(clip_small, tmp_path):
         report = m["quantization"][tower]
         assert report["attempts"][-1]["passed"] is True
     assert engine.encode_texts(["a cat"]).shape == (1, engine.embed_dim)
+
+
+def test_place_graph_keeps_external_weights_beside_the_graph(tmp_path):
+    """Towers over 2 GiB carry external weights: moving one renames its data file with it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from clipfast.export.pipeline import _place_graph
+
+    w = np.arange(3 * 1024, dtype=np.float32).reshape(3, 1024)  # above onnx's 1 KiB threshold
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1024])],
+        [numpy_helper.from_array(w, "w")])
+    build = tmp_path / ".build"
+    build.mkdir()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save_model(model,
+                    str(build / "image.fused.onnx"), save_as_external_data=True,
+                    location="image.fused.onnx.data", size_threshold=0)
+    _place_graph(build / "image.fused.onnx", tmp_path / "image.onnx")
+    shutil.rmtree(build)
+    assert (tmp_path / "image.onnx.data").is_file()
+    sess = ort.InferenceSession(str(tmp_path / "image.onnx"), providers=["CPUExecutionProvider"])
+    x = np.ones((1, 3), np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], x @ w)

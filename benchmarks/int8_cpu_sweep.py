@@ -1,0 +1,391 @@
+"""int8 on CPU: which quantization of the image tower is fastest at the int8 fidelity gate?
+
+    python benchmarks/int8_cpu_sweep.py                       # ViT-B-32, ~15 minutes on 2 cores
+    python benchmarks/int8_cpu_sweep.py --rounds 3 --quick    # fewer variants, for a smoke run
+
+Builds one open_clip tower with random weights (seed 0; no download), exports it twice (the plain
+TorchScript graph, and the fused graph of export/fusion.py: one Attention per block), quantizes it
+with export/quantize.py in every configuration below, measures each graph's fidelity against the
+fp32 PyTorch source with the export's own measure (pipeline.TowerFidelity: 24 generated images,
+24 captions), then times every graph and open_clip's eager PyTorch tower in the same run.
+
+Timing: every runner (eager PyTorch included) is warmed up, then the runners take turns, one
+batch each per round, for ``--rounds`` rounds, so that load from other processes hits all of them
+alike; reported are the median images/s and the 90th-percentile batch latency, at batch 32 and
+batch 1 (``--b1-calls`` calls per round). The 1-minute load average before and after is
+recorded: on a shared machine the absolute figures move, the ratios to eager much less.
+
+Variants: graph (plain / fused), method (static QDQ / QOperator / dynamic), activation type
+(u8 / s8), per-channel or per-tensor weights, reduce_range, quantized matmul outputs,
+SmoothQuant, the patch-embedding Conv in int8, the SkipLayerNormalization split and the matching
+ONNX Runtime session setting (``disabled_optimizers=["SkipLayerNormFusion"]``), and 1 vs 2 threads.
+
+Results: benchmarks/results/int8_cpu_sweep.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SKIPLN = ["SkipLayerNormFusion"]
+
+
+@dataclass
+class Variant:
+    """One graph to build and time. ``options`` None: the fp32 graph itself."""
+
+    name: str
+    graph: str  # "plain" | "fused"
+    options: dict[str, Any] | None = None
+    qoperator: bool = False  # sweep-only: ONNX Runtime's QOperator format, for comparison
+    disabled_optimizers: list[str] = field(default_factory=lambda: list(SKIPLN))
+    threads: int | None = None  # None: --threads
+    note: str = ""
+
+
+def variants(quick: bool) -> list[Variant]:
+    v = [
+        Variant("ort fp32, plain graph", "plain", disabled_optimizers=[]),
+        Variant("ort fp32, fused graph", "fused", disabled_optimizers=[]),
+        Variant("ort fp32, fused, SkipLN split", "fused", {"split_only": True}),
+        Variant("static QDQ u8, plain graph", "plain", {}),
+        Variant("static QDQ u8, fused", "fused", {}, note="fused Attention stays fp32"),
+        Variant("dynamic, plain graph", "plain", {"method": "dynamic"}),
+        Variant("dynamic, fused", "fused", {"method": "dynamic"}),
+        Variant("dynamic, fused, SkipLN fused (ORT default)", "fused",
+                {"method": "dynamic", "split_skip_layernorm": False}, disabled_optimizers=[]),
+        Variant("dynamic, fused, 1 thread", "fused", {"method": "dynamic"}, threads=1),
+    ]
+    if quick:
+        return v
+    return v + [
+        Variant("static QDQ s8 (symmetric act.), fused", "fused", {"activation_type": "s8"}),
+        Variant("static QDQ u8 per-tensor weights, fused", "fused", {"per_channel": False}),
+        Variant("static QDQ u8 reduce_range, fused", "fused", {"reduce_range": True}),
+        Variant("static QDQ u8 quantized outputs, fused", "fused", {"quantize_outputs": True}),
+        Variant("static QDQ u8 minmax calibration, fused", "fused", {"calibration": "minmax"}),
+        Variant("static QDQ u8 + SmoothQuant, fused", "fused", {"smoothquant": True}),
+        Variant("static QOperator u8, fused", "fused", {}, qoperator=True),
+        Variant("dynamic per-tensor weights, fused", "fused",
+                {"method": "dynamic", "per_channel": False}),
+        Variant("dynamic reduce_range, fused", "fused",
+                {"method": "dynamic", "reduce_range": True}),
+        Variant("dynamic + SmoothQuant, fused", "fused",
+                {"method": "dynamic", "smoothquant": True}),
+        Variant("dynamic + int8 patch Conv, fused", "fused",
+                {"method": "dynamic", "keep_patch_embedding_float": False},
+                note="patch embedding in int8 (float by default)"),
+    ]
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_graphs(source, work: Path) -> dict[str, Path]:
+    """The plain and the fused fp32 image tower graphs (what the export produces)."""
+    from clipfast.export.fusion import attention_spec, optimize
+    from clipfast.export.onnx_export import export_image_tower
+
+    plain = work / "image.plain.onnx"
+    export_image_tower(source, plain, fusable=False)
+    raw = work / "image.raw.onnx"
+    note = export_image_tower(source, raw, fusable=True)
+    spec, reason = attention_spec(source.image_tower, "image")
+    if spec is None or note:
+        raise SystemExit(f"image tower is not fusable: {note or reason}")
+    fused = work / "image.fused.onnx"
+    counts = optimize(raw, fused, spec.model_type, spec.num_heads, spec.hidden_size)
+    if counts["Attention"] != spec.layers:
+        raise SystemExit(f"fusion gave {counts['Attention']} Attention nodes for {spec.layers} "
+                         "layers")
+    return {"plain": plain, "fused": fused}
+
+
+def _qoperator(fp32: Path, out: Path, calibration: list[dict[str, np.ndarray]]) -> dict:
+    """ONNX Runtime's QOperator format (QLinearMatMul etc.), same exclusions as the QDQ graph."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from clipfast.export.quantize import _prepare
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        prep = _prepare(fp32, calibration, Path(tmp))
+        keep = set(prep.patch_embedding) | set(prep.final_projection)
+        targets = [n for n, op in prep.candidates.items() if op in ("MatMul", "Gemm")
+                   and n not in keep]
+        batches = [b for f in calibration for b in
+                   ({"pixel_values": f["pixel_values"][i:i + 8]}
+                    for i in range(0, len(f["pixel_values"]), 8))]
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(batches)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(prep.path, out, Reader(), quant_format=QuantFormat.QOperator,
+                        nodes_to_quantize=targets, op_types_to_quantize=["MatMul", "Gemm"],
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.Percentile,
+                        extra_options={"WeightSymmetric": True, "CalibPercentile": 99.99,
+                                       "MatMulConstBOnly": True})
+    g = onnx.load(str(out), load_external_data=False)
+    return {"method": "static_qoperator", "quantized_total": sum(
+        n.op_type == "QLinearMatMul" for n in g.graph.node), "bytes": out.stat().st_size}
+
+
+def build_variant(v: Variant, graphs: dict[str, Path], work: Path, index: int,
+                  calibration: list[dict[str, np.ndarray]]) -> tuple[Path, dict[str, Any]]:
+    import onnx
+
+    from clipfast.export.quantize import QuantOptions, quantize_tower, split_skip_layernorm
+
+    fp32 = graphs[v.graph]
+    if v.options is None:
+        return fp32, {"method": "fp32", "bytes": fp32.stat().st_size}
+    out = work / f"variant{index:02d}.onnx"
+    t0 = time.perf_counter()
+    if v.options.get("split_only"):
+        model = onnx.load(str(fp32))
+        n = split_skip_layernorm(model)
+        onnx.save(model, str(out))
+        report = {"method": "fp32", "skip_layernorm_split": n, "bytes": out.stat().st_size}
+    elif v.qoperator:
+        report = _qoperator(fp32, out, calibration)
+    else:
+        report = quantize_tower(fp32, out, calibration, options=QuantOptions(**v.options))
+    report["build_seconds"] = round(time.perf_counter() - t0, 1)
+    return out, report
+
+
+def _session(path: Path, threads: int, disabled: list[str]):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
+
+
+def time_runners(runners: dict[str, Callable[[np.ndarray], Any]], batches: dict[int, np.ndarray],
+                 rounds: int, b1_calls: int) -> dict[str, dict[str, Any]]:
+    """Round-robin timing: per round, each runner does one batch-32 call and ``b1_calls``
+    batch-1 calls. Returns ``{name: {bs: {img_s, p90_ms, n}}}``."""
+    times: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in runners}
+    for fn in runners.values():  # warm-up (first calls allocate and pre-pack weights)
+        for x in batches.values():
+            fn(x)
+            fn(x)
+    for r in range(rounds):
+        for name, fn in runners.items():
+            for bs, x in batches.items():
+                for _ in range(1 if bs > 1 else b1_calls):
+                    t = time.perf_counter()
+                    fn(x)
+                    times[name][bs].append(time.perf_counter() - t)
+        print(f"  round {r + 1}/{rounds} done (load {_loadavg()})", flush=True)
+    out: dict[str, dict[str, Any]] = {}
+    for name, per in times.items():
+        out[name] = {}
+        for bs, ts in per.items():
+            med = statistics.median(ts)
+            out[name][bs] = {"img_s": round(bs / med, 2), "median_ms": round(med * 1e3, 2),
+                             "p90_ms": round(float(np.percentile(ts, 90)) * 1e3, 2),
+                             "n": len(ts)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--b1-calls", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="the main variants only")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep the graphs here")
+    ap.add_argument("--out", type=Path, default=RESULTS / "int8_cpu_sweep")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    import onnxruntime
+    import torch
+
+    import clipfast
+    from clipfast.export.pipeline import TowerFidelity, calibration_inputs
+    from clipfast.export.sources import load_source
+    from clipfast.fidelity import GATES, check_gates
+
+    torch.set_num_threads(args.threads)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="int8_sweep."))
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = _loadavg()
+    print(f"building {args.model} (random weights) in {work}", flush=True)
+    source = load_source(args.model, "none", seed=0)
+    graphs = build_graphs(source, work)
+    calibration, _, described = calibration_inputs(source)
+    fidelity = TowerFidelity(source)
+    gates = {k: v for k, v in GATES["int8"].items()
+             if k.startswith("image_") or k in ("top1_agreement_min", "retrieval_pairs_min")}
+
+    results: list[dict[str, Any]] = []
+    sessions: dict[str, Callable[[np.ndarray], Any]] = {}
+    for i, v in enumerate(variants(args.quick)):
+        print(f"[{i + 1}] {v.name}", flush=True)
+        path, report = build_variant(v, graphs, work, i, calibration)
+        figures = fidelity.image(path)
+        threads = v.threads or args.threads
+        sess = _session(path, threads, v.disabled_optimizers)
+        sessions[v.name] = (lambda s: lambda x: s.run(None, {"pixel_values": x}))(sess)
+        results.append({
+            "name": v.name, "graph": v.graph, "options": v.options, "threads": threads,
+            "disabled_optimizers": v.disabled_optimizers, "note": v.note,
+            "method": report.get("method"), "quantized_total": report.get("quantized_total"),
+            "quantized": report.get("quantized"), "bytes": report.get("bytes"),
+            "build_seconds": report.get("build_seconds"), "fidelity": figures,
+            "passes_int8_gate": not check_gates(figures, gates),
+        })
+        shown = {k: round(x, 4) if isinstance(x, float) else x for k, x in figures.items()}
+        print(f"    {json.dumps(shown)}", flush=True)
+
+    tower = source.image_tower.eval()
+
+    def eager(x: np.ndarray, t: torch.nn.Module = tower) -> Any:
+        with torch.inference_mode():
+            return t(torch.from_numpy(x))
+
+    def eager_1thread(x: np.ndarray) -> Any:
+        torch.set_num_threads(1)
+        try:
+            return eager(x)
+        finally:
+            torch.set_num_threads(args.threads)
+
+    runners = {"open_clip eager fp32": eager, "open_clip eager fp32, 1 thread": eager_1thread,
+               **sessions}
+    pixels = np.concatenate([f["pixel_values"] for f in calibration])
+    reps = -(-args.batch // len(pixels))
+    batches = {args.batch: np.ascontiguousarray(np.tile(pixels, (reps, 1, 1, 1))[:args.batch]),
+               1: np.ascontiguousarray(pixels[:1])}
+    print(f"timing {len(runners)} runners, {args.rounds} rounds", flush=True)
+    timing = time_runners(runners, batches, args.rounds, args.b1_calls)
+    load_after = _loadavg()
+
+    base = timing["open_clip eager fp32"]
+    best_eager = {bs: max(timing[k][bs]["img_s"] for k in
+                          ("open_clip eager fp32", "open_clip eager fp32, 1 thread"))
+                  for bs in batches}
+    rows = [{"name": "open_clip eager fp32", "method": "eager", "threads": args.threads},
+            {"name": "open_clip eager fp32, 1 thread", "method": "eager", "threads": 1},
+            *results]
+    for row in rows:
+        t = timing[row["name"]]
+        row["timing"] = {str(bs): t[bs] for bs in batches}
+        row["speedup_vs_eager"] = {str(bs): round(t[bs]["img_s"] / base[bs]["img_s"], 2)
+                                   for bs in batches}
+        row["speedup_vs_best_eager"] = {str(bs): round(t[bs]["img_s"] / best_eager[bs], 2)
+                                        for bs in batches}
+    int8 = [r for r in results if r["method"] not in ("fp32", None) and r["passes_int8_gate"]
+            and r["threads"] == args.threads]
+    best = max(int8, key=lambda r: timing[r["name"]][args.batch]["img_s"]) if int8 else None
+    data = {
+        "model": args.model, "weights": "random (seed 0)", "batch": args.batch,
+        "threads": args.threads, "rounds": args.rounds, "b1_calls": args.b1_calls,
+        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
+                    "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+                    "torch": torch.__version__, "clipfast": clipfast.__version__},
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "calibration": described, "fidelity_set": {"images": len(fidelity.ref_img),
+                                                   "pairs": fidelity.pairs},
+        "gates": gates, "best_int8_at_gate": best["name"] if best else None,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(data))
+    print(markdown(data))
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def markdown(data: dict[str, Any]) -> str:
+    b = str(data["batch"])
+    lines = [
+        f"# int8 on CPU: {data['model']} image tower ({data['weights']})",
+        "",
+        f"{data['machine']['cpu']}, {data['machine']['logical_cpus']} logical CPUs, "
+        f"onnxruntime {data['machine']['onnxruntime']}, torch {data['machine']['torch']}; "
+        f"{data['threads']} threads unless stated; {data['rounds']} interleaved rounds; "
+        f"1-min load average {data['load_average_1min']['before']} before, "
+        f"{data['load_average_1min']['after']} after (a shared machine: compare ratios).",
+        f"Fidelity against fp32 PyTorch on {data['fidelity_set']['images']} images / "
+        f"{data['fidelity_set']['pairs']} image-caption pairs; int8 gate: centred error <= "
+        f"{data['gates']['image_centred_rel_error_max']}, cosine >= "
+        f"{data['gates']['image_cosine_min']}, top-1 agreement >= "
+        f"{data['gates']['top1_agreement_min']}.",
+        "",
+        f"| variant | img/s b{b} | x eager b{b} | p90 ms b{b} | img/s b1 | x eager b1 | "
+        "centred err | cosine | top-1 | gate | int8 nodes | MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        t, s = r["timing"], r["speedup_vs_eager"]
+        f = r.get("fidelity") or {}
+        gate = "" if "passes_int8_gate" not in r else ("yes" if r["passes_int8_gate"] else "NO")
+        mb = f"{r['bytes'] / 2**20:.0f}" if r.get("bytes") else ""
+        fig = (f"{f['image_centred_rel_error']:.4f} | {f['image_cosine']:.5f} | "
+               f"{f['top1_agreement']:.3f}") if f else " | | "
+        lines.append(
+            f"| {r['name']} | {t[b]['img_s']:.1f} | {s[b]:.2f} | {t[b]['p90_ms']:.0f} | "
+            f"{t['1']['img_s']:.1f} | {s['1']:.2f} | {fig} | {gate} | "
+            f"{r.get('quantized_total') or ''} | {mb} |")
+    lines += ["", f"Fastest int8 variant at the gate ({data['threads']} threads, batch {b}): "
+              f"**{data['best_int8_at_gate']}**.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
