@@ -160,9 +160,9 @@ def _ort_session(path: Path):
 
 def _run_graph(session, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     """Run ``session`` on each feed (cast to the graph's input dtypes); float32 (N, D)."""
-    from clipfast.backends.onnxruntime import _DTYPES
+    from clipfast.backends.onnxruntime import ORT_NUMPY_DTYPES
 
-    types = {i.name: _DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    types = {i.name: ORT_NUMPY_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
     out = []
     for feed in feeds:
         cast = {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feed.items()}

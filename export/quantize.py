@@ -19,10 +19,14 @@ Trained CLIP towers carry a few residual-stream channels whose activations are 5
 one per-tensor activation scale then spends its 256 levels on those channels and rounds every
 other channel to a handful of levels. ``guarded_quantize`` measures the result against the fp32
 source and, below the gate, retries safer configurations: SmoothQuant (migrates the outlier scale
-from LayerNorm outputs into the next weights, an exact fp32 rewrite), then the MatMuls whose input
-has the largest max/median channel ratio kept in float, then the MLP second matmuls of those
-layers too, then dynamic quantization; it returns the first configuration that passes, or raises
-``FidelityError`` with every attempt and why it failed.
+from LayerNorm outputs into the next weights, an exact fp32 rewrite), then the matmuls whose input
+has the largest max/median channel ratio (from calibration statistics) kept in float, then every
+matmul of those layers (MLP fc2, attention out-projection), then dynamic quantization; it returns
+the first configuration that passes, with every attempt recorded, or raises ``FidelityError``
+listing each attempt and why it failed.
+
+ONNX Runtime's fused SkipLayerNormalization is split back into Add + LayerNormalization (see
+``QuantOptions.split_skip_layernorm``): standard ONNX, and far faster on the CPU provider.
 """
 
 from __future__ import annotations
@@ -75,9 +79,9 @@ _LAYERNORMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}
 # Ops that keep the channel (last) axis in place: outlier statistics and SmoothQuant scales pass
 # through them unchanged.
 _CHANNEL_PRESERVING = {"Cast", "Identity"}
-# Elementwise ops between an MLP's first and second matmul (bias, GELU variants).
 # Block index in exporter node names: open_clip "resblocks.3", transformers "layers.3"/"layer.3".
 _LAYER_RE = re.compile(r"(?:resblocks|layers|layer|blocks|block)[./_]\d+(?=[./_]|$)")
+# Elementwise ops between an MLP's first and second matmul (bias, GELU variants).
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "BiasGelu",
                 "FastGelu", "QuickGelu", "Cast", "Identity", "Pow"}
 
@@ -86,8 +90,8 @@ _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "G
 class QuantOptions:
     """How to quantize one tower (one dataclass, recorded in the manifest via ``to_dict``).
 
-    method: "static_qdq" (QDQ graph, calibrated activation ranges) or "dynamic" (activation ranges
-        per batch at run time; weight-only ahead of time).
+    method: "static_qdq" (QDQ graph, activation ranges calibrated ahead of time) or "dynamic"
+        (int8 weights stored ahead of time, activation ranges taken per batch at run time).
     calibration: "percentile" | "entropy" | "minmax" (static only).
     percentile: the percentile of |activation| kept in range (percentile calibration).
     activation_type: "u8" (asymmetric; the fast form on x86 CPUs) or "s8" (symmetric, what
@@ -384,6 +388,17 @@ class _Graph:
         return found
 
 
+def _graph_bytes(path: Path) -> int:
+    """Size of a graph on disk, external data files included."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    header = _load_header(path)
+    files = {ExternalDataInfo(t).location for t in header.graph.initializer
+             if uses_external_data(t)}
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in files
+                                     if (path.parent / f).is_file())
+
+
 def _load(path: Path):
     import onnx
 
@@ -407,7 +422,7 @@ def _preprocess(fp32_path: Path, out: Path) -> str:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    big = fp32_path.stat().st_size > _PROTOBUF_LIMIT
+    big = _graph_bytes(fp32_path) > _PROTOBUF_LIMIT
     kw = dict(save_as_external_data=big, all_tensors_to_one_file=True,
               external_data_location=out.name + ".data")
     try:
@@ -737,15 +752,16 @@ def _calibrate(prep: _Prepared, model_path: Path, options: QuantOptions, op_type
     extra: dict[str, Any] = {"symmetric": symmetric}
     if options.calibration == "percentile":
         extra.update(percentile=options.percentile, num_bins=2048)
-    big = model_path.stat().st_size > _PROTOBUF_LIMIT
+    big = _graph_bytes(model_path) > _PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(dir=prep.workdir) as tmp, \
             contextlib.redirect_stdout(io.StringIO()):
         calibrator = create_calibrator(
             model_path, op_types, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=method, use_external_data_format=big, extra_options=extra)
-        # Histogram calibrators keep every intermediate output of one collect_data call: feed
-        # them a few batches at a time (histograms merge across calls).
-        reader = TowerCalibrationReader(prep.feeds, options.calibration_batch, limit=4)
+        # Histogram calibrators keep every intermediate output of one collect_data call (for
+        # ViT-L, ~1.5 GB per batch of 8): feed them one batch per call; ranges and histograms
+        # merge across calls.
+        reader = TowerCalibrationReader(prep.feeds, options.calibration_batch, limit=1)
         ort_reader = _as_ort_reader(reader)
         while not reader.exhausted:
             reader.next_chunk()
@@ -772,7 +788,12 @@ def _run_quantizer(prep: _Prepared, out_path: Path, options: QuantOptions
     if options.method == "static_qdq":
         # No static QDQ form of the fused Attention op: it stays float in a static graph.
         op_types = [t for t in op_types if t != "Attention"]
-    big = model_path.stat().st_size > _PROTOBUF_LIMIT
+    targets = [n for n, op in prep.candidates.items() if op in op_types and n not in excluded]
+    if not targets:
+        # (ONNX Runtime reads an empty nodes_to_quantize as "every node".)
+        raise ExportError(f"int8 ({options.describe()}): every weight node of the graph is "
+                          "excluded; nothing is left to quantize")
+    big = _graph_bytes(model_path) > _PROTOBUF_LIMIT
     extra = {
         "WeightSymmetric": options.symmetric_weights,
         # Only matmuls with a constant weight: the attention QK^T and probs@V products (and
@@ -797,14 +818,13 @@ def _run_quantizer(prep: _Prepared, out_path: Path, options: QuantOptions
             key = (str(model_path), options.calibration, options.percentile,
                    options.activation_type, tuple(op_types))
             cache = _calibrate(prep, model_path, options, op_types, key)
-            # Only weight nodes: ONNX Runtime's QDQ MatMul quantizer ignores MatMulConstBOnly,
-            # and would put Q/DQ pairs around the attention products and so the Softmax.
-            targets = [n for n, op in prep.candidates.items()
-                       if op in op_types and n not in excluded]
             if not options.quantize_outputs:
                 # Float outputs: ONNX Runtime runs DQ -> MatMul as MatMulIntegerToFloat, with
                 # no requantization of a tensor that the next (float) op dequantizes anyway.
                 extra["OpTypesToExcludeOutputQuantization"] = list(op_types)
+            # nodes_to_quantize: only weight nodes. ONNX Runtime's QDQ MatMul quantizer ignores
+            # MatMulConstBOnly and would put Q/DQ pairs around the attention products, and so
+            # around the Softmax between them.
             quantize_static(
                 model_path, out_path, None, quant_format=QuantFormat.QDQ,
                 nodes_to_quantize=targets,
@@ -892,7 +912,7 @@ def _quantize(prep: _Prepared, out_path: Path, options: QuantOptions) -> dict[st
         "float_weight_nodes": len(float_weights),
         "integer_ops": int_ops,
         "options": options.to_dict(),
-        "bytes": sum(p.stat().st_size for p in out_path.parent.glob(out_path.name + "*")),
+        "bytes": _graph_bytes(out_path),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -979,8 +999,11 @@ def _attempt_plan(prep: _Prepared, options: QuantOptions) -> Iterable[tuple[str,
     for n in outliers:
         ratio = channel_ratio(stats[prep.inputs_of[n]])
         prep.reasons[n] = f"outlier input channels (max/median {ratio:.0f})"
+    # Mixed precision starts again from the requested configuration: SmoothQuant inflates the
+    # weight ranges of the layers that stay int8, and keeping the outlier layers float is the
+    # direct fix.
     keep = tuple(dict.fromkeys([*options.exclude_nodes, *outliers]))
-    o2 = sq.replace(exclude_nodes=keep)
+    o2 = options.replace(exclude_nodes=keep)
     if fresh(o2):
         yield (f"mixed precision: {len(outliers)} matmul(s) whose input has outlier channels "
                "kept float"), o2
@@ -988,14 +1011,19 @@ def _attempt_plan(prep: _Prepared, options: QuantOptions) -> Iterable[tuple[str,
     layer = _layer_nodes(prep, graph, outliers)
     for n in layer:
         prep.reasons.setdefault(n, "in a layer with outlier inputs (MLP fc2 / out-projection)")
-    o3 = sq.replace(exclude_nodes=tuple(dict.fromkeys([*keep, *layer])))
+    o3 = options.replace(exclude_nodes=tuple(dict.fromkeys([*keep, *layer])))
     if fresh(o3):
         n_layers = len({_layer_of(n) for n in outliers} - {None})
         yield (f"mixed precision: also the other {len(layer)} matmul(s) (MLP fc2, "
                f"out-projection) of the {n_layers or 'outlier'} layer(s) kept float"), o3
-    o4 = o3.replace(method="dynamic")
+    if options.method == "static_qdq":
+        o4 = o3.replace(method="dynamic")
+        why = "dynamic int8 (activation ranges per batch instead of calibrated ones)"
+    else:
+        o4 = o3.replace(method="static_qdq")
+        why = "static int8 (calibrated, percentile-clipped activation ranges instead of per-batch)"
     if fresh(o4):
-        yield "dynamic int8 (weights ahead of time, activation ranges per batch)", o4
+        yield why, o4
 
 
 def _load_header(path: Path):

@@ -126,17 +126,10 @@ def test_vitb32_fp16_manifest_and_graph(vitb32_fp16):
 
 
 @pytest.mark.slow
-def test_vitb32_fp16_gates_on_photos_via_engine_and_verify(vitb32_fp16, photos, tmp_path):
-    """Real photos (not the built-in set the export measured on), through the Engine and through
-    `clipfast verify`, against the fp32 PyTorch source."""
-    from clipfast.export.sources import load_source_from_spec
-
-    engine = clipfast.Engine(vitb32_fp16, backend="onnxruntime")
-    assert engine.describe()["precision"] == "fp16"
-    source = load_source_from_spec(engine.manifest["source"])
-    fig = _engine_figures(engine, source, list(photos.values()), _TEXTS)
-    assert not check_gates(fig, FP16_EMBED), fig
-
+def test_vitb32_fp16_gates_on_photos_via_clipfast_verify(vitb32_fp16, photos, tmp_path):
+    """Real photos (not the built-in set the export measured on): `clipfast verify` runs them
+    through the Engine (onnxruntime, fp16 graphs) and the fp32 PyTorch source, and checks every
+    fp16 gate stated in the manifest."""
     d = tmp_path / "photos"
     d.mkdir()
     for name, arr in photos.items():
@@ -145,6 +138,11 @@ def test_vitb32_fp16_gates_on_photos_via_engine_and_verify(vitb32_fp16, photos, 
                         "--images", str(d)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "precision fp16" in r.stdout and f"all {len(FP16)} gates passed" in r.stdout
+    figures = dict(line.split(None, 1) for line in r.stdout.splitlines()[1:]
+                   if line.startswith("  "))
+    assert figures["images"].strip() == str(len(photos))
+    assert 1e-5 < float(figures["image_centred_rel_error"]) <= FP16_EMBED[
+        "image_centred_rel_error_max"]
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,10 @@ import numpy as np
 from clipfast.backends.base import host_array
 from clipfast.errors import ArtifactError, BackendUnavailable
 
-_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(float)": np.float32,
-           "tensor(float16)": np.float16}
+# ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
+ORT_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64,
+                    "tensor(float)": np.float32, "tensor(float16)": np.float16}
+_DTYPES = ORT_NUMPY_DTYPES
 
 
 def _cgroup_cpu_limit() -> int | None:
