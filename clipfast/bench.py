@@ -1003,7 +1003,7 @@ def _prepare_inputs(manifest, max_batch: int, images: Path | None, towers: Itera
 def _source_of(engine) -> Any:
     """The torch backend's loaded SourceModel (its reference transform and tokenizer make the
     PyTorch end-to-end pipeline), or None."""
-    return getattr(engine._backend, "_source", None)
+    return getattr(engine._backend, "source", None)
 
 
 def _row_callable(engine, tower: str, mode: str, batch: int, inputs: _Inputs

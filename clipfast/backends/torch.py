@@ -50,6 +50,11 @@ class TorchBackend:
         self.max_batch = None
         self.text_inputs = tuple(manifest["text"]["inputs"])
 
+    @property
+    def source(self):
+        """The loaded SourceModel (towers, the source's own transform and tokenizer)."""
+        return self._source
+
     def _use_kernel_attention(self) -> None:
         """Opt-in: swap the towers' attention for the csrc kernel (see export/kernel_attention)."""
         from clipfast.export.kernel_attention import kernel_attention_tower
