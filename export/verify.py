@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipfast.cli import IMAGE_SUFFIXES
 from clipfast.errors import ClipfastError, ImageLoadError
 from clipfast.export.source import SourceModel
 from clipfast.export.tokenization import PARITY_TEXTS
@@ -23,7 +24,6 @@ from clipfast.samples import sample_captions, sample_images
 
 log = logging.getLogger("clipfast.export")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def images_from_dir(directory: str | Path, limit: int = 256) -> list[Path]:
