@@ -25,7 +25,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         io=args.io, opset=args.opset, seed=args.seed,
         images=Path(args.images) if args.images else None,
         calibration_images=Path(args.calibration_images) if args.calibration_images else None,
-        fuse=not args.no_fuse, overwrite=args.overwrite, gate=not args.no_gate,
+        fuse=not args.no_fuse, int8_method=args.int8_method, overwrite=args.overwrite,
+        gate=not args.no_gate,
         progress=not args.quiet,
     )
     out = run_export(options)
@@ -157,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", default=None, help="directory of images to measure fidelity on")
     e.add_argument("--calibration-images", default=None, metavar="DIR",
                    help="int8: directory of images to calibrate on (default: built-in set)")
+    e.add_argument("--int8-method", default="static", choices=["static", "dynamic"],
+                   help="int8: static (QDQ, calibrated activation ranges; batch-independent, "
+                        "TensorRT-ready; default) or dynamic (int8 weights, activation ranges per "
+                        "batch; ~15%% faster on CPU, embeddings depend slightly on the batch)")
     e.add_argument("--no-fuse", action="store_true",
                    help="skip ONNX Runtime's transformer fusions (plain ONNX operators only)")
     e.add_argument("--opset", type=int, default=17)

@@ -32,7 +32,10 @@ def test_options_refuse_bad_combinations(tmp_path):
                        ({"precision": "fp16", "calibration_images": tmp_path},
                         "only applies to --precision int8"),
                        ({"precision": "int8", "calibration_images": tmp_path / "nope"},
-                        "not a directory")):
+                        "not a directory"),
+                       ({"precision": "int8", "int8_method": "weights"}, "--int8-method"),
+                       ({"precision": "fp16", "int8_method": "dynamic"},
+                        "only applies to --precision int8")):
         with pytest.raises(ExportError, match=needle):
             _opts(tmp_path, **kw).validate()
     _opts(tmp_path, precision="fp16", io="fp16").validate()
@@ -53,7 +56,10 @@ def test_cli_export_flags_reach_the_options(tmp_path, monkeypatch):
                "--calibration-images", str(tmp_path), "--no-fuse", "--out", str(tmp_path / "o")])
     o = seen["options"]
     assert rc == 1 and o.precision == "int8" and o.io == "fp32" and o.fuse is False
-    assert o.calibration_images == tmp_path
+    assert o.calibration_images == tmp_path and o.int8_method == "static"
+    main(["export", "--model", "M", "--precision", "int8", "--int8-method", "dynamic",
+          "--out", "x"])
+    assert seen["options"].int8_method == "dynamic"
     main(["export", "--model", "M", "--precision", "fp16", "--io", "fp16", "--out", "x"])
     assert (seen["options"].precision, seen["options"].io, seen["options"].fuse) == (
         "fp16", "fp16", True)
@@ -118,7 +124,8 @@ def _stub_quantizer(monkeypatch, calls, fail_tower=None):
     mod.__spec__ = importlib.machinery.ModuleSpec("clipfast.export.quantize", None)
 
     class QuantOptions:
-        pass
+        def __init__(self, **kw):
+            self.kw = kw
 
     def quantize_tower(fp32_path, out_path, calibration, *, options):
         shutil.copy(fp32_path, out_path)
@@ -138,20 +145,25 @@ def _stub_quantizer(monkeypatch, calls, fail_tower=None):
     monkeypatch.setitem(sys.modules, "clipfast.export.quantize", mod)
 
 
-def test_int8_pipeline_follows_the_quantizer_contract(clip_small, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, graph", [("static", "fp32"), ("dynamic", "fused")])
+def test_int8_pipeline_follows_the_quantizer_contract(clip_small, tmp_path, monkeypatch,
+                                                      method, graph):
     from clipfast.export.pipeline import ExportOptions, run_export
 
     calls: list[dict] = []
     _stub_quantizer(monkeypatch, calls)
     art = run_export(ExportOptions(model=f"transformers:{clip_small}", out=tmp_path / "i8",
-                                   precision="int8", progress=False))
+                                   precision="int8", int8_method=method, progress=False))
     m = json.loads((art / "manifest.json").read_text())
     assert m["precision"] == "int8" and m["gates"] == GATES["int8"]
     q = m["quantization"]
     assert q["image"]["method"] == "copy" and q["calibration"]["images"] == 32
+    assert q["int8_method"] == method
+    assert q["image_graph"] == q["text_graph"] == ("plain" if method == "static" else "fused")
     image, text = calls
-    # the fused fp32 graph is what gets quantized
-    assert image["fp32"] == "image.fused.onnx" and text["fp32"] == "text.fused.onnx"
+    # static QDQ quantizes the plain fp32 graph (a fused Attention has no static int8 form),
+    # dynamic the fused one (QAttention)
+    assert image["fp32"] == f"image.{graph}.onnx" and text["fp32"] == f"text.{graph}.onnx"
     assert image["calibration"][0]["pixel_values"].shape[1:] == (3, 64, 64)
     assert text["calibration"][0]["input_ids"].dtype == np.int32
     # each tower is measured against the fp32 source on its own gates, with >= 20 pairs

@@ -1,0 +1,99 @@
+"""Batch profiles and buckets: the shapes a GPU backend builds for and replays.
+
+TensorRT engines are built for an optimization profile (min / opt / max batch) and CUDA graphs
+are captured for fixed shapes. A request of any size is split into chunks of at most the
+profile's max, and each chunk is padded up to the smallest *bucket* that holds it, so a handful
+of captured shapes (powers of two, plus opt and max) serve every batch size with at most 2x
+padding waste. Pure logic, no GPU: the CPU tests cover it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipfast.errors import ClipfastError
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """An optimization profile's batch range: ``min <= opt <= max``, all at least 1."""
+
+    min: int = 1
+    opt: int = 64
+    max: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("min", "opt", "max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ClipfastError(f"batch profile: --{name}-batch {value!r} must be an "
+                                    "integer of at least 1")
+        if not self.min <= self.opt <= self.max:
+            raise ClipfastError(f"batch profile: need min <= opt <= max, got min {self.min}, "
+                                f"opt {self.opt}, max {self.max}")
+
+    def covers(self, n: int) -> bool:
+        return self.min <= n <= self.max
+
+    def buckets(self) -> tuple[int, ...]:
+        """Powers of two inside ``[min, max]``, plus ``min``, ``opt`` and ``max`` themselves."""
+        sizes = {self.min, self.opt, self.max}
+        p = 1
+        while p <= self.max:
+            if p >= self.min:
+                sizes.add(p)
+            p *= 2
+        return tuple(sorted(sizes))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+    def tag(self) -> str:
+        """Short form for file names and cache keys: ``b1-64-256``."""
+        return f"b{self.min}-{self.opt}-{self.max}"
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket holding ``n`` rows; ``n`` above the largest bucket is an error (split
+    first with ``chunks``)."""
+    if n < 1:
+        raise ClipfastError(f"batch of {n} rows: nothing to run")
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ClipfastError(f"batch of {n} rows exceeds the largest bucket {buckets[-1]}; split it "
+                        "with clipfast.batching.chunks first")
+
+
+def chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of at most ``max_batch`` rows covering ``range(n)``."""
+    if max_batch < 1:
+        raise ClipfastError(f"max_batch={max_batch}: must be at least 1")
+    return [(s, min(s + max_batch, n)) for s in range(0, n, max_batch)]
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with zero rows appended up to ``rows`` (a copy only when padding is needed).
+
+    Padded rows are computed and dropped; every tower treats rows independently (no batch
+    statistics at inference), so they never change the real rows' outputs.
+    """
+    n = x.shape[0]
+    if n == rows:
+        return x
+    if n > rows:
+        raise ClipfastError(f"cannot pad {n} rows down to {rows}")
+    out = np.zeros((rows, *x.shape[1:]), dtype=x.dtype)
+    out[:n] = x
+    return out
+
+
+def select_profile(profiles: list[BatchProfile], batch: int) -> BatchProfile | None:
+    """The profile to run a chunk of ``batch`` rows with: among profiles covering it, the one
+    whose opt is closest to it (ties: the smaller max, less memory); None if none covers it."""
+    covering = [p for p in profiles if p.covers(batch)]
+    if not covering:
+        return None
+    return min(covering, key=lambda p: (abs(p.opt - batch), p.max))
