@@ -72,11 +72,16 @@ class Engine:
     >>> engine.encode_images(["cat.jpg"]).shape          # doctest: +SKIP
     (1, 512)
 
-    backend: "auto" (onnxruntime, then torch; skipped ones are listed in ``fallbacks``),
-        "onnxruntime" or "torch". ``fallback=False`` makes "auto" raise at the first backend that
-        cannot run instead of trying the next.
-    device: "cpu" (default) or "cuda".
-    batch_size: inputs per tower call; any number of inputs is accepted and chunked.
+    backend: "auto", "tensorrt", "onnxruntime" or "torch". "auto" tries, on device "cuda",
+        tensorrt, onnxruntime (CUDA, then CPU), torch; on "cpu", onnxruntime then torch; each
+        skipped one is listed with its reason in ``fallbacks``. ``fallback=False`` makes "auto"
+        raise at the first backend that cannot run instead of trying the next.
+    device: "cpu" (default) or "cuda". ``backend_device`` says where the towers really run.
+    batch_size: inputs per tower call; any number of inputs is accepted and chunked (to the
+        backend's largest batch too, e.g. a TensorRT profile's max).
+    backend_options: passed to the backend (see each backend module), e.g.
+        ``{"profile": {"min": 1, "opt": 64, "max": 256}, "build": "never"}`` for tensorrt,
+        ``{"dtype": "fp16", "cuda_graphs": True, "compile": False}`` for torch.
     exif_transpose / alpha_background: image loading policy (see ``clipfast.preprocess``).
     """
 
@@ -93,6 +98,7 @@ class Engine:
         exif_transpose: bool = True,
         alpha_background: tuple[int, int, int] = (255, 255, 255),
         prompt_template: str = DEFAULT_TEMPLATE,
+        backend_options: dict[str, Any] | None = None,
     ):
         from clipfast.tokenizer import Tokenizer
 
@@ -113,11 +119,17 @@ class Engine:
         tok_cfg = self.manifest.tokenizer
         self.tokenizer = Tokenizer(tok_cfg, self.manifest.path(tok_cfg.file))
         self._backend, self.fallbacks = resolve_backend(
-            backend, self.manifest, device, fallback=fallback, threads=threads
-        )
+            backend, self.manifest, device, fallback=fallback, threads=threads,
+            **(backend_options or {}))
+        if self.backend_device != device:
+            log.warning("clipfast: device %r was asked for; the %s backend runs on %r (%s)",
+                        device, self._backend.name, self.backend_device,
+                        "; ".join(f"{n}: {r}" for n, r in self.fallbacks) or "no reason given")
+        max_batch = getattr(self._backend, "max_batch", None)
+        self._chunk = min(self.batch_size, max_batch) if max_batch else self.batch_size
         self._threads = threads or os.cpu_count() or 1
         self._gpu_preprocess = None
-        if device == "cuda":
+        if self.backend_device == "cuda":
             from clipfast.errors import BackendUnavailable
             from clipfast.gpu_preprocess import GpuPreprocessor
 
@@ -136,6 +148,12 @@ class Engine:
         return self._backend.name
 
     @property
+    def backend_device(self) -> str:
+        """Where the towers run: "cuda", or "cpu" (also when "cuda" was asked for and the chain
+        fell back to a CPU backend; ``fallbacks`` says why)."""
+        return getattr(self._backend, "device", self.device)
+
+    @property
     def embed_dim(self) -> int:
         return self.manifest.embed_dim
 
@@ -145,6 +163,8 @@ class Engine:
             "artifact": str(self.manifest.directory),
             "family": self.manifest["family"],
             "precision": self.manifest.precision,
+            "requested_device": self.device,
+            "batch_size": self._chunk,
             "embed_dim": self.embed_dim,
             "fallbacks": list(self.fallbacks),
         }
@@ -207,9 +227,18 @@ class Engine:
             raise InputError(f"pixels: expected shape (N, 3, {h}, {w}), got {pixels.shape}")
         if pixels.shape[0] == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        out = [self._backend.run_image(pixels[s:s + self.batch_size])
-               for s in range(0, pixels.shape[0], self.batch_size)]
+        out = self._run_chunks("image", [pixels[s:s + self._chunk]
+                                         for s in range(0, pixels.shape[0], self._chunk)])
         return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _run_chunks(self, tower: str, chunks: list) -> list[np.ndarray]:
+        """Run chunks through one tower; a backend that overlaps copies and compute across
+        batches (``run_image_batches`` / ``run_text_batches``) gets them all at once."""
+        many = getattr(self._backend, f"run_{tower}_batches", None)
+        if many is not None and len(chunks) > 1:
+            return list(many(chunks))
+        one = getattr(self._backend, f"run_{tower}")
+        return [one(c) for c in chunks]
 
     def encode_images(self, images: Sequence[Any], *, normalize: bool = True,
                       errors: str = "raise", progress: bool = False):
@@ -221,21 +250,38 @@ class Engine:
         _check_errors_mode(errors)
         items = _as_list(images, "images")
         chunks, indices, failures = [], [], []
-        starts = range(0, len(items), self.batch_size)
+        size = self._chunk
+        starts = range(0, len(items), size)
         bar = None
-        if progress and len(items) > self.batch_size:
+        if progress and len(items) > size:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), unit="img", desc="encode images")
         pixel_fn = self._gpu_preprocess or self._pixels
-        for s in starts:
-            pixels, idx, fails = pixel_fn(items[s:s + self.batch_size], s, errors)
-            failures.extend(fails)
-            if len(idx):
-                chunks.append(self._backend.run_image(pixels).astype(np.float32, copy=False))
-                indices.extend(idx)
-            if bar is not None:
-                bar.update(min(self.batch_size, len(items) - s))
+        # On a GPU backend the next chunk is decoded and resized (CPU threads) while the current
+        # one runs; on the CPU both would compete for the same cores, so there it is sequential.
+        prefetch = (ThreadPoolExecutor(max_workers=1) if self.backend_device == "cuda"
+                    and len(starts) > 1 else None)
+        try:
+            pending = (prefetch.submit(pixel_fn, items[0:size], 0, errors)
+                       if prefetch is not None else None)
+            for s in starts:
+                if pending is not None:
+                    pixels, idx, fails = pending.result()
+                    nxt = s + size
+                    pending = (prefetch.submit(pixel_fn, items[nxt:nxt + size], nxt, errors)
+                               if nxt < len(items) else None)
+                else:
+                    pixels, idx, fails = pixel_fn(items[s:s + size], s, errors)
+                failures.extend(fails)
+                if len(idx):
+                    chunks.append(self._backend.run_image(pixels).astype(np.float32, copy=False))
+                    indices.extend(idx)
+                if bar is not None:
+                    bar.update(min(size, len(items) - s))
+        finally:
+            if prefetch is not None:
+                prefetch.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
         emb = (np.concatenate(chunks) if chunks
@@ -256,8 +302,8 @@ class Engine:
         n = len(next(iter(inputs.values())))
         if n == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        out = [self._backend.run_text({k: v[s:s + self.batch_size] for k, v in inputs.items()})
-               for s in range(0, n, self.batch_size)]
+        out = self._run_chunks("text", [{k: v[s:s + self._chunk] for k, v in inputs.items()}
+                                        for s in range(0, n, self._chunk)])
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def encode_texts(self, texts: Sequence[str], *, normalize: bool = True,

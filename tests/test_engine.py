@@ -128,6 +128,66 @@ def test_auto_falls_back_and_says_why(vitb32_artifact, monkeypatch):
         clipfast.Engine(vitb32_artifact, backend="onnxruntime")
 
 
+def test_auto_on_cuda_walks_the_whole_chain_and_says_why(vitb32_artifact):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime has CUDA here: the chain stops earlier")
+    eng = clipfast.Engine(vitb32_artifact, device="cuda")
+    reasons = dict(eng.fallbacks)
+    assert [n for n, _ in eng.fallbacks][:2] == ["tensorrt (cuda)", "onnxruntime (cuda)"]
+    assert "onnxruntime-gpu" in reasons["onnxruntime (cuda)"]
+    assert eng.backend == "onnxruntime" and eng.backend_device == "cpu"
+    assert eng.describe()["requested_device"] == "cuda"
+    # the CPU backend it fell back to computes what the CPU engine computes
+    np.testing.assert_array_equal(eng.encode_texts(["a cat"]),
+                                  clipfast.Engine(vitb32_artifact).encode_texts(["a cat"]))
+    with pytest.raises(BackendUnavailable, match="(?i)tensorrt|cuda"):
+        clipfast.Engine(vitb32_artifact, device="cuda", fallback=False)
+
+
+def test_engine_chunks_to_the_backends_max_batch(vitb32_artifact, monkeypatch, photos):
+    """A backend's max_batch caps the chunks; one with run_*_batches gets them all at once."""
+    import clipfast.engine as engine_mod
+
+    real = engine_mod.resolve_backend
+    calls = []
+
+    class Capped:
+        def __init__(self, inner):
+            self.inner, self.name, self.device, self.max_batch = inner, "capped", "cpu", 2
+
+        def run_image(self, x):
+            calls.append(("image", len(x)))
+            return self.inner.run_image(x)
+
+        def run_text(self, feed):
+            raise AssertionError("text goes through run_text_batches")
+
+        def run_text_batches(self, feeds):
+            calls.append(("text-batches", [len(next(iter(f.values()))) for f in feeds]))
+            return [self.inner.run_text(f) for f in feeds]
+
+        def describe(self):
+            return {"backend": self.name}
+
+    def resolve(*a, **kw):
+        backend, fallbacks = real(*a, **kw)
+        return Capped(backend), fallbacks
+
+    ref = clipfast.Engine(vitb32_artifact, backend="onnxruntime")
+    monkeypatch.setattr(engine_mod, "resolve_backend", resolve)
+    eng = clipfast.Engine(vitb32_artifact, backend="onnxruntime", batch_size=8)
+    imgs = list(photos.values())  # 5 images -> chunks of 2, 2, 1
+    np.testing.assert_allclose(eng.encode_images(imgs), ref.encode_images(imgs), atol=1e-5)
+    assert calls == [("image", 2), ("image", 2), ("image", 1)]
+    calls.clear()
+    texts = ["a", "b", "c"]
+    np.testing.assert_allclose(eng.encode_texts(texts), ref.encode_texts(texts), atol=1e-5)
+    assert calls == [("text-batches", [2, 1])]
+    assert eng.describe()["batch_size"] == 2
+
+
 def test_unknown_backend_and_device(vitb32_artifact):
     with pytest.raises(clipfast.ClipfastError, match="tensorflow"):
         clipfast.Engine(vitb32_artifact, backend="tensorflow")

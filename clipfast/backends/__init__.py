@@ -1,6 +1,11 @@
 """Backends: one module each behind one small protocol (see ``base.Backend``).
 
-``auto`` tries them in ``AUTO_ORDER`` and records why each skipped one was skipped.
+``auto`` tries the chain for the requested device and records why each skipped one was skipped:
+- device "cuda": tensorrt, onnxruntime on CUDA, onnxruntime on the CPU, torch on CUDA, torch on
+  the CPU. The order is speed first, then how little the backend needs installed: onnxruntime
+  on the CPU still serves a machine whose GPU stack is incomplete, and the torch backend (the
+  source model; it needs the export extras and the weights) is the last resort.
+- device "cpu": onnxruntime, torch.
 """
 
 from __future__ import annotations
@@ -10,10 +15,21 @@ import importlib
 from clipfast.backends.base import Backend
 from clipfast.errors import BackendUnavailable, ClipfastError
 
-AUTO_ORDER = ("onnxruntime", "torch")
+AUTO_CHAIN = {
+    "cuda": (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"),
+             ("torch", "cuda"), ("torch", "cpu")),
+    "cpu": (("onnxruntime", "cpu"), ("torch", "cpu")),
+}
+AUTO_ORDER = tuple(dict.fromkeys(name for name, _ in AUTO_CHAIN["cuda"]))
 _MODULES = {
+    "tensorrt": "clipfast.backends.tensorrt",
     "onnxruntime": "clipfast.backends.onnxruntime",
     "torch": "clipfast.backends.torch",
+}
+_INSTALL = {
+    "tensorrt": "pip install 'clipfast[tensorrt]'",
+    "onnxruntime": "pip install onnxruntime (onnxruntime-gpu for CUDA)",
+    "torch": "pip install 'clipfast[export]'",
 }
 
 
@@ -27,25 +43,38 @@ def load_backend(name: str, manifest, device: str, **options) -> Backend:
         raise ClipfastError(
             f"backend {name!r} is unknown; choose one of: auto, {', '.join(_MODULES)}"
         )
-    module = importlib.import_module(_MODULES[name])
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as e:  # a backend module importing its runtime at module level
+        raise BackendUnavailable(f"backend {name}: {e}; install it with {_INSTALL[name]}") from e
     return module.load(manifest, device=device, **options)
+
+
+def _label(name: str, device: str, requested: str) -> str:
+    return name if requested == "cpu" else f"{name} ({device})"
 
 
 def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True, **options
                     ) -> tuple[Backend, list[tuple[str, str]]]:
-    """Return ``(backend, fallbacks)`` where fallbacks lists ``(skipped_backend, reason)``."""
+    """Return ``(backend, fallbacks)`` where fallbacks lists ``(skipped_backend, reason)``.
+
+    An explicit ``name`` runs on ``device`` or raises BackendUnavailable; ``auto`` walks
+    AUTO_CHAIN[device]. ``fallback=False`` makes ``auto`` raise at the first backend that cannot
+    run instead of trying the next.
+    """
     if name != "auto":
         return load_backend(name, manifest, device, **options), []
     skipped: list[tuple[str, str]] = []
-    for candidate in AUTO_ORDER:
+    for candidate, dev in AUTO_CHAIN[device]:
         try:
-            return load_backend(candidate, manifest, device, **options), skipped
+            return load_backend(candidate, manifest, dev, **options), skipped
         except BackendUnavailable as e:
             if not fallback:
                 raise
-            skipped.append((candidate, str(e)))
+            skipped.append((_label(candidate, dev, device), str(e)))
     reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
     raise BackendUnavailable(f"no backend can run this artifact on {device!r}: {reasons}")
 
 
-__all__ = ["AUTO_ORDER", "Backend", "available_backends", "load_backend", "resolve_backend"]
+__all__ = ["AUTO_CHAIN", "AUTO_ORDER", "Backend", "available_backends", "load_backend",
+           "resolve_backend"]
