@@ -1,4 +1,4 @@
-"""Command line: ``clipfast export | verify | info | encode``."""
+"""Command line: ``clipfast export | build-engines | verify | info | encode``."""
 
 from __future__ import annotations
 
@@ -28,10 +28,53 @@ def _cmd_export(args: argparse.Namespace) -> int:
         fuse=not args.no_fuse, int8_method=args.int8_method, overwrite=args.overwrite,
         gate=not args.no_gate,
         progress=not args.quiet,
+        tensorrt=args.tensorrt, batch_profile=_batch_profile(args, args.tensorrt),
     )
     out = run_export(options)
     _print_info(out)
     return 0
+
+
+def _batch_profile(args: argparse.Namespace, wanted: bool):
+    """The BatchProfile of --min-batch/--opt-batch/--max-batch (defaults for the ones not given),
+    None when none is given and none is ``wanted``."""
+    from clipfast.batching import BatchProfile
+
+    given = {k: getattr(args, f"{k}_batch") for k in ("min", "opt", "max")}
+    if all(v is None for v in given.values()) and not wanted:
+        return None
+    if not wanted:
+        raise ClipfastError("--min-batch/--opt-batch/--max-batch only apply with --tensorrt")
+    default = BatchProfile()
+    return BatchProfile(**{k: default.as_dict()[k] if v is None else v
+                           for k, v in given.items()})
+
+
+def _cmd_build_engines(args: argparse.Namespace) -> int:
+    from clipfast.manifest import load_manifest
+    from clipfast.tensorrt_build import build_engines, unavailable_reason
+
+    load_manifest(args.artifact)  # a bad artifact is reported before anything about the GPU
+    reason = unavailable_reason()
+    if reason:
+        raise ClipfastError(f"cannot build TensorRT engines here: {reason}")
+    section = build_engines(args.artifact, _batch_profile(args, True), cache_dir=args.cache_dir,
+                            rebuild=args.rebuild, progress=not args.quiet)
+    print(f"TensorRT engines for {args.artifact} (profile {section['profile']}) in "
+          f"{section['cache']}:")
+    for tower, entry in section["engines"].items():
+        print(f"  {tower:6s} {entry['key']}")
+    return 0
+
+
+def _add_profile_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-batch", type=int, default=None, metavar="N",
+                   help="smallest batch of the TensorRT optimization profile (default 1)")
+    p.add_argument("--opt-batch", type=int, default=None, metavar="N",
+                   help="batch TensorRT tunes for (default 64)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="largest batch one engine call takes; bigger requests are chunked "
+                        "(default 256)")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -170,7 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-gate", action="store_true",
                    help="write the artifact even if fidelity is below the gate")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--tensorrt", action="store_true",
+                   help="also build TensorRT engines on this GPU into OUT/tensorrt/ (plain ONNX "
+                        "graphs: implies no fusion); needs clipfast[tensorrt]")
+    _add_profile_flags(e)
     e.set_defaults(fn=_cmd_export)
+
+    b = sub.add_parser("build-engines",
+                       help="build or refresh an artifact's TensorRT engines on this GPU")
+    b.add_argument("artifact")
+    _add_profile_flags(b)
+    b.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where engines go (default: ARTIFACT/tensorrt/ when writable, else "
+                        "$CLIPFAST_CACHE_DIR or ~/.cache/clipfast/tensorrt/)")
+    b.add_argument("--rebuild", action="store_true",
+                   help="build even when a matching engine is cached")
+    b.add_argument("--quiet", action="store_true", help="no progress messages")
+    b.set_defaults(fn=_cmd_build_engines)
 
     v = sub.add_parser("verify", help="re-measure fidelity against the PyTorch source")
     v.add_argument("artifact")

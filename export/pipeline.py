@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import clipfast
+from clipfast.batching import BatchProfile
 from clipfast.errors import ExportError, FidelityError
 from clipfast.fidelity import (
     GATES,
@@ -75,7 +76,10 @@ class ExportOptions:
     attention and run ONNX Runtime's transformer fusions (default on). int8_method: "static"
     (default: QDQ graph with calibrated activation ranges, built from the plain graph) or
     "dynamic" (int8 weights, activation ranges per batch, built from the fused graph); see
-    INT8_METHODS for why static is the default.
+    INT8_METHODS for why static is the default. tensorrt: also build a TensorRT engine per
+    tower on this machine's GPU into ``<out>/tensorrt/`` for the batch range ``batch_profile``
+    (default min 1, opt 64, max 256); implies plain ONNX graphs (no fusion: TensorRT's parser
+    reads standard ONNX operators only).
     """
 
     model: str
@@ -92,6 +96,14 @@ class ExportOptions:
     overwrite: bool = False
     gate: bool = True
     progress: bool = True
+    tensorrt: bool = False
+    batch_profile: BatchProfile | None = None
+
+    @property
+    def fuse_graphs(self) -> bool:
+        """Whether ONNX Runtime's fusions run: not with --tensorrt, whose parser rejects the
+        com.microsoft operators they produce."""
+        return self.fuse and not self.tensorrt
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -125,6 +137,26 @@ class ExportOptions:
         if self.opset < 17:
             raise ExportError(f"--opset {self.opset}: 17 or newer is required "
                               "(LayerNormalization)")
+        if self.batch_profile is not None:
+            if not self.tensorrt:
+                raise ExportError("a batch profile (--min-batch/--opt-batch/--max-batch) only "
+                                  "applies with --tensorrt")
+            if not isinstance(self.batch_profile, BatchProfile):
+                raise ExportError(f"batch_profile: expected a clipfast.batching.BatchProfile, "
+                                  f"got {type(self.batch_profile).__name__}")
+        if self.tensorrt:
+            if self.precision == "int8" and self.int8_method != "static":
+                raise ExportError(f"--tensorrt needs --int8-method static (QDQ graphs): "
+                                  f"{self.int8_method} int8 uses ONNX Runtime operators "
+                                  "TensorRT cannot parse")
+            # before a minute of export: a machine without TensorRT or a GPU fails here
+            from clipfast.tensorrt_build import unavailable_reason
+
+            reason = unavailable_reason()
+            if reason:
+                raise ExportError(f"--tensorrt cannot build engines on this machine: {reason}. "
+                                  "Export without --tensorrt (add --no-fuse for plain graphs) "
+                                  "and run `clipfast build-engines ARTIFACT` on the GPU host")
         out = Path(self.out)
         if out.exists() and any(out.iterdir()) and not self.overwrite:
             raise ExportError(f"--out {str(out)!r} exists and is not empty; pass --overwrite "
@@ -505,17 +537,21 @@ def run_export(options: ExportOptions) -> Path:
         notes = {}
         stages.start("export image tower")
         notes["image"] = export_image_tower(source, build / "image.fp32.onnx", options.opset,
-                                            fusable=options.fuse)
+                                            fusable=options.fuse_graphs)
         stages.start("export text tower")
         notes["text"] = export_text_tower(source, build / "text.fp32.onnx", options.opset,
-                                          fusable=options.fuse)
+                                          fusable=options.fuse_graphs)
         stages.start("fuse graphs")
         graph: dict[str, dict[str, Any]] = {}
         fp32_graphs: dict[str, Path] = {}
         for which in ("image", "text"):
             fp32_graphs[which], graph[which] = _fuse_tower(
                 source, which, build / f"{which}.fp32.onnx", build / f"{which}.fused.onnx",
-                notes[which], options.fuse)
+                notes[which], options.fuse_graphs)
+            if options.tensorrt:
+                from clipfast.tensorrt_build import FUSION_OFF_NOTE
+
+                graph[which]["fusion"] = FUSION_OFF_NOTE
         gates = GATES[options.precision]
         quantization = None
         if options.precision == "fp32":
@@ -604,9 +640,26 @@ def run_export(options: ExportOptions) -> Path:
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
-        return out
     except BaseException:
         stages.close()
         if not keep_work:
             shutil.rmtree(work, ignore_errors=True)
         raise
+    if options.tensorrt:
+        _build_tensorrt_engines(out, options)
+    return out
+
+
+def _build_tensorrt_engines(out: Path, options: ExportOptions) -> None:
+    """Build the towers' engines into ``out/tensorrt/`` and record them in the manifest's
+    ``tensorrt`` section (the artifact is complete and in place; a failed build says how to
+    retry)."""
+    from clipfast.errors import ClipfastError
+    from clipfast.tensorrt_build import build_engines
+
+    try:
+        build_engines(out, options.batch_profile or BatchProfile(), progress=options.progress)
+    except ClipfastError as e:  # parse/build errors, no GPU, CUDA errors
+        raise ExportError(f"the artifact was written to {out}, but building its TensorRT "
+                          f"engines failed: {e}. Retry with `clipfast build-engines {out}`"
+                          ) from e

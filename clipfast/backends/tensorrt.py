@@ -1,0 +1,515 @@
+"""TensorRT backend: strongly typed engines per tower, driven through cuda-python (no torch).
+
+Execution, and why:
+- Each tower has two *slots*; a slot owns a CUDA stream, device input/output buffers sized for
+  the profile's max batch, pinned host staging buffers, a completion event, and the activation
+  memory its execution contexts share. Chunks alternate between the slots, so while one slot's
+  engine runs, the other slot's host->device copy (and the CPU staging of the next chunk) proceeds:
+  H2D, compute and D2H of consecutive chunks overlap.
+- A chunk is padded up to its batch *bucket* (``clipfast.batching``): a handful of fixed shapes
+  serve every batch size. Each (slot, bucket) gets its own execution context, with the input
+  shape and tensor addresses set once; the contexts of a slot share one activation buffer
+  (``ExecutionContextAllocationStrategy.USER_MANAGED`` + ``set_device_memory``), which is safe
+  because a slot's work is serialised on its stream.
+- CUDA graphs: a captured graph fixes the shapes, addresses and the context it was captured from,
+  so one graph is captured per (slot, bucket), after one ordinary ``execute_async_v3`` (TensorRT
+  does shape-dependent setup on the first enqueue after a shape change; capture must come after
+  it). Replays replace the per-layer kernel launches with one ``cudaGraphLaunch``. When capture
+  fails (an engine with data-dependent shapes or a plugin that synchronises), that bucket falls
+  back to plain ``execute_async_v3`` and ``describe()`` says why.
+- Padded rows are zero and dropped: tower rows are independent at inference.
+
+Options (``Engine(..., backend_options={...})``): ``profile`` (BatchProfile or dict),
+``cache_dir``, ``build`` ("missing": build an absent or stale engine, which takes minutes; "never":
+raise BackendUnavailable listing the engines found), ``cuda_graphs`` (default True).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipfast.backends.base import host_array
+from clipfast.batching import BatchProfile, bucket_for, chunks
+from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
+
+log = logging.getLogger("clipfast.tensorrt")
+
+BUILD_MODES = ("missing", "never")
+SLOTS = 2
+
+
+# -- planning (pure, tested on CPU) ------------------------------------------------------------
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``start:stop`` of a request, run as a batch of ``bucket`` rows (zero padded)."""
+
+    start: int
+    stop: int
+    bucket: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_chunks(n: int, profile: BatchProfile) -> list[Chunk]:
+    """Split ``n`` rows into chunks of at most ``profile.max`` rows, each assigned the smallest
+    bucket of ``profile`` that holds it."""
+    if n < 0:
+        raise InputError(f"batch of {n} rows: a row count cannot be negative")
+    buckets = profile.buckets()
+    return [Chunk(s, e, bucket_for(e - s, buckets)) for s, e in chunks(n, profile.max)]
+
+
+def stage_rows(dst: np.ndarray, src: np.ndarray, bucket: int) -> np.ndarray:
+    """Write ``src`` ``(rows, ...)`` into the first rows of ``dst`` ``(capacity, ...)`` (a pinned
+    staging buffer), zero rows ``rows:bucket``, and return ``dst[:bucket]``: the padded batch."""
+    rows = src.shape[0]
+    if src.shape[1:] != dst.shape[1:]:
+        raise InputError(f"rows of shape {src.shape[1:]} do not fit a staging buffer of rows "
+                         f"{dst.shape[1:]}")
+    if not rows <= bucket <= dst.shape[0]:
+        raise ClipfastError(f"cannot stage {rows} rows as a batch of {bucket} in a buffer of "
+                            f"{dst.shape[0]} rows")
+    np.copyto(dst[:rows], src, casting="same_kind")
+    dst[rows:bucket] = 0
+    return dst[:bucket]
+
+
+def parse_options(profile: Any = None, cache_dir: Any = None, build: str = "missing",
+                  cuda_graphs: bool = True) -> tuple[BatchProfile, Path | None, str, bool]:
+    """Validate the backend options; ClipfastError names the bad one."""
+    from clipfast.tensorrt_build import profile_from
+
+    if build not in BUILD_MODES:
+        raise ClipfastError(f"tensorrt backend option build={build!r}: expected one of "
+                            f"{BUILD_MODES}")
+    if not isinstance(cuda_graphs, bool):
+        raise ClipfastError(f"tensorrt backend option cuda_graphs={cuda_graphs!r}: expected "
+                            "True or False")
+    return profile_from(profile), (Path(cache_dir) if cache_dir else None), build, cuda_graphs
+
+
+def _is_cuda_tensor(x: Any) -> bool:
+    return (type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
+            and getattr(getattr(x, "device", None), "type", None) == "cuda")
+
+
+# -- one tower ---------------------------------------------------------------------------------
+class _Slot:
+    def __init__(self, cudart, inputs: dict[str, tuple], output: tuple, capacity: int,
+                 scratch_bytes: int):
+        self.stream = cudart.Stream()
+        self.done = cudart.Event()
+        self.scratch = cudart.DeviceBuffer(scratch_bytes)
+        self.device: dict[str, Any] = {}
+        self.host: dict[str, np.ndarray] = {}
+        self._pinned = []
+        for name, (dtype, row) in {**inputs, output[0]: output[1:]}.items():
+            nbytes = capacity * int(np.prod(row, dtype=np.int64)) * np.dtype(dtype).itemsize
+            self.device[name] = cudart.DeviceBuffer(nbytes)
+            pinned = cudart.PinnedBuffer(nbytes)
+            self._pinned.append(pinned)
+            self.host[name] = pinned.array(dtype, (capacity, *row))
+        self.contexts: dict[int, Any] = {}
+        self.graphs: dict[int, Any] = {}
+        self.pending: tuple[np.ndarray, Chunk] | None = None
+
+    def close(self) -> None:
+        # graphs reference the contexts' kernels: destroy them first, then the contexts
+        for g in self.graphs.values():
+            if g is not None:
+                g.close()
+        self.graphs.clear()
+        self.contexts.clear()
+        for buf in [*self.device.values(), *self._pinned, self.scratch]:
+            buf.close()
+        self.done.close()
+        self.stream.close()
+
+
+class _Tower:
+    """One engine, two slots, the pipelined chunk loop."""
+
+    def __init__(self, trt, cudart, runtime, logger, engine_bytes: bytes, name: str,
+                 input_names: list[str], output_name: str, profile: BatchProfile,
+                 cuda_graphs: bool):
+        self.trt, self.cudart, self.logger = trt, cudart, logger
+        self.name = name
+        self.profile = profile
+        self.cuda_graphs = cuda_graphs
+        self.graph_failures: dict[int, str] = {}
+        since = logger.mark()
+        self.engine = runtime.deserialize_cuda_engine(engine_bytes)
+        if self.engine is None:
+            raise _DeserializeError(" | ".join(logger.errors(since)) or "no error message")
+        io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        missing = [n for n in [*input_names, output_name] if n not in io]
+        if missing:
+            raise ArtifactError(f"{name} engine has I/O tensors {io}; the manifest names "
+                                f"{missing}, which it lacks")
+        self.inputs: dict[str, tuple] = {}
+        for n in input_names:
+            self.inputs[n] = (self._np_dtype(n), self._row_shape(n))
+        self.output = (output_name, self._np_dtype(output_name), self._row_shape(output_name))
+        self.scratch_bytes = int(getattr(self.engine, "device_memory_size_v2", None)
+                                 or self.engine.device_memory_size)
+        self.slots: list[_Slot] = []
+        try:
+            for _ in range(SLOTS):
+                self.slots.append(_Slot(cudart, self.inputs, self.output, profile.max,
+                                        self.scratch_bytes))
+        except BaseException:
+            self.close()
+            raise
+        self.lock = threading.Lock()
+
+    def _np_dtype(self, tensor: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(tensor)))
+
+    def _row_shape(self, tensor: str) -> tuple[int, ...]:
+        mode = self.engine.get_tensor_mode(tensor)
+        if mode == self.trt.TensorIOMode.INPUT:
+            # (min, opt, max) shapes of profile 0; the non-batch dims are fixed
+            shape = tuple(self.engine.get_tensor_profile_shape(tensor, 0)[2])
+        else:
+            shape = tuple(self.engine.get_tensor_shape(tensor))
+        row = tuple(int(d) for d in shape[1:])
+        if any(d < 0 for d in row):
+            raise ArtifactError(f"{self.name} engine tensor {tensor!r} has dynamic non-batch "
+                                f"dimensions {shape}; only the batch axis may vary")
+        return row
+
+    # -- contexts and graphs -------------------------------------------------------------------
+    def _context(self, slot: _Slot, bucket: int):
+        ctx = slot.contexts.get(bucket)
+        if ctx is not None:
+            return ctx
+        trt = self.trt
+        since = self.logger.mark()
+        ctx = self.engine.create_execution_context(
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is None:
+            raise ClipfastError(f"TensorRT could not create a {self.name} execution context: "
+                                + " | ".join(self.logger.errors(since)))
+        try:
+            ctx.set_device_memory(slot.scratch.ptr, self.scratch_bytes)  # TensorRT >= 10.1
+        except (AttributeError, TypeError):
+            ctx.device_memory = slot.scratch.ptr  # 10.0: one-argument property setter
+        for n, (_, row) in self.inputs.items():
+            if not ctx.set_input_shape(n, (bucket, *row)):
+                raise ClipfastError(f"{self.name} engine rejected input shape {(bucket, *row)} "
+                                    f"for {n!r} (profile {self.profile.tag()}): "
+                                    + " | ".join(self.logger.errors(since)))
+        for n, buf in slot.device.items():
+            if not ctx.set_tensor_address(n, buf.ptr):
+                raise ClipfastError(f"{self.name} engine rejected the address of {n!r}")
+        slot.contexts[bucket] = ctx
+        return ctx
+
+    def _execute(self, ctx, slot: _Slot) -> None:
+        since = self.logger.mark()
+        if not ctx.execute_async_v3(slot.stream.handle):
+            raise ClipfastError(f"TensorRT {self.name} execution failed: "
+                                + (" | ".join(self.logger.errors(since)) or "no error message"))
+
+    def _enqueue(self, slot: _Slot, bucket: int) -> None:
+        ctx = self._context(slot, bucket)
+        if not self.cuda_graphs or bucket in self.graph_failures:
+            self._execute(ctx, slot)
+            return
+        graph = slot.graphs.get(bucket)
+        if graph is not None:
+            graph.launch(slot.stream)
+            return
+        # First run of this bucket on this slot: an ordinary enqueue (TensorRT's shape setup
+        # after set_input_shape happens here; it also computes this chunk), then capture.
+        self._execute(ctx, slot)
+        self._capture(ctx, slot, bucket)
+
+    def _capture(self, ctx, slot: _Slot, bucket: int) -> None:
+        cudart = self.cudart
+        slot.stream.synchronize()
+        since = self.logger.mark()
+        try:
+            cudart.begin_capture(slot.stream)
+            ok = ctx.execute_async_v3(slot.stream.handle)
+            graph = cudart.end_capture(slot.stream)
+            if not ok:
+                raise ClipfastError("execute_async_v3 returned False during capture: "
+                                    + " | ".join(self.logger.errors(since)))
+            slot.graphs[bucket] = cudart.GraphExec(graph)
+        except (ClipfastError, RuntimeError) as e:
+            cudart.abort_capture(slot.stream)
+            slot.graphs[bucket] = None
+            reason = f"CUDA graph capture failed for batch {bucket}: {e}"
+            self.graph_failures[bucket] = reason
+            log.warning("clipfast tensorrt %s: %s; plain enqueue is used for it", self.name,
+                        reason)
+
+    # -- the pipeline --------------------------------------------------------------------------
+    def _stage(self, slot: _Slot, feed: dict[str, Any], chunk: Chunk) -> None:
+        cudart = self.cudart
+        for n, (dtype, row) in self.inputs.items():
+            src = feed[n]
+            dev = slot.device[n]
+            row_bytes = int(np.prod(row, dtype=np.int64)) * dtype.itemsize
+            if _is_cuda_tensor(src):
+                # already on the GPU (GPU preprocessing): device-to-device into the slot buffer
+                offset = chunk.start * row_bytes
+                cudart.memcpy_dtod_async(dev.ptr, src.data_ptr() + offset,
+                                         chunk.rows * row_bytes, slot.stream)
+                if chunk.bucket > chunk.rows:
+                    cudart.memset_async(dev.ptr + chunk.rows * row_bytes, 0,
+                                        (chunk.bucket - chunk.rows) * row_bytes, slot.stream)
+            else:
+                staged = stage_rows(slot.host[n], src[chunk.start:chunk.stop], chunk.bucket)
+                cudart.memcpy_htod_async(dev.ptr, staged.ctypes.data, staged.nbytes, slot.stream)
+
+    def _submit(self, slot: _Slot, feed: dict[str, Any], chunk: Chunk, out: np.ndarray) -> None:
+        self._stage(slot, feed, chunk)
+        self._enqueue(slot, chunk.bucket)
+        name, dtype, row = self.output
+        host = slot.host[name]
+        nbytes = chunk.rows * int(np.prod(row, dtype=np.int64)) * dtype.itemsize
+        self.cudart.memcpy_dtoh_async(host.ctypes.data, slot.device[name].ptr, nbytes,
+                                      slot.stream)
+        slot.done.record(slot.stream)
+        slot.pending = (out, chunk)
+
+    def _collect(self, slot: _Slot) -> None:
+        if slot.pending is None:
+            return
+        out, chunk = slot.pending
+        slot.done.synchronize()
+        out[chunk.start:chunk.stop] = slot.host[self.output[0]][:chunk.rows]
+        slot.pending = None
+
+    def run(self, feeds: list[dict[str, Any]]) -> list[np.ndarray]:
+        """``feeds``: one ``{input name: (N_i, ...)}`` per request -> float32 ``(N_i, D)`` each.
+        Every request's chunks go through the same two-slot pipeline."""
+        outs, work = [], []
+        for feed in feeds:
+            n = len(next(iter(feed.values())))
+            outs.append(np.empty((n, *self.output[2]), dtype=np.float32))
+            work.extend((feed, c, outs[-1]) for c in plan_chunks(n, self.profile))
+        with self.lock:
+            try:
+                for i, (feed, chunk, out) in enumerate(work):
+                    slot = self.slots[i % SLOTS]
+                    self._collect(slot)
+                    self._submit(slot, feed, chunk, out)
+                for i in range(len(work), len(work) + SLOTS):
+                    self._collect(self.slots[i % SLOTS])
+            except BaseException:
+                for slot in self.slots:  # leave no stale pending chunk behind
+                    slot.pending = None
+                    try:
+                        slot.stream.synchronize()
+                    except ClipfastError as e:  # keep the first error; note the second
+                        log.warning("clipfast tensorrt %s: stream sync after an error: %s",
+                                    self.name, e)
+                raise
+        return outs
+
+    def close(self) -> None:
+        for slot in getattr(self, "slots", []):
+            slot.close()
+        self.slots = []
+        self.engine = None
+
+
+class _DeserializeError(Exception):
+    pass
+
+
+# -- the backend -------------------------------------------------------------------------------
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, manifest, device: str = "cuda", *, profile: Any = None,
+                 cache_dir: Any = None, build: str = "missing", cuda_graphs: bool = True):
+        from clipfast import tensorrt_build as tb
+
+        profile, cache_dir, build, cuda_graphs = parse_options(profile, cache_dir, build,
+                                                               cuda_graphs)
+        trt = tb.import_tensorrt()
+        from clipfast import cudart
+
+        cudart.runtime()
+        if device != "cuda":
+            raise BackendUnavailable(f"the tensorrt backend runs on CUDA GPUs only; got "
+                                     f"device={device!r} (use device='cuda')")
+        reason = cudart.no_device_reason()
+        if reason:
+            raise BackendUnavailable(f"TensorRT needs a CUDA GPU: {reason}")
+        self.device = "cuda"
+        self.max_batch = profile.max
+        self.profile = profile
+        self._trt = trt
+        self._manifest = manifest
+        self._cuda_device = cudart.current_device()
+        self._cc = cudart.compute_capability(self._cuda_device)
+        self._gpu = cudart.device_name(self._cuda_device)
+        self._logger = tb.shared_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self._cache = tb.engine_cache_dir(manifest, cache_dir)
+        self._engines: dict[str, dict[str, Any]] = {}
+        self._towers: dict[str, _Tower] = {}
+        try:
+            for tower in tb.TOWERS:
+                self._towers[tower] = self._load_tower(tb, cudart, tower, build, cuda_graphs)
+        except tb.EngineBuildError as e:
+            self.close()
+            raise BackendUnavailable(f"TensorRT cannot build engines for this artifact: {e}"
+                                     ) from e
+        except cudart.CudaError as e:
+            self.close()
+            raise BackendUnavailable(f"TensorRT backend setup failed on {self._gpu}: {e}") from e
+        except BaseException:
+            self.close()
+            raise
+        text = manifest["text"]
+        self._text_inputs = list(text["inputs"])
+
+    def _load_tower(self, tb, cudart, tower: str, build: str, cuda_graphs: bool) -> _Tower:
+        m = self._manifest
+        key = tb.engine_key(m, tower, self.profile, self._trt.__version__, self._cc)
+        lookup = tb.find_engine(self._cache, key)
+        built = False
+        if lookup.path is None:
+            if build == "never":
+                found = "; ".join(f"{s} ({w})" for s, w in lookup.found) or "none"
+                raise BackendUnavailable(
+                    f"no usable TensorRT {tower} engine and build='never': wanted {key.stem()} "
+                    f"in {self._cache} ({lookup.reason}); engines found: {found}. Build them on "
+                    f"this machine with `clipfast build-engines {m.directory}` (same batch "
+                    "profile) or pass backend_options={'build': 'missing'}")
+            path, key, built = tb.ensure_engine(m, tower, self.profile, self._cache,
+                                                progress=True)
+        else:
+            path = lookup.path
+        if tower == "image":
+            inputs, output = [m["image"]["input"]], m["image"]["output"]
+        else:
+            inputs, output = list(m["text"]["inputs"]), m["text"]["output"]
+        try:
+            runner = _Tower(self._trt, cudart, self._runtime, self._logger, path.read_bytes(),
+                            tower, inputs, output, self.profile, cuda_graphs)
+        except _DeserializeError as e:
+            # a plan TensorRT refuses (other TensorRT build, other GPU despite the sidecar,
+            # corruption): rebuild once when allowed, otherwise let the caller fall back
+            if build == "never" or built:
+                raise BackendUnavailable(f"TensorRT cannot load {path.name}: {e}") from None
+            log.warning("clipfast: TensorRT cannot load %s (%s); rebuilding it", path.name, e)
+            path, key, built = tb.ensure_engine(m, tower, self.profile, self._cache,
+                                                rebuild=True, why=f"TensorRT rejected the "
+                                                f"cached plan: {e}", progress=True)
+            try:
+                runner = _Tower(self._trt, cudart, self._runtime, self._logger,
+                                path.read_bytes(), tower, inputs, output, self.profile,
+                                cuda_graphs)
+            except _DeserializeError as e2:
+                raise BackendUnavailable(f"TensorRT cannot load the engine it just built, "
+                                         f"{path.name}: {e2}") from None
+        self._engines[tower] = {"engine": path.name, "key": key.stem(), "built_now": built}
+        return runner
+
+    # -- protocol ------------------------------------------------------------------------------
+    def _image_feed(self, pixels: Any) -> dict[str, Any]:
+        tower = self._towers["image"]
+        name, (dtype, row) = next(iter(tower.inputs.items()))
+        if _is_cuda_tensor(pixels):
+            import torch
+
+            x = pixels.detach().to(dtype=getattr(torch, dtype.name)).contiguous()
+            # the copy below runs on this backend's stream: the producer must be done
+            torch.cuda.current_stream(x.device).synchronize()
+        else:
+            x = host_array(pixels, dtype)
+        if tuple(x.shape[1:]) != row or x.ndim != 1 + len(row):
+            raise InputError(f"pixels: expected shape (N, {', '.join(map(str, row))}), got "
+                             f"{tuple(x.shape)}")
+        return {name: x}
+
+    def _text_feed(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        tower = self._towers["text"]
+        feed = {}
+        for n, (dtype, row) in tower.inputs.items():
+            if n not in inputs:
+                raise ArtifactError(f"text tower expects input {n!r}; tokenizer gave "
+                                    f"{sorted(inputs)}")
+            x = host_array(inputs[n], dtype)
+            if tuple(x.shape[1:]) != row:
+                raise InputError(f"text input {n!r}: expected shape (N, "
+                                 f"{', '.join(map(str, row))}), got {tuple(x.shape)}")
+            feed[n] = x
+        lengths = {len(v) for v in feed.values()}
+        if len(lengths) > 1:
+            raise InputError(f"text inputs have different row counts: "
+                             f"{ {k: len(v) for k, v in feed.items()} }")
+        return feed
+
+    def run_image(self, pixels: Any) -> np.ndarray:
+        """float32/float16 ``(N, 3, H, W)`` (numpy or torch, CUDA tensors copied on device) ->
+        float32 ``(N, D)``; any N, chunked to the profile and pipelined."""
+        return self._towers["image"].run([self._image_feed(pixels)])[0]
+
+    def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._towers["text"].run([self._text_feed(inputs)])[0]
+
+    def run_image_batches(self, batches: list[Any]) -> list[np.ndarray]:
+        """Several pixel batches through one pipeline (copies of one overlap compute of the
+        previous): one float32 ``(N_i, D)`` per batch."""
+        return self._towers["image"].run([self._image_feed(b) for b in batches])
+
+    def run_text_batches(self, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        return self._towers["text"].run([self._text_feed(b) for b in batches])
+
+    def describe(self) -> dict[str, Any]:
+        graphs = {}
+        for tower, runner in self._towers.items():
+            captured = sorted({b for s in runner.slots for b, g in s.graphs.items()
+                               if g is not None})
+            graphs[tower] = {"enabled": runner.cuda_graphs, "captured_buckets": captured,
+                             "failures": dict(runner.graph_failures)}
+        return {"backend": self.name, "device": self.device, "gpu": self._gpu,
+                "compute_capability": f"{self._cc[0]}.{self._cc[1]}",
+                "tensorrt": self._trt.__version__, "profile": self.profile.as_dict(),
+                "buckets": list(self.profile.buckets()), "engine_cache": str(self._cache),
+                "engines": dict(self._engines), "cuda_graphs": graphs,
+                "pipeline": f"{SLOTS} slots (stream + pinned buffers + event each)",
+                "image_input_dtype": next(iter(self._towers["image"].inputs.values()))[0].name
+                if "image" in self._towers else None}
+
+    def close(self) -> None:
+        """Release engines, graphs and buffers (graphs before contexts before the engine)."""
+        for runner in getattr(self, "_towers", {}).values():
+            for slot in runner.slots:
+                slot.stream.synchronize()
+            runner.close()
+        self._towers = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the CUDA runtime may already be gone
+            pass
+
+
+def load(manifest, device: str = "cuda", threads: int | None = None, *, profile: Any = None,
+         cache_dir: Any = None, build: str = "missing", cuda_graphs: bool = True,
+         **_: Any) -> TensorRTBackend:
+    """The TensorRT backend for ``manifest`` (``threads`` is a CPU-backend option, ignored)."""
+    return TensorRTBackend(manifest, device=device, profile=profile, cache_dir=cache_dir,
+                           build=build, cuda_graphs=cuda_graphs)
+
+
+__all__ = ["BUILD_MODES", "Chunk", "TensorRTBackend", "load", "parse_options", "plan_chunks",
+           "stage_rows"]
