@@ -9,11 +9,13 @@ padding waste. Pure logic, no GPU: the CPU tests cover it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from clipfast.errors import ClipfastError
+from clipfast.errors import ClipfastError, InputError
 
 
 @dataclass(frozen=True)
@@ -97,3 +99,27 @@ def select_profile(profiles: list[BatchProfile], batch: int) -> BatchProfile | N
     if not covering:
         return None
     return min(covering, key=lambda p: (abs(p.opt - batch), p.max))
+
+
+def as_profile(value: Any, what: str = "batch profile") -> BatchProfile:
+    """A BatchProfile from a BatchProfile, a mapping with min / opt / max, or a (min, opt, max)
+    sequence; None gives the default (1, 64, 256). ``what`` names the input in errors."""
+    if value is None:
+        return BatchProfile()
+    if isinstance(value, BatchProfile):
+        return value
+    try:
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"min", "opt", "max"})
+            if unknown:
+                raise InputError(f"{what}={value!r}: unknown keys {unknown}; expected min, opt, "
+                                 "max")
+            return BatchProfile(**value)
+        if isinstance(value, (tuple, list)) and len(value) == 3:
+            return BatchProfile(*value)
+    except InputError:
+        raise
+    except (TypeError, ClipfastError) as e:
+        raise InputError(f"{what}={value!r}: {e}") from e
+    raise InputError(f"{what}={value!r}: expected a BatchProfile, a dict with min, opt and max, "
+                     "or a (min, opt, max) tuple")

@@ -104,6 +104,13 @@ class Engine:
 
         device = (device or "cpu").lower()
         if device.startswith("cuda:"):
+            index = device.split(":", 1)[1]
+            if index != "0":
+                # One GPU per Engine, the process's first visible one: every backend and the
+                # GPU preprocessing would otherwise each need the index threaded through.
+                raise ClipfastError(
+                    f"device={device!r}: clipfast runs on the first visible GPU; select this one "
+                    f"with CUDA_VISIBLE_DEVICES={index} and pass device='cuda'")
             device = "cuda"
         if device not in ("cpu", "cuda"):
             raise ClipfastError(f"device={device!r}: expected 'cpu' or 'cuda'")

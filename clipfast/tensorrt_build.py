@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipfast.batching import BatchProfile
+from clipfast.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
 
 log = logging.getLogger("clipfast.tensorrt")
@@ -150,17 +150,7 @@ def contrib_ops_message(tower: str, path: Path, ops: list[str]) -> str:
 # -- cache keys --------------------------------------------------------------------------------
 def profile_from(value: Any) -> BatchProfile:
     """A BatchProfile from a BatchProfile, a ``{"min", "opt", "max"}`` dict or None (default)."""
-    if value is None:
-        return BatchProfile()
-    if isinstance(value, BatchProfile):
-        return value
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {"min", "opt", "max"})
-        if unknown:
-            raise ClipfastError(f"batch profile: unknown keys {unknown}; expected min, opt, max")
-        return BatchProfile(**value)
-    raise ClipfastError(f"batch profile: expected a BatchProfile or a dict with min/opt/max, "
-                        f"got {type(value).__name__}")
+    return as_profile(value)
 
 
 def _cc_text(cc: tuple[int, int]) -> str:

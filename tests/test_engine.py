@@ -193,6 +193,8 @@ def test_unknown_backend_and_device(vitb32_artifact):
         clipfast.Engine(vitb32_artifact, backend="tensorflow")
     with pytest.raises(clipfast.ClipfastError, match="device"):
         clipfast.Engine(vitb32_artifact, device="tpu")
+    with pytest.raises(clipfast.ClipfastError, match="CUDA_VISIBLE_DEVICES=1"):
+        clipfast.Engine(vitb32_artifact, device="cuda:1")
     with pytest.raises(BackendUnavailable, match="CUDA|cuda"):
         clipfast.Engine(vitb32_artifact, backend="onnxruntime", device="cuda")
 

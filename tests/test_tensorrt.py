@@ -187,8 +187,9 @@ def test_profile_validation():
         tb.profile_from({"min": 1, "opt": 1, "max": 0})
     with pytest.raises(ClipfastError, match=r"unknown keys \['maximum'\]"):
         tb.profile_from({"min": 1, "opt": 1, "maximum": 4})
-    with pytest.raises(ClipfastError, match="got list"):
-        tb.profile_from([1, 2, 3])
+    assert tb.profile_from([1, 2, 3]) == BatchProfile(1, 2, 3)
+    with pytest.raises(ClipfastError, match="expected a BatchProfile"):
+        tb.profile_from("1,2,3")
 
 
 def test_backend_option_validation():

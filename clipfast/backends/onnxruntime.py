@@ -1,4 +1,5 @@
-"""ONNX Runtime backend (CPU execution provider; CUDA provider when present and asked for).
+"""ONNX Runtime backend: CPU execution provider, or on ``device="cuda"`` the CUDA execution
+provider (TensorRT execution provider first with ``ort_tensorrt=True``).
 
 Session settings, and why:
 - intra-op threads = physical cores available to this process (affinity and cgroup quota
@@ -8,26 +9,71 @@ Session settings, and why:
   parallelism to exploit, and a parallel executor only adds scheduling overhead.
 - memory arena and memory pattern on: batches of one shape repeat, so allocations are planned
   once and reused.
-- IO binding for torch tensors (GPU preprocessing hands CUDA tensors over): the tensor's device
-  memory is bound as the input, skipping the device -> host -> device round trip. numpy inputs
-  go through ``run`` (on CPU that is already zero-copy, binding would gain nothing).
+- CPU sessions only: ORT's online ``SkipLayerNormFusion`` is disabled. On the 2-core x86 CPU the
+  benchmarks ran on, the fused SkipLayerNormalization kernel is slower than the separate Add and
+  LayerNormalization it replaces: +8% img/s for the fused fp32 ViT-B-32 graph and +16% for the
+  dynamic int8 one with the fusion off (benchmarks/results/int8_cpu_sweep.md). On CUDA the fused
+  kernel saves a read and a write of the activations, so CUDA sessions keep it.
+- CUDA: inputs are bound on the device with IO binding (numpy inputs copied once into a cached
+  device OrtValue of that shape, torch CUDA tensors from GPU preprocessing bound in place), the
+  output is allocated on the device by ORT and copied to the host once. Without binding, ``run``
+  copies inputs and outputs through pageable host buffers on every call.
+- TensorRT EP (``ort_tensorrt=True``): engines are built for the batch profile (explicit
+  min/opt/max shapes, so a new batch size does not trigger a rebuild) and cached, with the timing
+  cache, under the artifact directory (or ``$CLIPFAST_CACHE_DIR``). The CUDA EP stays behind it
+  for any node TensorRT does not take.
+
+Backend options (``Engine(..., backend_options={...})``; unknown ones are ignored):
+- ``device_id`` (int, 0): the CUDA device.
+- ``ort_tensorrt`` (bool, False): put TensorrtExecutionProvider first.
+- ``ort_trt_fp16`` (bool | None, None): TensorRT's fp16 builder flag (``trt_fp16_enable``).
+  None follows the artifact: on for an fp16 artifact (whose graph is already fp16 where that is
+  safe), off for fp32 / int8 ones, where it would let TensorRT run fp32 layers in fp16 and so
+  override the precision the graph states. int8 (QDQ) artifacts always get
+  ``trt_int8_enable``: TensorRT refuses a network with int8 Q/DQ layers without it.
+- ``ort_cudnn_conv_algo_search`` ("EXHAUSTIVE" | "HEURISTIC" | "DEFAULT", "EXHAUSTIVE").
+- ``ort_arena_extend_strategy`` ("kNextPowerOfTwo" | "kSameAsRequested", "kSameAsRequested"):
+  the engine sends a few fixed batch shapes, so growing the arena by what is asked avoids
+  reserving up to twice the memory for nothing.
+- ``profile`` (``BatchProfile`` | {"min", "opt", "max"} | (min, opt, max), (1, 64, 256)): the
+  TensorRT EP's optimization profile, and then the backend's ``max_batch``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipfast.backends.base import host_array
-from clipfast.errors import ArtifactError, BackendUnavailable
+from clipfast.batching import BatchProfile, as_profile
+from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
 ORT_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64,
                     "tensor(float)": np.float32, "tensor(float16)": np.float16}
 _DTYPES = ORT_NUMPY_DTYPES
+
+CPU_EP, CUDA_EP, TRT_EP = ("CPUExecutionProvider", "CUDAExecutionProvider",
+                           "TensorrtExecutionProvider")
+# Graph transformers disabled on CPU-only sessions (see the module docstring for the numbers).
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+DEFAULT_PROFILE = BatchProfile(1, 64, 256)
+ENV_CACHE_DIR = "CLIPFAST_CACHE_DIR"
+# Device input buffers kept per (tower, input, shape): the engine sends a full-size chunk and at
+# most a few remainders, so a handful covers steady state without holding memory for every shape.
+_MAX_CACHED_INPUTS = 8
+
+_INSTALL_GPU = ("install onnxruntime-gpu in place of onnxruntime (`pip uninstall onnxruntime && "
+                "pip install onnxruntime-gpu`), with CUDA 12 and cuDNN 9 libraries")
 
 
 def _cgroup_cpu_limit() -> int | None:
@@ -75,6 +121,127 @@ def physical_cores() -> int:
     return max(1, min(count, limit) if limit else count)
 
 
+def _option_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"backend option {name}={value!r}: expected True or False")
+    return value
+
+
+def _option_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise InputError(f"backend option {name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def _option_device_id(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InputError(f"backend option device_id={value!r}: expected a CUDA device index >= 0")
+    return value
+
+
+def profile_option(value: Any) -> BatchProfile:
+    """The ``profile`` backend option as a BatchProfile (see clipfast.batching.as_profile)."""
+    return as_profile(value, "backend option profile")
+
+
+def tensorrt_cache_dir(manifest, profile: BatchProfile, ort_version: str) -> Path:
+    """Where the TensorRT EP keeps engines and its timing cache for this artifact.
+
+    ``$CLIPFAST_CACHE_DIR/<artifact>-<digest>/...`` when set (a read-only artifact, or one cache
+    shared by several copies), else ``<artifact>/cache/...``. The leaf names the ORT version
+    (each ORT GPU release is built against one TensorRT version) and the batch profile; ORT
+    itself keys engine files by graph hash and GPU compute capability.
+    """
+    leaf = Path("ort-tensorrt") / f"ort{ort_version}-{profile.tag()}"
+    base = os.environ.get(ENV_CACHE_DIR, "").strip()
+    if not base:
+        return Path(manifest.directory) / "cache" / leaf
+    files = manifest.get("files") or {}
+    h = hashlib.sha256()
+    for key in ("image", "text"):
+        name = manifest[key]["file"]
+        entry = files.get(name) if isinstance(files, dict) else None
+        h.update(str(entry.get("sha256") if isinstance(entry, dict) else name).encode())
+    name = Path(manifest.directory).resolve().name
+    return Path(base).expanduser() / f"{name}-{h.hexdigest()[:12]}" / leaf
+
+
+def _profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, str]] | None:
+    """TensorRT EP ``trt_profile_{min,opt,max}_shapes`` per tower ("name:NxCxHxW,..."), from the
+    manifest's input names and shapes; None when the manifest lacks them (ORT then builds for
+    the shapes it sees, rebuilding on a new batch size)."""
+    try:
+        image = manifest["image"]
+        c, h, w = (int(v) for v in image["shape"])
+        length = int(manifest["tokenizer"]["context_length"])
+        texts = list(manifest["text"]["inputs"])
+        image_name = image["input"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    out: dict[str, dict[str, str]] = {}
+    for tower, dims in (("image", [(image_name, f"{c}x{h}x{w}")]),
+                        ("text", [(n, str(length)) for n in texts])):
+        out[tower] = {
+            f"trt_profile_{which}_shapes": ",".join(f"{n}:{batch}x{tail}" for n, tail in dims)
+            for which, batch in (("min", profile.min), ("opt", profile.opt), ("max", profile.max))
+        }
+    return out
+
+
+def plan_providers(device: str, available: list[str] | tuple[str, ...], *,
+                   tensorrt: bool = False, device_id: int = 0, trt_fp16: bool = False,
+                   trt_int8: bool = False,
+                   cudnn_conv_algo_search: str = "EXHAUSTIVE",
+                   arena_extend_strategy: str = "kSameAsRequested",
+                   cache_dir: Path | None = None) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                          tuple[str, ...]]:
+    """``(providers with their options, disabled optimizers)`` for one session.
+
+    Pure: decides from ``available`` (``onnxruntime.get_available_providers()``), raising
+    BackendUnavailable with what to install when the device cannot be served.
+    """
+    if device == "cpu":
+        if tensorrt:
+            # A skip, not an input error: the auto chain tries onnxruntime on the CPU after a
+            # CUDA request failed, with the same options.
+            raise BackendUnavailable("onnxruntime on cpu: backend option ort_tensorrt=True "
+                                     "needs device='cuda'")
+        return [(CPU_EP, {})], CPU_DISABLED_OPTIMIZERS
+    if device != "cuda":
+        raise InputError(f"device={device!r}: expected 'cpu' or 'cuda'")
+    if CUDA_EP not in available:
+        raise BackendUnavailable(
+            f"onnxruntime has no {CUDA_EP} here (providers: {', '.join(available)}); for "
+            f"device='cuda' {_INSTALL_GPU}")
+    # Option names and values: onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider
+    # (do_copy_in_default_stream=False can race, per OrtCUDAProviderOptions' documentation).
+    cuda = {"device_id": device_id, "arena_extend_strategy": arena_extend_strategy,
+            "cudnn_conv_algo_search": cudnn_conv_algo_search,
+            "do_copy_in_default_stream": True}
+    providers: list[tuple[str, dict[str, Any]]] = []
+    if tensorrt:
+        if TRT_EP not in available:
+            raise BackendUnavailable(
+                f"onnxruntime has no {TRT_EP} here (providers: {', '.join(available)}); "
+                f"ort_tensorrt=True needs onnxruntime-gpu and the TensorRT libraries "
+                "(`pip install onnxruntime-gpu tensorrt`), or drop ort_tensorrt")
+        if cache_dir is None:
+            raise ClipfastError("the TensorRT EP needs a cache directory")
+        providers.append((TRT_EP, {
+            "device_id": device_id,
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+            "trt_fp16_enable": trt_fp16, "trt_int8_enable": trt_int8,
+        }))
+    providers.append((CUDA_EP, cuda))
+    providers.append((CPU_EP, {}))
+    return providers, ()
+
+
+def _gpu_first(providers: list[tuple[str, dict[str, Any]]]) -> bool:
+    return providers[0][0] in (CUDA_EP, TRT_EP)
+
+
 def _session_options(ort, threads: int | None):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -93,26 +260,83 @@ def _is_torch_tensor(x: Any) -> bool:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, manifest, device: str, threads: int | None = None):
+    def __init__(self, manifest, device: str, threads: int | None = None, *,
+                 device_id: int = 0, ort_tensorrt: bool = False,
+                 ort_trt_fp16: bool | None = None,
+                 ort_cudnn_conv_algo_search: str = "EXHAUSTIVE",
+                 ort_arena_extend_strategy: str = "kSameAsRequested", profile: Any = None):
+        # Options are checked before anything is loaded: a typo fails fast, naming the option.
+        tensorrt = _option_bool("ort_tensorrt", ort_tensorrt)
+        precision = manifest.get("precision")
+        trt_fp16 = (precision == "fp16" if ort_trt_fp16 is None
+                    else _option_bool("ort_trt_fp16", ort_trt_fp16))
+        device_id = _option_device_id(device_id)
+        conv_search = _option_choice("ort_cudnn_conv_algo_search", ort_cudnn_conv_algo_search,
+                                     CUDNN_CONV_ALGO_SEARCH)
+        arena = _option_choice("ort_arena_extend_strategy", ort_arena_extend_strategy,
+                               ARENA_EXTEND_STRATEGIES)
+        batch_profile = profile_option(profile)
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise BackendUnavailable(
                 f"onnxruntime is not installed ({e}); install it with `pip install onnxruntime`"
             ) from e
-        available = ort.get_available_providers()
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in available:
+        cache_dir = None
+        if tensorrt and device == "cuda":
+            cache_dir = tensorrt_cache_dir(manifest, batch_profile, ort.__version__)
+        providers, disabled = plan_providers(
+            device, ort.get_available_providers(), tensorrt=tensorrt, device_id=device_id,
+            trt_fp16=trt_fp16, trt_int8=precision == "int8",
+            cudnn_conv_algo_search=conv_search,
+            arena_extend_strategy=arena, cache_dir=cache_dir)
+        if cache_dir is not None:
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
                 raise BackendUnavailable(
-                    "onnxruntime has no CUDAExecutionProvider here (providers: "
-                    f"{', '.join(available)}); install onnxruntime-gpu for device='cuda'"
-                )
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.device = device
-        self.max_batch = None
+                    f"cannot create the TensorRT EP cache directory {cache_dir} ({e}); point "
+                    f"{ENV_CACHE_DIR} at a writable directory") from e
+        shapes = _profile_shapes(manifest, batch_profile) if tensorrt else None
         so = _session_options(ort, threads)
+        self._ort = ort
+        self._device_id = device_id
+        self._sessions = {}
+        for tower in ("image", "text"):
+            path = manifest.path(manifest[tower]["file"])
+            tower_providers = [(n, {**o, **(shapes[tower] if shapes and n == TRT_EP else {})})
+                               for n, o in providers]
+            try:
+                self._sessions[tower] = ort.InferenceSession(
+                    str(path), so, providers=tower_providers,
+                    disabled_optimizers=list(disabled) or None)
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph/EPFail exceptions
+                if _gpu_first(providers):
+                    # A provider failing to build (a TensorRT engine build, a CUDA library) is a
+                    # skip: the auto chain goes on to onnxruntime on the CPU, which reports a
+                    # broken file as such.
+                    raise BackendUnavailable(f"{path}: onnxruntime could not create a "
+                                             f"{providers[0][0]} session: {e}") from e
+                raise ArtifactError(f"{path}: onnxruntime cannot load it: {e}") from e
+        self.providers = self._sessions["image"].get_providers()
+        wanted = providers[0][0]
+        for tower, session in self._sessions.items():
+            # ORT falls back to the CPU provider (printing an "EP Error") when a GPU provider
+            # fails to initialise, e.g. missing CUDA or TensorRT libraries: the device must say
+            # where the towers really run, so that is a skip here, not a silent CPU run.
+            got = session.get_providers()
+            if got[0] != wanted:
+                raise BackendUnavailable(
+                    f"onnxruntime could not initialise {wanted} for the {tower} tower (session "
+                    f"providers: {', '.join(got)}); check that the CUDA 12 / cuDNN 9"
+                    f"{' / TensorRT' if tensorrt else ''} libraries are on the library path "
+                    "(onnxruntime-gpu can load those of the nvidia-* pip wheels: "
+                    "`onnxruntime.preload_dlls()`)")
+        self.device = "cuda" if _gpu_first(providers) else "cpu"
+        self.profile = batch_profile if tensorrt else None
+        # The TensorRT EP serves the profile's batch range; the CUDA EP any batch.
+        self.max_batch = batch_profile.max if tensorrt else None
+        self._provider_options = {n: {k: v for k, v in o.items()} for n, o in providers}
         self._options = {
             "intra_op_threads": so.intra_op_num_threads,
             "inter_op_threads": so.inter_op_num_threads,
@@ -120,20 +344,45 @@ class OnnxRuntimeBackend:
             "memory_arena": so.enable_cpu_mem_arena,
             "memory_pattern": so.enable_mem_pattern,
             "graph_optimization": "all",
-            "io_binding": "torch tensor inputs",
+            "disabled_optimizers": list(disabled),
+            "io_binding": ("numpy and torch inputs bound on the device, output copied once"
+                           if self.device == "cuda" else "torch tensor inputs"),
         }
-        self._sessions = {}
-        for tower in ("image", "text"):
-            path = manifest.path(manifest[tower]["file"])
-            try:
-                self._sessions[tower] = ort.InferenceSession(str(path), so, providers=providers)
-            except Exception as e:  # ORT raises its own Fail/InvalidGraph exceptions
-                raise ArtifactError(f"{path}: onnxruntime cannot load it: {e}") from e
         self._image_input = self._sessions["image"].get_inputs()[0]
         self._image_output = self._sessions["image"].get_outputs()[0].name
         self._text_inputs = {i.name: _DTYPES.get(i.type, np.int64)
                              for i in self._sessions["text"].get_inputs()}
-        self.providers = self._sessions["image"].get_providers()
+        self._text_output = self._sessions["text"].get_outputs()[0].name
+        self._device_inputs: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- CUDA: IO binding ------------------------------------------------------------------------
+    def _device_input(self, tower: str, name: str, array: np.ndarray):
+        """A device OrtValue holding ``array``: the cached one of that shape refilled in place,
+        or a new one. Safe to reuse: ``run_with_iobinding`` returns after the run finished."""
+        key = (tower, name, array.shape, array.dtype.str)
+        value = self._device_inputs.get(key)
+        if value is None:
+            value = self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
+            self._device_inputs[key] = value
+            while len(self._device_inputs) > _MAX_CACHED_INPUTS:
+                self._device_inputs.popitem(last=False)
+        else:
+            value.update_inplace(array)
+            self._device_inputs.move_to_end(key)
+        return value
+
+    def _run_cuda(self, tower: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
+        """Run one tower with host inputs bound as device OrtValues and the output allocated on
+        the device by ORT; one host copy of the result."""
+        session = self._sessions[tower]
+        with self._lock:
+            binding = session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_ortvalue_input(name, self._device_input(tower, name, array))
+            binding.bind_output(output, "cuda", self._device_id)
+            session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
 
     def _run_bound(self, tensor: Any, dtype: type) -> np.ndarray:
         """Run the image tower on a torch tensor (CPU or CUDA) bound in place: float32 (N, D)."""
@@ -144,6 +393,7 @@ class OnnxRuntimeBackend:
             if self.device != "cuda":
                 x = x.cpu()
             else:
+                x = x.to(f"cuda:{self._device_id}")
                 # ORT reads the buffer on its own stream: the producing kernels must be done.
                 torch.cuda.current_stream(x.device).synchronize()
         session = self._sessions["image"]
@@ -151,7 +401,8 @@ class OnnxRuntimeBackend:
         binding.bind_input(self._image_input.name, device_type=x.device.type,
                            device_id=x.device.index or 0, element_type=dtype,
                            shape=tuple(x.shape), buffer_ptr=x.data_ptr())
-        binding.bind_output(self._image_output, "cpu")
+        binding.bind_output(self._image_output, self.device,
+                            self._device_id if self.device == "cuda" else 0)
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
@@ -159,6 +410,9 @@ class OnnxRuntimeBackend:
         dtype = _DTYPES.get(self._image_input.type, np.float32)
         if _is_torch_tensor(pixels):
             out = self._run_bound(pixels, dtype)
+        elif self.device == "cuda":
+            x = host_array(pixels, dtype)
+            out = self._run_cuda("image", {self._image_input.name: x}, self._image_output)
         else:
             x = host_array(pixels, dtype)
             out = self._sessions["image"].run(None, {self._image_input.name: x})[0]
@@ -170,18 +424,27 @@ class OnnxRuntimeBackend:
             if name not in inputs:
                 raise ArtifactError(f"text tower expects input {name!r}; tokenizer gave "
                                     f"{sorted(inputs)}")
-            feed[name] = np.ascontiguousarray(inputs[name], dtype=dtype)
-        out = self._sessions["text"].run(None, feed)[0]
+            feed[name] = host_array(inputs[name], dtype)
+        if self.device == "cuda":
+            out = self._run_cuda("text", feed, self._text_output)
+        else:
+            out = self._sessions["text"].run(None, feed)[0]
         return out.astype(np.float32, copy=False)
 
     def describe(self) -> dict[str, Any]:
-        import onnxruntime as ort
-
         return {"backend": self.name, "device": self.device, "providers": self.providers,
-                "onnxruntime": ort.__version__, "session": dict(self._options),
+                "provider_options": {n: dict(o) for n, o in self._provider_options.items()},
+                "onnxruntime": self._ort.__version__, "session": dict(self._options),
+                "profile": self.profile.as_dict() if self.profile else None,
                 "image_input_dtype": np.dtype(_DTYPES.get(self._image_input.type, np.float32)
                                               ).name}
 
 
-def load(manifest, device: str = "cpu", threads: int | None = None, **_: Any) -> OnnxRuntimeBackend:
-    return OnnxRuntimeBackend(manifest, device=device, threads=threads)
+def load(manifest, device: str = "cpu", threads: int | None = None, **options: Any
+         ) -> OnnxRuntimeBackend:
+    """Options this backend reads are listed in the module docstring; others are ignored (they
+    belong to other backends)."""
+    known = ("device_id", "ort_tensorrt", "ort_trt_fp16", "ort_cudnn_conv_algo_search",
+             "ort_arena_extend_strategy", "profile")
+    return OnnxRuntimeBackend(manifest, device=device, threads=threads,
+                              **{k: v for k, v in options.items() if k in known})
