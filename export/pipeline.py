@@ -54,14 +54,19 @@ CALIBRATION_BATCH = 8
 # An fp16 tower below the gate is converted again with its last weight operators (in graph order)
 # kept fp32, first this fraction of them, then this one; past that the export refuses.
 FP16_FALLBACK_FRACTIONS = (0.25, 0.5)
-# --int8-method -> (QuantOptions.method, which fp32 graph it quantizes). Measured on ViT-B-32,
-# 2 cores, batch 32 (benchmarks/results/int8_cpu_sweep.md): static QDQ on the plain graph 61.9
-# img/s, on the fused graph 53.2 (a fused Attention has no static int8 form and stays fp32);
-# dynamic on the fused graph 70.9, at equal fidelity (centred error 0.047). Static is the
-# default all the same: its embeddings do not depend on the other images of the batch (dynamic
-# takes activation ranges per batch: up to 0.058 centred difference between an image embedded
-# alone and in a batch of 24), and its QDQ graph is the one TensorRT builds int8 engines from.
-INT8_METHODS = {"static": ("static_qdq", "plain"), "dynamic": ("dynamic", "fused")}
+# --int8-method -> (QuantOptions.method, {tower: which fp32 graph it quantizes}). Measured on
+# ViT-B-32, 2 cores, batch 32 (benchmarks/results/int8_cpu_sweep.md): the image tower in static
+# QDQ from the plain graph 61.9 img/s, from the fused graph 53.2 (a fused Attention has no static
+# int8 form, so its Q/K/V projections stay fp32), at equal fidelity (centred error 0.047 /
+# 0.045). The text tower suffers from int8 Q/K/V projections: centred error 0.114 from the plain
+# graph against 0.074 from the fused one, and the MetaCLIP QuickGELU text tower missed the 0.15
+# gate from the plain graph; it is cheap next to the image tower, so it keeps the fused graph.
+# Dynamic int8 on the fused graphs is faster still (70.9 img/s) at equal fidelity, but is not
+# the default: its embeddings depend on the other images of the batch (activation ranges per
+# batch: up to 0.058 centred difference between an image embedded alone and in a batch of 24),
+# and TensorRT cannot build it. With --tensorrt (or --no-fuse) both graphs are the plain one.
+INT8_METHODS = {"static": ("static_qdq", {"image": "plain", "text": "fused"}),
+                "dynamic": ("dynamic", {"image": "fused", "text": "fused"})}
 _WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "Attention")
 _NP_DTYPE = {"fp32": "float32", "fp16": "float16"}
 
@@ -74,12 +79,12 @@ class ExportOptions:
     "fp32" (default) or "fp16" (``--precision fp16`` only). calibration_images: directory of
     images to calibrate int8 activations on (default: a built-in varied set). fuse: rewrite
     attention and run ONNX Runtime's transformer fusions (default on). int8_method: "static"
-    (default: QDQ graph with calibrated activation ranges, built from the plain graph) or
-    "dynamic" (int8 weights, activation ranges per batch, built from the fused graph); see
-    INT8_METHODS for why static is the default. tensorrt: also build a TensorRT engine per
-    tower on this machine's GPU into ``<out>/tensorrt/`` for the batch range ``batch_profile``
-    (default min 1, opt 64, max 256); implies plain ONNX graphs (no fusion: TensorRT's parser
-    reads standard ONNX operators only).
+    (default: QDQ graphs with calibrated activation ranges; the image tower from the plain
+    graph, the text tower from the fused one) or "dynamic" (int8 weights, activation ranges per
+    batch, from the fused graphs); see INT8_METHODS for why. tensorrt: also build a TensorRT
+    engine per tower on this machine's GPU into ``<out>/tensorrt/`` for the batch range
+    ``batch_profile`` (default min 1, opt 64, max 256); implies plain ONNX graphs (no fusion:
+    TensorRT's parser reads standard ONNX operators only).
     """
 
     model: str
@@ -465,12 +470,13 @@ def _quantize(source, options: ExportOptions, graphs: dict[str, dict[str, Path]]
 
     images = [str(p) for p in images_from_dir(options.images)] if options.images else None
     fidelity = TowerFidelity(source, images)
-    method, graph_kind = INT8_METHODS[options.int8_method]
+    method, graph_kinds = INT8_METHODS[options.int8_method]
     quant_options = QuantOptions(method=method)
     reports: dict[str, Any] = {"calibration": described, "int8_method": options.int8_method}
     for which, calib, measure in (("image", image_calib, fidelity.image),
                                   ("text", text_calib, fidelity.text)):
         out = work / TOWER_FILES[which]
+        graph_kind = graph_kinds[which]
         src_graph = graphs[which][graph_kind]
         reports[f"{which}_graph"] = graph_kind
         if options.gate:

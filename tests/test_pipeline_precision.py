@@ -145,9 +145,10 @@ def _stub_quantizer(monkeypatch, calls, fail_tower=None):
     monkeypatch.setitem(sys.modules, "clipfast.export.quantize", mod)
 
 
-@pytest.mark.parametrize("method, graph", [("static", "fp32"), ("dynamic", "fused")])
+@pytest.mark.parametrize("method, graphs", [("static", ("fp32", "fused")),
+                                            ("dynamic", ("fused", "fused"))])
 def test_int8_pipeline_follows_the_quantizer_contract(clip_small, tmp_path, monkeypatch,
-                                                      method, graph):
+                                                      method, graphs):
     from clipfast.export.pipeline import ExportOptions, run_export
 
     calls: list[dict] = []
@@ -159,11 +160,12 @@ def test_int8_pipeline_follows_the_quantizer_contract(clip_small, tmp_path, monk
     q = m["quantization"]
     assert q["image"]["method"] == "copy" and q["calibration"]["images"] == 32
     assert q["int8_method"] == method
-    assert q["image_graph"] == q["text_graph"] == ("plain" if method == "static" else "fused")
+    kinds = {"fp32": "plain", "fused": "fused"}
+    assert (q["image_graph"], q["text_graph"]) == tuple(kinds[g] for g in graphs)
     image, text = calls
-    # static QDQ quantizes the plain fp32 graph (a fused Attention has no static int8 form),
-    # dynamic the fused one (QAttention)
-    assert image["fp32"] == f"image.{graph}.onnx" and text["fp32"] == f"text.{graph}.onnx"
+    # static QDQ quantizes the plain fp32 image graph (a fused Attention has no static int8
+    # form) and the fused text graph; dynamic the fused ones (QAttention)
+    assert (image["fp32"], text["fp32"]) == (f"image.{graphs[0]}.onnx", f"text.{graphs[1]}.onnx")
     assert image["calibration"][0]["pixel_values"].shape[1:] == (3, 64, 64)
     assert text["calibration"][0]["input_ids"].dtype == np.int32
     # each tower is measured against the fp32 source on its own gates, with >= 20 pairs
