@@ -9,11 +9,14 @@ Session settings, and why:
   parallelism to exploit, and a parallel executor only adds scheduling overhead.
 - memory arena and memory pattern on: batches of one shape repeat, so allocations are planned
   once and reused.
-- CPU sessions only: ORT's online ``SkipLayerNormFusion`` is disabled. On the 2-core x86 CPU the
-  benchmarks ran on, the fused SkipLayerNormalization kernel is slower than the separate Add and
-  LayerNormalization it replaces: +8% img/s for the fused fp32 ViT-B-32 graph and +16% for the
-  dynamic int8 one with the fusion off (benchmarks/results/int8_cpu_sweep.md). On CUDA the fused
-  kernel saves a read and a write of the activations, so CUDA sessions keep it.
+- CPU sessions only: ORT's online ``SkipLayerNormFusion`` is disabled. It matters for graphs
+  whose SkipLayerNormalization was split back into Add + LayerNormalization (the int8 export
+  does that, export/quantize.py): on the 2-core x86 CPU the benchmarks ran on, the dynamic int8
+  ViT-B-32 image tower ran 16% faster with the fusion off, and the fp32 graph with its
+  SkipLayerNorm split 8% faster (benchmarks/results/int8_cpu_sweep.md). Graphs fused at export
+  keep their SkipLayerNormalization nodes either way (an A/B on the fp32 ViT-B-32 image tower:
+  26.9 vs 27.0 img/s). On CUDA the fused kernel saves a read and a write of the activations, so
+  CUDA sessions keep the fusion.
 - CUDA: inputs are bound on the device with IO binding (numpy inputs copied once into a cached
   device OrtValue of that shape, torch CUDA tensors from GPU preprocessing bound in place), the
   output is allocated on the device by ORT and copied to the host once. Without binding, ``run``
