@@ -87,10 +87,12 @@ def handle(obj: Any) -> int:
     what TensorRT's ``execute_async_v3(stream_handle)`` and ``set_tensor_address`` take."""
     if isinstance(obj, int):
         return obj
-    try:
-        return int(obj)
-    except TypeError:
-        return int(obj.getPtr())
+    # getPtr() first: cuda-bindings 13 deprecates int(handle) ("Using int(cuda_obj) to retrieve
+    # the underlying address of a CUDA object is deprecated").
+    get_ptr = getattr(obj, "getPtr", None)
+    if get_ptr is not None:
+        return int(get_ptr())
+    return int(obj)
 
 
 # -- devices -----------------------------------------------------------------------------------
@@ -149,11 +151,18 @@ class Stream:
     stream, and a stream per pipeline slot is what lets copies overlap compute."""
 
     def __init__(self):
-        self._stream = check(runtime().cudaStreamCreate(), "cudaStreamCreate")
+        rt = runtime()
+        # Non-blocking: a blocking stream synchronises with the legacy default stream, which is
+        # PyTorch's default stream too. Any torch work there (GPU preprocessing, another model)
+        # would then serialise with both pipeline slots, and a launch during a capture would
+        # invalidate it (cudaErrorStreamCaptureImplicit).
+        self._stream = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking),
+                             "cudaStreamCreateWithFlags")
+        self._handle = handle(self._stream)
 
     @property
     def handle(self) -> int:
-        return handle(self._stream)
+        return self._handle
 
     @property
     def raw(self) -> Any:
@@ -179,7 +188,10 @@ class Stream:
 
 class Event:
     def __init__(self):
-        self._event = check(runtime().cudaEventCreate(), "cudaEventCreate")
+        rt = runtime()
+        # Completion markers only: no timing (cheaper to record and to wait on).
+        self._event = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming),
+                            "cudaEventCreateWithFlags")
 
     @property
     def raw(self) -> Any:
@@ -298,12 +310,17 @@ class GraphExec:
         rt = runtime()
         self._graph = graph
         try:
-            # cuda-python >= 12 mirrors CUDA 12's cudaGraphInstantiate(graph, flags); 11.x took
-            # (graph, log buffer, size) and returned an error node as well.
-            result = rt.cudaGraphInstantiate(graph, 0)
-        except TypeError:
-            result = rt.cudaGraphInstantiate(graph, b"", 0)[:2]
-        self._exec = check(result, "cudaGraphInstantiate")
+            try:
+                # cuda-python >= 12 mirrors CUDA 12's cudaGraphInstantiate(graph, flags); 11.x
+                # took (graph, log buffer, size) and returned an error node as well.
+                result = rt.cudaGraphInstantiate(graph, 0)
+            except TypeError:
+                result = rt.cudaGraphInstantiate(graph, b"", 0)[:2]
+            self._exec = check(result, "cudaGraphInstantiate")
+        except BaseException:
+            rt.cudaGraphDestroy(graph)
+            self._graph = None
+            raise
 
     def launch(self, stream: Stream) -> None:
         check(runtime().cudaGraphLaunch(self._exec, stream.raw), "cudaGraphLaunch")

@@ -105,21 +105,26 @@ def _is_cuda_tensor(x: Any) -> bool:
 class _Slot:
     def __init__(self, cudart, inputs: dict[str, tuple], output: tuple, capacity: int,
                  scratch_bytes: int):
-        self.stream = cudart.Stream()
-        self.done = cudart.Event()
-        self.scratch = cudart.DeviceBuffer(scratch_bytes)
+        self.stream = self.done = self.scratch = None
         self.device: dict[str, Any] = {}
         self.host: dict[str, np.ndarray] = {}
         self._pinned = []
-        for name, (dtype, row) in {**inputs, output[0]: output[1:]}.items():
-            nbytes = capacity * int(np.prod(row, dtype=np.int64)) * np.dtype(dtype).itemsize
-            self.device[name] = cudart.DeviceBuffer(nbytes)
-            pinned = cudart.PinnedBuffer(nbytes)
-            self._pinned.append(pinned)
-            self.host[name] = pinned.array(dtype, (capacity, *row))
         self.contexts: dict[int, Any] = {}
         self.graphs: dict[int, Any] = {}
         self.pending: tuple[np.ndarray, Chunk] | None = None
+        try:  # a failed allocation (out of memory) must not leak what was already allocated
+            self.stream = cudart.Stream()
+            self.done = cudart.Event()
+            self.scratch = cudart.DeviceBuffer(scratch_bytes)
+            for name, (dtype, row) in {**inputs, output[0]: output[1:]}.items():
+                nbytes = capacity * int(np.prod(row, dtype=np.int64)) * np.dtype(dtype).itemsize
+                self.device[name] = cudart.DeviceBuffer(nbytes)
+                pinned = cudart.PinnedBuffer(nbytes)
+                self._pinned.append(pinned)
+                self.host[name] = pinned.array(dtype, (capacity, *row))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         # graphs reference the contexts' kernels: destroy them first, then the contexts
@@ -128,10 +133,9 @@ class _Slot:
                 g.close()
         self.graphs.clear()
         self.contexts.clear()
-        for buf in [*self.device.values(), *self._pinned, self.scratch]:
-            buf.close()
-        self.done.close()
-        self.stream.close()
+        for res in [*self.device.values(), *self._pinned, self.scratch, self.done, self.stream]:
+            if res is not None:  # None: the constructor failed before allocating it
+                res.close()
 
 
 class _Tower:
@@ -158,8 +162,10 @@ class _Tower:
         for n in input_names:
             self.inputs[n] = (self._np_dtype(n), self._row_shape(n))
         self.output = (output_name, self._np_dtype(output_name), self._row_shape(output_name))
-        self.scratch_bytes = int(getattr(self.engine, "device_memory_size_v2", None)
-                                 or self.engine.device_memory_size)
+        # TensorRT 11 removed device_memory_size (superseded by _v2 since 10.1); a v2 of 0 is
+        # a valid answer, not a reason to ask the old attribute.
+        v2 = getattr(self.engine, "device_memory_size_v2", None)
+        self.scratch_bytes = int(v2 if v2 is not None else self.engine.device_memory_size)
         self.slots: list[_Slot] = []
         try:
             for _ in range(SLOTS):
@@ -242,10 +248,11 @@ class _Tower:
             ok = ctx.execute_async_v3(slot.stream.handle)
             graph = cudart.end_capture(slot.stream)
             if not ok:
+                cudart.runtime().cudaGraphDestroy(graph)
                 raise ClipfastError("execute_async_v3 returned False during capture: "
                                     + " | ".join(self.logger.errors(since)))
             slot.graphs[bucket] = cudart.GraphExec(graph)
-        except (ClipfastError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - the stream must leave capture mode whatever failed
             cudart.abort_capture(slot.stream)
             slot.graphs[bucket] = None
             reason = f"CUDA graph capture failed for batch {bucket}: {e}"
