@@ -136,4 +136,8 @@ class GpuPreprocessor:
         pixels = (torch.stack([parts[i] for i in order]) if order
                   else torch.empty((0, 3, h, w), device=self.device))
         failures.sort(key=lambda f: f.index)
+        if pixels.is_cuda:
+            # The towers may read these on another stream (ONNX Runtime, TensorRT) or from
+            # another thread (the Engine's prefetch): the kernels that wrote them must be done.
+            torch.cuda.current_stream(pixels.device).synchronize()
         return pixels, order, failures

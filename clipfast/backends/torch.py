@@ -185,6 +185,10 @@ class GraphCache:
         self.reasons[tower] = reason
         for key in [k for k in self.entries if k[0] == tower]:
             del self.entries[key]
+        if not self.entries:
+            # the pool's owner may be gone with its graph: a released private pool cannot be
+            # reopened by a later capture, so the next one starts a fresh pool
+            self.pool = None
 
     def disabled(self, tower: str) -> str | None:
         return self.reasons.get(tower)
@@ -205,6 +209,10 @@ def fill_static(static: Any, chunk: Any) -> None:
 
 
 # -- the backend ----------------------------------------------------------------------------------
+class _CaptureFailed(Exception):
+    """A CUDA graph could not be captured (the message is the first line of torch's error)."""
+
+
 class TorchBackend:
     name = "torch"
 
@@ -407,8 +415,12 @@ class TorchBackend:
         graph can reuse that memory.
         """
         key = (which, rows, *(tuple(a.shape[1:]) for a in chunk))
-        entry = self._graphs.get_or_capture(key, lambda pool: self._capture(which, rows, chunk,
-                                                                            pool))
+        try:
+            entry = self._graphs.get_or_capture(key, lambda pool: self._capture(which, rows, chunk,
+                                                                                pool))
+        except RuntimeError as e:  # only capture failures turn graphs off; replay errors raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise _CaptureFailed(first) from e
         for static, a in zip(entry.inputs, chunk, strict=True):
             fill_static(static, a)
         entry.graph.replay()
@@ -430,10 +442,10 @@ class TorchBackend:
                     try:
                         outs.append(self._replay(which, chunk, rows))
                         continue
-                    except RuntimeError as e:
+                    except _CaptureFailed as e:
                         # Some towers hold ops a graph cannot capture (host syncs, data-dependent
                         # shapes): run them eagerly rather than fail.
-                        reason = f"capture failed: {str(e).strip().splitlines()[0]}"
+                        reason = f"capture failed: {e}"
                         log.warning("clipfast: CUDA graphs off for the %s tower (%s)", which,
                                     reason)
                         self._graphs.disable(which, reason)
