@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--int8-method", default="static", choices=["static", "dynamic"],
                    help="int8: static (QDQ, calibrated activation ranges; batch-independent, "
                         "TensorRT-ready; default) or dynamic (int8 weights, activation ranges per "
-                        "batch; ~15%% faster on CPU, embeddings depend slightly on the batch)")
+                        "batch; faster on CPU, the text tower most; embeddings depend slightly "
+                        "on the batch)")
     e.add_argument("--no-fuse", action="store_true",
                    help="skip ONNX Runtime's transformer fusions (plain ONNX operators only)")
     e.add_argument("--opset", type=int, default=17)

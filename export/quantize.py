@@ -5,10 +5,10 @@
 - ``static_qdq`` (the default): explicit QuantizeLinear/DequantizeLinear pairs (the portable
   form TensorRT and ONNX Runtime both consume), symmetric per-channel int8 weights, activations
   calibrated on the given feeds with percentile / entropy / min-max ranges; or
-- ``dynamic`` (about 15% faster on CPU): symmetric per-channel int8 weights, activation ranges
-  computed per batch at run time (MatMulInteger, QAttention on fused graphs); no calibration
-  ranges are needed, but the calibration feeds' per-channel statistics still drive SmoothQuant
-  and the guard.
+- ``dynamic`` (faster on CPU: ViT-B-32 image tower +2%, text tower +27%): symmetric
+  per-channel int8 weights, activation ranges computed per batch at run time (MatMulInteger,
+  QAttention on fused graphs); no calibration ranges are needed, but the calibration feeds'
+  per-channel statistics still drive SmoothQuant and the guard.
 
 Kept in float by default, because int8 is where their error comes from and they cost little:
 the patch-embedding Conv (the Conv reading the pixels), LayerNormalization (also the fused
