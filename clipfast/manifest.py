@@ -39,6 +39,15 @@ def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
+def artifact_digest(manifest) -> str:
+    """16 hex digits identifying an artifact's content (its files' checksums): the name of its
+    cache folders (TensorRT engines, ONNX Runtime's TensorRT provider) outside the artifact."""
+    h = hashlib.sha256()
+    for name, entry in sorted((manifest.get("files") or {}).items()):
+        h.update(f"{name}:{entry['sha256']}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def write_manifest(directory: str | os.PathLike, data: dict[str, Any], files: list[str]) -> Path:
     """Write ``manifest.json`` into ``directory`` with checksums of ``files`` (relative names)."""
     directory = Path(directory)

@@ -40,6 +40,7 @@ from typing import Any
 
 from clipfast.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
+from clipfast.manifest import artifact_digest
 
 log = logging.getLogger("clipfast.tensorrt")
 
@@ -255,15 +256,6 @@ def check_sidecar(sidecar: dict[str, Any], wanted: EngineKey) -> str | None:
 
 
 # -- cache location ----------------------------------------------------------------------------
-def artifact_digest(manifest) -> str:
-    """16 hex digits identifying an artifact's content (its files' checksums): the per-artifact
-    cache folder name when engines cannot live inside the artifact."""
-    h = hashlib.sha256()
-    for name, entry in sorted(manifest["files"].items()):
-        h.update(f"{name}:{entry['sha256']}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def _writable_dir(path: Path) -> bool:
     """Whether files can be created in ``path`` (created if missing)."""
     try:

@@ -105,10 +105,20 @@ class ExportOptions:
     batch_profile: BatchProfile | None = None
 
     @property
+    def fusion_off_reason(self) -> str | None:
+        """Why ONNX Runtime's fusions do not run (the graph record says it), or None when they
+        do: --no-fuse, or --tensorrt, whose parser rejects the com.microsoft operators they
+        produce."""
+        if self.tensorrt:
+            from clipfast.tensorrt_build import FUSION_OFF_NOTE
+
+            return FUSION_OFF_NOTE
+        return None if self.fuse else "off (--no-fuse)"
+
+    @property
     def fuse_graphs(self) -> bool:
-        """Whether ONNX Runtime's fusions run: not with --tensorrt, whose parser rejects the
-        com.microsoft operators they produce."""
-        return self.fuse and not self.tensorrt
+        """Whether ONNX Runtime's fusions run."""
+        return self.fusion_off_reason is None
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -247,17 +257,18 @@ def _check_feed(source, which: str) -> dict[str, np.ndarray]:
 
 
 def _fuse_tower(source, which: str, raw: Path, fused: Path, rewrite_note: str | None,
-                enabled: bool) -> tuple[Path, dict[str, Any]]:
+                off_reason: str | None) -> tuple[Path, dict[str, Any]]:
     """Fuse one exported tower; return ``(graph to use, manifest["graph"][which] record)``.
 
     The fused graph is used only when it has one fused Attention per transformer block and
     reproduces the source tower; otherwise the unfused graph is kept and the record says why.
+    ``off_reason``: fusion is off (ExportOptions.fusion_off_reason), recorded as given.
     """
     from clipfast.export.fusion import attention_spec, optimize
 
     record: dict[str, Any] = {"fused": None, "fusion": None}
-    if not enabled:
-        record["fusion"] = "off (--no-fuse)"
+    if off_reason is not None:
+        record["fusion"] = off_reason
         return raw, record
     tower = source.image_tower if which == "image" else source.text_tower
     spec, reason = attention_spec(tower, which)
@@ -553,11 +564,7 @@ def run_export(options: ExportOptions) -> Path:
         for which in ("image", "text"):
             fp32_graphs[which], graph[which] = _fuse_tower(
                 source, which, build / f"{which}.fp32.onnx", build / f"{which}.fused.onnx",
-                notes[which], options.fuse_graphs)
-            if options.tensorrt:
-                from clipfast.tensorrt_build import FUSION_OFF_NOTE
-
-                graph[which]["fusion"] = FUSION_OFF_NOTE
+                notes[which], options.fusion_off_reason)
         gates = GATES[options.precision]
         quantization = None
         if options.precision == "fp32":

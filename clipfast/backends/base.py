@@ -6,6 +6,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from clipfast.errors import InputError
+
 
 class Backend(Protocol):
     """A loaded pair of towers.
@@ -25,6 +27,37 @@ class Backend(Protocol):
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def option_bool(name: str, value: Any, owner: str = "backend") -> bool:
+    """A backend option that must be True or False; InputError naming it otherwise."""
+    if not isinstance(value, bool):
+        raise InputError(f"{owner} option {name}={value!r}: expected True or False")
+    return value
+
+
+def option_choice(name: str, value: Any, choices: tuple[str, ...], owner: str = "backend"
+                  ) -> Any:
+    """A backend option that must be one of ``choices``; InputError naming it otherwise."""
+    if value not in choices:
+        raise InputError(f"{owner} option {name}={value!r}: expected one of "
+                         f"{', '.join(map(str, choices))}")
+    return value
+
+
+def option_device_id(value: Any) -> int:
+    """The ``device_id`` backend option: a CUDA device index."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InputError(f"backend option device_id={value!r}: expected a CUDA device index >= 0")
+    return value
+
+
+def is_torch_tensor(x: Any, device_type: str | None = None) -> bool:
+    """Whether ``x`` is a torch tensor (on ``device_type`` when given), without importing torch
+    (the CPU runtime does not need it)."""
+    if not (type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")):
+        return False
+    return device_type is None or getattr(getattr(x, "device", None), "type", None) == device_type
 
 
 def host_array(x, dtype) -> np.ndarray:

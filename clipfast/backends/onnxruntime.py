@@ -44,7 +44,6 @@ Backend options (``Engine(..., backend_options={...})``; unknown ones are ignore
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -54,9 +53,16 @@ from typing import Any
 
 import numpy as np
 
-from clipfast.backends.base import host_array
+from clipfast.backends.base import (
+    host_array,
+    is_torch_tensor,
+    option_bool,
+    option_choice,
+    option_device_id,
+)
 from clipfast.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
+from clipfast.manifest import artifact_digest
 
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
 ORT_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64,
@@ -69,7 +75,6 @@ CPU_EP, CUDA_EP, TRT_EP = ("CPUExecutionProvider", "CUDAExecutionProvider",
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
-DEFAULT_PROFILE = BatchProfile(1, 64, 256)
 ENV_CACHE_DIR = "CLIPFAST_CACHE_DIR"
 # Device input buffers kept per (tower, input, shape): the engine sends a full-size chunk and at
 # most a few remainders, so a handful covers steady state without holding memory for every shape.
@@ -124,29 +129,6 @@ def physical_cores() -> int:
     return max(1, min(count, limit) if limit else count)
 
 
-def _option_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"backend option {name}={value!r}: expected True or False")
-    return value
-
-
-def _option_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise InputError(f"backend option {name}={value!r}: expected one of {', '.join(choices)}")
-    return value
-
-
-def _option_device_id(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InputError(f"backend option device_id={value!r}: expected a CUDA device index >= 0")
-    return value
-
-
-def profile_option(value: Any) -> BatchProfile:
-    """The ``profile`` backend option as a BatchProfile (see clipfast.batching.as_profile)."""
-    return as_profile(value, "backend option profile")
-
-
 def tensorrt_cache_dir(manifest, profile: BatchProfile, ort_version: str) -> Path:
     """Where the TensorRT EP keeps engines and its timing cache for this artifact.
 
@@ -159,14 +141,8 @@ def tensorrt_cache_dir(manifest, profile: BatchProfile, ort_version: str) -> Pat
     base = os.environ.get(ENV_CACHE_DIR, "").strip()
     if not base:
         return Path(manifest.directory) / "cache" / leaf
-    files = manifest.get("files") or {}
-    h = hashlib.sha256()
-    for key in ("image", "text"):
-        name = manifest[key]["file"]
-        entry = files.get(name) if isinstance(files, dict) else None
-        h.update(str(entry.get("sha256") if isinstance(entry, dict) else name).encode())
     name = Path(manifest.directory).resolve().name
-    return Path(base).expanduser() / f"{name}-{h.hexdigest()[:12]}" / leaf
+    return Path(base).expanduser() / f"{name}-{artifact_digest(manifest)[:12]}" / leaf
 
 
 def _profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, str]] | None:
@@ -256,10 +232,6 @@ def _session_options(ort, threads: int | None):
     return so
 
 
-def _is_torch_tensor(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
-
-
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -269,16 +241,16 @@ class OnnxRuntimeBackend:
                  ort_cudnn_conv_algo_search: str = "EXHAUSTIVE",
                  ort_arena_extend_strategy: str = "kSameAsRequested", profile: Any = None):
         # Options are checked before anything is loaded: a typo fails fast, naming the option.
-        tensorrt = _option_bool("ort_tensorrt", ort_tensorrt)
+        tensorrt = option_bool("ort_tensorrt", ort_tensorrt)
         precision = manifest.get("precision")
         trt_fp16 = (precision == "fp16" if ort_trt_fp16 is None
-                    else _option_bool("ort_trt_fp16", ort_trt_fp16))
-        device_id = _option_device_id(device_id)
-        conv_search = _option_choice("ort_cudnn_conv_algo_search", ort_cudnn_conv_algo_search,
+                    else option_bool("ort_trt_fp16", ort_trt_fp16))
+        device_id = option_device_id(device_id)
+        conv_search = option_choice("ort_cudnn_conv_algo_search", ort_cudnn_conv_algo_search,
                                      CUDNN_CONV_ALGO_SEARCH)
-        arena = _option_choice("ort_arena_extend_strategy", ort_arena_extend_strategy,
+        arena = option_choice("ort_arena_extend_strategy", ort_arena_extend_strategy,
                                ARENA_EXTEND_STRATEGIES)
-        batch_profile = profile_option(profile)
+        batch_profile = as_profile(profile, "backend option profile")
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -411,7 +383,7 @@ class OnnxRuntimeBackend:
 
     def run_image(self, pixels: Any) -> np.ndarray:
         dtype = _DTYPES.get(self._image_input.type, np.float32)
-        if _is_torch_tensor(pixels):
+        if is_torch_tensor(pixels):
             out = self._run_bound(pixels, dtype)
         elif self.device == "cuda":
             x = host_array(pixels, dtype)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from clipfast.backends.base import host_array
+from clipfast.backends.base import host_array, is_torch_tensor, option_bool, option_choice
 from clipfast.batching import BatchProfile, bucket_for, chunks
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
@@ -87,18 +87,9 @@ def parse_options(profile: Any = None, cache_dir: Any = None, build: str = "miss
     """Validate the backend options; ClipfastError names the bad one."""
     from clipfast.tensorrt_build import profile_from
 
-    if build not in BUILD_MODES:
-        raise ClipfastError(f"tensorrt backend option build={build!r}: expected one of "
-                            f"{BUILD_MODES}")
-    if not isinstance(cuda_graphs, bool):
-        raise ClipfastError(f"tensorrt backend option cuda_graphs={cuda_graphs!r}: expected "
-                            "True or False")
+    option_choice("build", build, BUILD_MODES, owner="tensorrt backend")
+    option_bool("cuda_graphs", cuda_graphs, owner="tensorrt backend")
     return profile_from(profile), (Path(cache_dir) if cache_dir else None), build, cuda_graphs
-
-
-def _is_cuda_tensor(x: Any) -> bool:
-    return (type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
-            and getattr(getattr(x, "device", None), "type", None) == "cuda")
 
 
 # -- one tower ---------------------------------------------------------------------------------
@@ -267,7 +258,7 @@ class _Tower:
             src = feed[n]
             dev = slot.device[n]
             row_bytes = int(np.prod(row, dtype=np.int64)) * dtype.itemsize
-            if _is_cuda_tensor(src):
+            if is_torch_tensor(src, "cuda"):
                 # already on the GPU (GPU preprocessing): device-to-device into the slot buffer
                 offset = chunk.start * row_bytes
                 cudart.memcpy_dtod_async(dev.ptr, src.data_ptr() + offset,
@@ -432,7 +423,7 @@ class TensorRTBackend:
     def _image_feed(self, pixels: Any) -> dict[str, Any]:
         tower = self._towers["image"]
         name, (dtype, row) = next(iter(tower.inputs.items()))
-        if _is_cuda_tensor(pixels):
+        if is_torch_tensor(pixels, "cuda"):
             import torch
 
             x = pixels.detach().to(dtype=getattr(torch, dtype.name)).contiguous()

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.backends.base import option_bool, option_device_id
 from clipfast.batching import BatchProfile, as_profile, bucket_for, chunks
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
@@ -42,7 +43,6 @@ log = logging.getLogger("clipfast")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ATTENTION_MODES = ("auto", "sdpa", "kernel")
 ENV_ATTENTION = "CLIPFAST_TORCH_ATTENTION"
-DEFAULT_PROFILE = BatchProfile(1, 64, 256)
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 # Eager runs on the capture stream before each capture: cuBLAS / cuDNN pick and cache their
 # algorithms and workspaces and the allocator settles, none of which may happen during capture.
@@ -67,17 +67,6 @@ class TorchOptions:
     attention_origin: str
     profile: BatchProfile
     device_id: int = 0
-
-
-def _bool_option(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"backend option {name}={value!r}: expected True or False")
-    return value
-
-
-def profile_option(value: Any) -> BatchProfile:
-    """The ``profile`` backend option as a BatchProfile (see clipfast.batching.as_profile)."""
-    return as_profile(value, "backend option profile")
 
 
 def attention_request(option: Any, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -109,13 +98,11 @@ def parse_options(device: str, *, dtype: Any = "auto", cuda_graphs: Any = None,
         raise InputError(f"backend option dtype={dtype!r}: expected one of auto, "
                          f"{', '.join(DTYPES)}")
     resolved = ("fp16" if device == "cuda" else "fp32") if dtype == "auto" else dtype
-    graphs = device == "cuda" if cuda_graphs is None else _bool_option("cuda_graphs", cuda_graphs)
-    do_compile = _bool_option("compile", compile)
+    graphs = device == "cuda" if cuda_graphs is None else option_bool("cuda_graphs", cuda_graphs)
+    do_compile = option_bool("compile", compile)
     mode, origin = attention_request(attention, os.environ if environ is None else environ)
-    batch_profile = profile_option(profile)
-    if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
-        raise InputError(f"backend option device_id={device_id!r}: expected a CUDA device "
-                         "index >= 0")
+    batch_profile = as_profile(profile, "backend option profile")
+    device_id = option_device_id(device_id)
     if device == "cpu":
         # The CPU path is the fp32 reference; half precision, graphs and compile are CUDA
         # features here. BackendUnavailable, not InputError: in the auto chain the CPU entry is a
