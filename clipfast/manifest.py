@@ -39,6 +39,16 @@ def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
+def tower_input_dims(manifest, tower: str) -> dict[str, tuple[int, ...]]:
+    """``{input name: dims after the batch}`` of a tower, from the manifest: the image input's
+    ``(C, H, W)``, every text input's ``(context_length,)``. What a backend that builds for
+    fixed shapes (TensorRT optimization profiles) needs beyond the batch range."""
+    if tower == "image":
+        return {manifest["image"]["input"]: tuple(int(d) for d in manifest["image"]["shape"])}
+    length = int(manifest["tokenizer"]["context_length"])
+    return {name: (length,) for name in manifest["text"]["inputs"]}
+
+
 def artifact_digest(manifest) -> str:
     """16 hex digits identifying an artifact's content (its files' checksums): the name of its
     cache folders (TensorRT engines, ONNX Runtime's TensorRT provider) outside the artifact."""

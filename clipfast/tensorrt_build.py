@@ -40,7 +40,7 @@ from typing import Any
 
 from clipfast.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
-from clipfast.manifest import artifact_digest
+from clipfast.manifest import artifact_digest, tower_input_dims
 
 log = logging.getLogger("clipfast.tensorrt")
 
@@ -434,13 +434,6 @@ def _profile_shapes(network, profile: BatchProfile, static_dims: dict[str, tuple
     return shapes
 
 
-def _static_dims(manifest, tower: str) -> dict[str, tuple[int, ...]]:
-    if tower == "image":
-        return {manifest["image"]["input"]: tuple(int(d) for d in manifest["image"]["shape"])}
-    length = int(manifest["tokenizer"]["context_length"])
-    return {name: (length,) for name in manifest["text"]["inputs"]}
-
-
 def build_engine(onnx_path: Path, key: EngineKey, cache_dir: Path, *,
                  static_dims: dict[str, tuple[int, ...]] | None = None,
                  device_name: str | None = None) -> Path:
@@ -532,7 +525,7 @@ def ensure_engine(manifest, tower: str, profile: BatchProfile, cache_dir: Path, 
         from tqdm.auto import tqdm
 
         tqdm.write(f"clipfast: {msg}")
-    path = build_engine(onnx_path, key, cache_dir, static_dims=_static_dims(manifest, tower),
+    path = build_engine(onnx_path, key, cache_dir, static_dims=tower_input_dims(manifest, tower),
                         device_name=cudart.device_name())
     return path, key, True
 

@@ -62,7 +62,7 @@ from clipfast.backends.base import (
 )
 from clipfast.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
-from clipfast.manifest import artifact_digest
+from clipfast.manifest import artifact_digest, tower_input_dims
 
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
 ORT_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64,
@@ -150,16 +150,13 @@ def _profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, str]
     manifest's input names and shapes; None when the manifest lacks them (ORT then builds for
     the shapes it sees, rebuilding on a new batch size)."""
     try:
-        image = manifest["image"]
-        c, h, w = (int(v) for v in image["shape"])
-        length = int(manifest["tokenizer"]["context_length"])
-        texts = list(manifest["text"]["inputs"])
-        image_name = image["input"]
+        per_tower = {tower: [(name, "x".join(map(str, tail)))
+                             for name, tail in tower_input_dims(manifest, tower).items()]
+                     for tower in ("image", "text")}
     except (KeyError, TypeError, ValueError):
         return None
     out: dict[str, dict[str, str]] = {}
-    for tower, dims in (("image", [(image_name, f"{c}x{h}x{w}")]),
-                        ("text", [(n, str(length)) for n in texts])):
+    for tower, dims in per_tower.items():
         out[tower] = {
             f"trt_profile_{which}_shapes": ",".join(f"{n}:{batch}x{tail}" for n, tail in dims)
             for which, batch in (("min", profile.min), ("opt", profile.opt), ("max", profile.max))
