@@ -494,11 +494,9 @@ def _quantize(source, options: ExportOptions, graphs: dict[str, dict[str, Path]]
             # The other graph is tried only when it is a different file: a static build on the
             # fused graph keeps the Q/K/V projections inside the float Attention op, which can
             # rescue a tower whose every plain-graph configuration missed the gate.
-            kinds = dict.fromkeys([graph_kind, *(k for k in graphs[which] if k != graph_kind)])
+            kinds = [graph_kind, *(k for k, g in graphs[which].items() if g != src_graph)]
             refusals = []
             for kind in kinds:
-                if kind != graph_kind and graphs[which][kind] == src_graph:
-                    continue
                 try:
                     report = guarded_quantize(graphs[which][kind], out, calib, measure,
                                               _tower_gates(gates, which), quant_options)
