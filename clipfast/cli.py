@@ -78,32 +78,56 @@ def _add_profile_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    """The golden self-check (numpy and the runtime only), then, where the export extras are
+    installed, the full comparison against the PyTorch source."""
     import clipfast
+    from clipfast.errors import FidelityError
     from clipfast.fidelity import check_gates
 
+    engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device,
+                             self_check=False)
+    print(f"clipfast verify {args.artifact} (backend {engine.backend} on "
+          f"{engine.backend_device}, precision {engine.manifest.precision})")
+    from clipfast.cpu import host_cpu
+
+    print(f"  host CPU: {host_cpu().describe()}")
+    exported_on = engine.manifest.get("exported_on")
+    if isinstance(exported_on, dict):
+        print(f"  exported on: {exported_on.get('model')} ({exported_on.get('isa')})")
+    failed = False
+    print("self-check against the golden outputs stored at export:")
+    try:
+        golden = engine.check_golden()
+    except FidelityError as e:
+        golden, failed = getattr(e, "figures", None), True
+        print(f"  FAILED: {e}")
+    if golden is None and not failed:
+        print("  none: the artifact has no golden outputs (re-export it with this clipfast)")
+    for key, value in (golden or {}).items():
+        print(f"  {key:32s} {value}")
     try:
         from clipfast.export.sources import load_source_from_spec
         from clipfast.export.verify import images_from_dir, measure
     except ImportError as e:
-        raise ClipfastError(
-            f"`clipfast verify` compares against the PyTorch source and needs the export extras: "
-            f"pip install 'clipfast[export]' ({e})"
-        ) from e
-    engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device)
+        if args.images:
+            raise ClipfastError(f"--images compares against the PyTorch source, which needs the "
+                                f"export extras: pip install 'clipfast[export]' ({e})") from e
+        print(f"comparison against the PyTorch source skipped: {e} (pip install "
+              "'clipfast[export]' for it)")
+        return 1 if failed else 0
     source = load_source_from_spec(engine.manifest["source"])
     images = [str(p) for p in images_from_dir(args.images)] if args.images else None
     figures = measure(source, engine, images=images)
     gates = engine.manifest.get("gates") or {}
     failures = check_gates(figures, gates)
-    print(f"clipfast verify {args.artifact} (backend {engine.backend}, "
-          f"precision {engine.manifest.precision})")
+    print("against the PyTorch source:")
     for key, value in figures.items():
         print(f"  {key:32s} {value}")
     if failures:
         print("FAILED gates:\n  " + "\n  ".join(failures))
         return 1
-    print(f"all {len(gates)} gates passed")
-    return 0
+    print(f"all {len(gates)} gates passed" + ("; the self-check FAILED" if failed else ""))
+    return 1 if failed else 0
 
 
 def _print_info(directory: str | Path) -> None:
@@ -232,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(fn=_cmd_build_engines)
 
-    v = sub.add_parser("verify", help="re-measure fidelity against the PyTorch source")
+    v = sub.add_parser("verify", help="check the artifact's golden outputs on this host and, "
+                       "with the export extras, re-measure fidelity against the PyTorch source")
     v.add_argument("artifact")
     v.add_argument("--images", default=None, help="directory of images (default: built-in set)")
     v.add_argument("--backend", default="onnxruntime")

@@ -100,14 +100,50 @@ def parse_cpuinfo(text: str, machine: str) -> CpuInfo:
                    flags=tuple(f for f in wanted if f in flags))
 
 
+# numpy's CPUID feature names -> /proc/cpuinfo names. numpy asks the CPU itself (CPUID, or the
+# auxiliary vector on ARM), so it also sees an emulated CPU (qemu -cpu MODEL) as the programs in
+# this process see it, where /proc/cpuinfo still describes the physical one.
+_NUMPY_FLAGS = {"SSE42": "sse4_2", "AVX": "avx", "AVX2": "avx2", "FMA3": "fma", "F16C": "f16c",
+                "AVX512F": "avx512f", "AVX512BW": "avx512bw", "AVX512VL": "avx512vl",
+                "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16",
+                "AVX512FP16": "avx512_fp16", "ASIMD": "asimd", "ASIMDDP": "asimddp",
+                "SVE": "sve"}
+
+
+def _cpuid_flags() -> set[str] | None:
+    """The flags numpy detected at import (CPUID), in /proc/cpuinfo names, or None."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return None
+    return {name for key, name in _NUMPY_FLAGS.items() if features.get(key)}
+
+
+def merge_flags(cpuinfo: CpuInfo, cpuid: set[str] | None) -> CpuInfo:
+    """Combine /proc/cpuinfo with what CPUID says. CPUID wins on every flag it knows;
+    the flags only /proc/cpuinfo lists (avx_vnni, amx_*) are kept only where both agree on the
+    rest, i.e. /proc/cpuinfo describes the CPU this process runs on and not an emulator's host."""
+    if cpuid is None:
+        return cpuinfo
+    known = set(_NUMPY_FLAGS.values())
+    proc = set(cpuinfo.flags)
+    agree = (proc & known) == (cpuid & set(RELEVANT_FLAGS + ARM_FLAGS)) or not proc
+    flags = cpuid | ((proc - known) if agree else set())
+    wanted = ARM_FLAGS if cpuinfo.machine in ("aarch64", "arm64") else RELEVANT_FLAGS
+    return CpuInfo(machine=cpuinfo.machine, model=cpuinfo.model,
+                   flags=tuple(f for f in wanted if f in flags))
+
+
 @functools.lru_cache(maxsize=1)
 def host_cpu() -> CpuInfo:
-    """This machine's CpuInfo (read once)."""
-    path = "/proc/cpuinfo"
+    """This machine's CpuInfo (read once): /proc/cpuinfo checked against CPUID."""
     machine = platform.machine()
     try:
-        with open(path) as f:
-            text = f.read()
+        with open("/proc/cpuinfo") as f:
+            info = parse_cpuinfo(f.read(), machine)
     except OSError:
-        return CpuInfo(machine=machine, model=platform.processor() or machine)
-    return parse_cpuinfo(text, machine)
+        info = CpuInfo(machine=machine, model=platform.processor() or machine)
+    return merge_flags(info, _cpuid_flags())

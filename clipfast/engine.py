@@ -83,6 +83,11 @@ class Engine:
         ``{"profile": {"min": 1, "opt": 64, "max": 256}, "build": "never"}`` for tensorrt,
         ``{"dtype": "fp16", "cuda_graphs": True, "compile": False}`` for torch.
     exif_transpose / alpha_background: image loading policy (see ``clipfast.preprocess``).
+    self_check: run the artifact's golden inputs through the chosen backend and compare with the
+        fp32 source's outputs stored at export, with the artifact's gates (``clipfast.selfcheck``;
+        about 0.5 s for ViT-B-32 on 2 cores). Below the gate, "auto" moves on to the next
+        backend (``fallbacks`` holds the figures) and an explicit backend raises FidelityError.
+        ``self_check_figures`` holds the chosen backend's figures.
     """
 
     def __init__(
@@ -99,7 +104,9 @@ class Engine:
         alpha_background: tuple[int, int, int] = (255, 255, 255),
         prompt_template: str = DEFAULT_TEMPLATE,
         backend_options: dict[str, Any] | None = None,
+        self_check: bool = True,
     ):
+        from clipfast.selfcheck import load_golden, run_self_check
         from clipfast.tokenizer import Tokenizer
 
         device = (device or "cpu").lower()
@@ -125,9 +132,18 @@ class Engine:
         self.preprocess_config = self.manifest.preprocess
         tok_cfg = self.manifest.tokenizer
         self.tokenizer = Tokenizer(tok_cfg, self.manifest.path(tok_cfg.file))
+        self.self_check_figures: dict[str, Any] | None = None
+        golden = load_golden(self.manifest) if self_check else None
+        if self_check and golden is None:
+            log.info("clipfast: %s has no golden outputs (exported before they existed); "
+                     "self-check skipped", self.manifest.directory)
+
+        def check(candidate, label: str) -> None:
+            self.self_check_figures = run_self_check(candidate, self.manifest, golden, label)
+
         self._backend, self.fallbacks = resolve_backend(
             backend, self.manifest, device, fallback=fallback, threads=threads,
-            **(backend_options or {}))
+            check=check if golden is not None else None, **(backend_options or {}))
         if self.backend_device != device:
             log.warning("clipfast: device %r was asked for; the %s backend runs on %r (%s)",
                         device, self._backend.name, self.backend_device,
@@ -174,7 +190,16 @@ class Engine:
             "batch_size": self._chunk,
             "embed_dim": self.embed_dim,
             "fallbacks": list(self.fallbacks),
+            "self_check": self.self_check_figures,
         }
+
+    def check_golden(self) -> dict[str, Any] | None:
+        """Run the self-check again on the engine's backend: the figures, or None for an
+        artifact without golden outputs; FidelityError below the gate."""
+        from clipfast.selfcheck import load_golden, run_self_check
+
+        return run_self_check(self._backend, self.manifest, load_golden(self.manifest),
+                              f"backend {self.backend} ({self.backend_device})")
 
     def __repr__(self) -> str:
         return (f"Engine({str(self.manifest.directory)!r}, backend={self.backend!r}, "

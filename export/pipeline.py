@@ -23,6 +23,7 @@ import numpy as np
 
 import clipfast
 from clipfast.batching import BatchProfile
+from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError, FidelityError
 from clipfast.fidelity import (
     GATES,
@@ -215,10 +216,18 @@ class _Stages:
 
 # -- graphs ------------------------------------------------------------------------------------
 def _ort_session(path: Path):
+    """A CPU session of ``path`` as the runtime would open it on this host: a full-range int8
+    graph on a CPU whose integer kernels saturate runs its Q/DQ pairs as float
+    (clipfast.backends.onnxruntime.int8_plan), so the export measures what users will get."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # fp16 / QDQ graphs log harmless CPU fallback warnings
+    if host_cpu().int8_saturates:
+        from clipfast.export.quantize import SAFE_WEIGHT_MAX, int8_weight_abs_max
+
+        if (int8_weight_abs_max(path) or 0) > SAFE_WEIGHT_MAX:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -482,7 +491,10 @@ def _quantize(source, options: ExportOptions, graphs: dict[str, dict[str, Path]]
     images = [str(p) for p in images_from_dir(options.images)] if options.images else None
     fidelity = TowerFidelity(source, images)
     method, graph_kinds = INT8_METHODS[options.int8_method]
-    quant_options = QuantOptions(method=method)
+    # TensorRT takes zero-point-0 int8 only; ONNX Runtime gets the portable format, which every
+    # CPU computes alike (export/quantize.py INT8_FORMATS).
+    quant_options = QuantOptions.for_format("tensorrt" if options.tensorrt else "portable",
+                                            method=method)
     reports: dict[str, Any] = {"calibration": described, "int8_method": options.int8_method}
     for which, calib, measure in (("image", image_calib, fidelity.image),
                                   ("text", text_calib, fidelity.text)):
@@ -495,7 +507,8 @@ def _quantize(source, options: ExportOptions, graphs: dict[str, dict[str, Path]]
             # fused graph keeps the Q/K/V projections inside the float Attention op, which can
             # rescue a tower whose every plain-graph configuration missed the gate.
             kinds = [graph_kind, *(k for k, g in graphs[which].items() if g != src_graph)]
-            refusals = []
+            refusals: list[str] = []
+            attempts: list[dict[str, Any]] = []
             for kind in kinds:
                 try:
                     report = guarded_quantize(graphs[which][kind], out, calib, measure,
@@ -503,23 +516,47 @@ def _quantize(source, options: ExportOptions, graphs: dict[str, dict[str, Path]]
                     reports[f"{which}_graph"] = kind
                     if refusals:
                         report["graph_fallback"] = (
-                            f"{graph_kind} graph refused, {kind} graph passed: {refusals[0]}")
+                            f"{graph_kind} graph refused, {kind} graph passed: "
+                            + refusals[0].splitlines()[0])
                         log.warning("export: int8 %s tower built from the %s graph: %s",
                                     which, kind, report["graph_fallback"])
                     break
                 except FidelityError as e:
                     refusals.append(f"{kind} graph: {e}")
+                    attempts.extend({**a, "attempt": f"{kind} graph {a['attempt']}"}
+                                    for a in getattr(e, "attempts", []))
             else:
-                raise FidelityError(
+                from clipfast.export.quantize import attempt_lines, refusal_advice
+
+                error = FidelityError(
                     f"{options.model} int8: the {which} tower stays below the gate with every "
-                    f"quantization the guard tried; nothing written to {options.out}: "
-                    + " || ".join(refusals))
+                    f"quantization the guard tried ({host_cpu().describe()}); nothing written "
+                    f"to {options.out}.\n" + attempt_lines(attempts) + "\n"
+                    + refusal_advice(attempts))
+                error.attempts = attempts  # type: ignore[attr-defined]
+                raise error
         else:  # --no-gate: first configuration, measured below like any other
             report = quantize_tower(src_graph, out, calib, options=quant_options)
         if which == "image":
             fidelity.img = l2_normalize(_run_graph(_ort_session(out), fidelity.image_feeds))
         reports[which] = report
     return reports
+
+
+def golden_data(source):
+    """Golden inputs and the fp32 source's outputs (clipfast.selfcheck): the first generated
+    images of the fidelity set as the reference transform's pixels, and captions as the
+    reference tokenizer's ids."""
+    from clipfast.samples import sample_captions, sample_images
+    from clipfast.selfcheck import GOLDEN_IMAGES, GOLDEN_TEXTS, Golden
+
+    rgb = _load_rgb(sample_images()[:GOLDEN_IMAGES])
+    pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)
+                       for im in rgb])
+    tokens = source.reference_tokenize(sample_captions(GOLDEN_TEXTS))
+    tokens = {k: np.asarray(tokens[k], dtype=np.int32) for k in source.text_inputs}
+    return Golden(pixels, tokens, _tower_reference(source, "image", {"pixel_values": pixels}),
+                  _tower_reference(source, "text", tokens))
 
 
 # -- the export --------------------------------------------------------------------------------
@@ -583,6 +620,9 @@ def run_export(options: ExportOptions) -> Path:
 
         stages.start("write tokenizer + manifest")
         (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
+        from clipfast.selfcheck import write_golden
+
+        golden = write_golden(work, golden_data(source))
         io_dtype = _NP_DTYPE[options.io]
         data: dict[str, Any] = {
             "clipfast_version": clipfast.__version__,
@@ -606,16 +646,20 @@ def run_export(options: ExportOptions) -> Path:
             "graph": graph,
             "gates": gates,
             "fidelity": None,
+            "golden": golden,
+            # Where the gates were measured: int8 kernels (and so results) differ by CPU family
+            # (clipfast.cpu); every Engine re-checks the golden outputs on its own host.
+            "exported_on": host_cpu().to_dict(),
         }
         if quantization is not None:
             data["quantization"] = quantization
         # towers over 2 GiB carry their weights in "<tower>.onnx.data" files beside them
-        files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, *sorted(
+        files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, golden["file"], *sorted(
             p.name for p in work.iterdir() if p.name.endswith(".onnx.data"))]
         write_manifest(work, data, files)
         stages.start("measure fidelity")
         images = images_from_dir(options.images) if options.images else None
-        engine = clipfast.Engine(work, backend="onnxruntime")
+        engine = clipfast.Engine(work, backend="onnxruntime", self_check=False)
         measure_images = [str(p) for p in images] if images else None
         figures = measure(source, engine, images=measure_images)
         failures = check_gates(figures, gates)
@@ -632,9 +676,16 @@ def run_export(options: ExportOptions) -> Path:
                 raise FidelityError(f"{options.model} fp16: {e}; nothing written to {out}"
                                     ) from e
             write_manifest(work, data, files)
-            engine = clipfast.Engine(work, backend="onnxruntime")
+            engine = clipfast.Engine(work, backend="onnxruntime", self_check=False)
             figures = measure(source, engine, images=measure_images)
             failures = check_gates(figures, gates)
+        # The check every Engine will run at load, run here first: an artifact that would refuse
+        # itself on the exporting host is not written.
+        try:
+            golden["figures_at_export"] = engine.check_golden()
+        except FidelityError as e:
+            golden["figures_at_export"] = getattr(e, "figures", None)
+            failures.append(f"golden self-check: {e}")
         shutil.rmtree(build)
         stages.close()
         figures["passed"] = not failures

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError, FidelityError
 from clipfast.fidelity import check_gates
 
@@ -55,18 +56,40 @@ log = logging.getLogger("clipfast.export")
 
 __all__ = [
     "DEFAULT_EXCLUDED_OP_TYPES",
+    "INT8_FORMATS",
     "OUTLIER_RATIO",
     "QuantOptions",
     "TowerCalibrationReader",
     "activation_channel_stats",
+    "attempt_lines",
     "channel_ratio",
+    "format_record",
     "guarded_quantize",
+    "int8_weight_abs_max",
     "quantize_tower",
+    "refusal_advice",
     "smooth_layernorm_outliers",
     "split_skip_layernorm",
 ]
 
 METHODS = ("static_qdq", "dynamic")
+# The int8 formats an export can choose (QuantOptions.int8_format names the pair below). Which
+# integers a CPU computes depends on the format (clipfast.cpu): ONNX Runtime's u8 x s8 GEMM on x86
+# without VNNI adds pairs of products into a saturating int16.
+# - portable: u8 activations x 7-bit symmetric s8 weights (|w| <= 64). A pair of products stays
+#   within 2 * 255 * 64 = 32640, so every CPU (AVX2, AVX-512, VNNI, AMX, aarch64) computes the
+#   same integers: the default. Measured cost of the lost weight bit on ViT-B-32
+#   (benchmarks/results/int8_cpu_sweep.md): centred error 0.045 -> 0.051, same speed.
+# - full-range: u8 activations x 8-bit s8 weights: one bit more, exact only on CPUs with an int32
+#   dot product (VNNI, AMX, aarch64). The runtime runs it as float Q/DQ on other CPUs.
+# - tensorrt: symmetric s8 activations and weights, zero point 0 (TensorRT's int8), 8-bit weights.
+INT8_FORMATS = {
+    "portable": ("u8", True),
+    "full-range": ("u8", False),
+    "tensorrt": ("s8", False),
+}
+# Largest |weight| of a 7-bit symmetric quantization (ONNX Runtime's reduce_range range).
+SAFE_WEIGHT_MAX = 64
 CALIBRATIONS = ("percentile", "entropy", "minmax")
 ACTIVATION_TYPES = ("u8", "s8")
 # Ops with a weight that int8 quantization targets. Attention is ONNX Runtime's fused attention
@@ -108,7 +131,8 @@ class QuantOptions:
         TensorRT requires).
     per_channel: one weight scale per output channel (else one per tensor).
     symmetric_weights: zero-point 0 for weights.
-    reduce_range: 7-bit weights, for x86 CPUs without VNNI where u8 x s8 products can saturate.
+    reduce_range: 7-bit weights (|w| <= 64): the portable int8 format (INT8_FORMATS), exact on
+        every CPU; off, x86 CPUs without VNNI saturate u8 x s8 products (clipfast.cpu).
     exclude_op_types: op types never quantized (also removed from the quantized op types).
     exclude_nodes: node names kept in float, on top of the automatic ones below.
     keep_patch_embedding_float / keep_final_projection_float: the Conv that reads the pixels and
@@ -131,7 +155,7 @@ class QuantOptions:
     activation_type: str = "u8"
     per_channel: bool = True
     symmetric_weights: bool = True
-    reduce_range: bool = False
+    reduce_range: bool = True
     exclude_op_types: tuple[str, ...] = DEFAULT_EXCLUDED_OP_TYPES
     exclude_nodes: tuple[str, ...] = ()
     keep_patch_embedding_float: bool = True
@@ -158,6 +182,34 @@ class QuantOptions:
         if self.calibration_batch < 1:
             raise ExportError(f"calibration_batch {self.calibration_batch}: must be at least 1")
 
+    @classmethod
+    def for_format(cls, int8_format: str, **changes: Any) -> QuantOptions:
+        """Options of one of INT8_FORMATS ("portable", "full-range", "tensorrt")."""
+        if int8_format not in INT8_FORMATS:
+            raise ExportError(f"int8 format {int8_format!r}: expected one of "
+                              f"{tuple(INT8_FORMATS)}")
+        act, reduce = INT8_FORMATS[int8_format]
+        return cls(activation_type=act, reduce_range=reduce, **changes)
+
+    @property
+    def int8_format(self) -> str:
+        """The INT8_FORMATS name of these options ("tensorrt, 7-bit weights" for s8 activations
+        with reduced-range weights: still zero-point-0 int8, and portable)."""
+        for name, (act, reduce) in INT8_FORMATS.items():
+            if (self.activation_type, self.reduce_range) == (act, reduce):
+                return name
+        return "tensorrt, 7-bit weights"
+
+    @property
+    def saturation_safe(self) -> bool:
+        """Whether every CPU computes the same integers (7-bit weights; activations are 8-bit
+        in every format, and s8 activations run as u8 + 128 on x86)."""
+        return self.reduce_range
+
+    def portable(self) -> QuantOptions:
+        """The same options with 7-bit weights (same activation type: TensorRT's s8 stays)."""
+        return self.replace(reduce_range=True)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["exclude_op_types"] = list(self.exclude_op_types)
@@ -169,7 +221,7 @@ class QuantOptions:
 
     def describe(self) -> str:
         """One line for logs and error messages."""
-        parts = [self.method]
+        parts = [self.method, f"{self.int8_format} format"]
         if self.method == "static_qdq":
             cal = (f"percentile {self.percentile}" if self.calibration == "percentile"
                    else self.calibration)
@@ -885,6 +937,43 @@ def _quantized_nodes(out_path: Path, prep: _Prepared) -> tuple[dict[str, str], b
     return found, per_channel, int_ops
 
 
+def int8_weight_abs_max(path: Path) -> int | None:
+    """Largest |value| of the graph's int8 initializers (the quantized weights; symmetric zero
+    points are 0), or None when it has none. At most SAFE_WEIGHT_MAX: the graph cannot saturate
+    a CPU's int16 pair sums (INT8_FORMATS)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    found = None
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.INT8:
+            a = _to_numpy(t)
+            if a.size:
+                m = int(np.abs(a.astype(np.int16)).max())
+                found = m if found is None else max(found, m)
+    return found
+
+
+def format_record(options: QuantOptions, weight_abs_max: int | None) -> dict[str, Any]:
+    """The manifest's record of the int8 format: what it is, whether every CPU computes the
+    same integers (checked on the written weights, not only assumed from the options), and why
+    it was chosen."""
+    safe = weight_abs_max is None or weight_abs_max <= SAFE_WEIGHT_MAX
+    if options.int8_format == "portable":
+        why = ("default: 7-bit weights keep u8 x s8 pair sums within int16 (2 * 255 * 64), so "
+               "CPUs without VNNI (AVX2, AVX-512) compute what VNNI, AMX and aarch64 compute")
+    elif options.activation_type == "s8":
+        why = ("TensorRT: symmetric s8 activations and weights with zero point 0, the only int8 "
+               "TensorRT accepts")
+    else:
+        why = ("requested: full-range 8-bit weights, exact on CPUs with an int32 dot product "
+               "(VNNI, AMX, aarch64); other x86 CPUs run the graph as float Q/DQ")
+    return {"name": options.int8_format,
+            "activations": "uint8" if options.activation_type == "u8" else "int8",
+            "weight_bits": 7 if options.reduce_range else 8,
+            "weight_abs_max": weight_abs_max, "saturation_safe": safe, "why": why}
+
+
 def _quantize(prep: _Prepared, out_path: Path, options: QuantOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     excluded, op_types, smoothed = _run_quantizer(prep, out_path, options)
@@ -903,6 +992,7 @@ def _quantize(prep: _Prepared, out_path: Path, options: QuantOptions) -> dict[st
         "per_channel": bool(options.per_channel and per_channel),
         "symmetric_weights": options.symmetric_weights,
         "reduce_range": options.reduce_range,
+        "int8_format": format_record(options, int8_weight_abs_max(out_path)),
         "calibration": {
             "method": options.calibration if options.method == "static_qdq" else None,
             "percentile": options.percentile
@@ -1001,6 +1091,14 @@ def _attempt_plan(prep: _Prepared, options: QuantOptions) -> Iterable[tuple[str,
         seen.add(k)
         return True
 
+    if not options.saturation_safe:
+        # A full-range format can miss the gate for the CPU's sake alone (x86 without VNNI): the
+        # portable format comes first, and every later attempt builds on it.
+        options = options.portable()
+        if fresh(options):
+            yield ("portable format: 7-bit weights, the same integers on every CPU "
+                   f"({host_cpu().isa} here)"), options
+
     sq = options.replace(smoothquant=True)
     if fresh(sq):
         yield "SmoothQuant: outlier scale folded from LayerNorm outputs into the weights", sq
@@ -1076,6 +1174,7 @@ def guarded_quantize(fp32_path: Path, out_path: Path, calibration: list[dict[str
             except Exception as e:  # noqa: BLE001 - one failed attempt must not end the guard
                 report, figures = None, {}
                 failures = [f"{type(e).__name__}: {e}"]
+                record["error"] = True
             record.update(figures=figures, failures=failures, passed=not failures,
                           seconds=round(time.perf_counter() - t0, 2))
             if report is not None:
@@ -1091,13 +1190,35 @@ def guarded_quantize(fp32_path: Path, out_path: Path, calibration: list[dict[str
                 return report
     for p in out_path.parent.glob(out_path.name + "*"):
         p.unlink()
-    lines = [f"attempt {a['attempt']} ({a['config']}; {a['why']}): " + "; ".join(a["failures"])
-             for a in attempts]
     error = FidelityError(
         f"int8 quantization of {Path(fp32_path).name}: no configuration reached the fidelity "
-        f"gate, nothing written to {out_path}. " + " | ".join(lines)
-        + ". Export fp32 (or fp16) instead, or calibrate on inputs like the ones you will embed "
-        "(--calibration-images)."
-    )
+        f"gate; nothing written to {out_path}.\n" + attempt_lines(attempts)
+        + "\n" + refusal_advice(attempts))
     error.attempts = attempts  # type: ignore[attr-defined]
     raise error
+
+
+def attempt_lines(attempts: list[dict[str, Any]], indent: str = "  ") -> str:
+    """One line per guard attempt: number, configuration, why it was tried, what failed."""
+    return "\n".join(f"{indent}attempt {a['attempt']}: {a['config']} ({a['why']}): "
+                     + ("passed" if a.get("passed") else "; ".join(a["failures"]))
+                     for a in attempts)
+
+
+def refusal_advice(attempts: list[dict[str, Any]]) -> str:
+    """What to do, from what the attempts show: a CPU that saturates full-range weights, a
+    configuration error, or towers that int8 cannot represent well enough."""
+    cpu = host_cpu()
+    advice = []
+    if all(a.get("error") for a in attempts):
+        advice.append("every attempt failed with an error, not a fidelity figure: see the "
+                      "errors above")
+    else:
+        advice.append("int8 cannot represent this tower within the gate, even with its outlier "
+                      "layers kept float: export --precision fp16 (on a GPU) or fp32 instead")
+        advice.append("if the images you will embed differ from the built-in generated "
+                      "calibration set, calibrating on them (--calibration-images DIR) may help")
+    if cpu.int8_saturates and any(not a["options"].get("reduce_range") for a in attempts):
+        advice.append(f"this CPU ({cpu.isa}) saturates full-range int8 weights; the portable "
+                      "attempts are the ones that count here")
+    return "advice: " + "; ".join(advice) + "."

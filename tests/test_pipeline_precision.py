@@ -3,11 +3,8 @@ quantizer contract (calibration feeds, per-tower guard, refusal), ORT session se
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -118,14 +115,9 @@ def test_calibration_inputs_from_a_directory_and_built_in(clip_small, tmp_path):
 
 
 def _stub_quantizer(monkeypatch, calls, fail_tower=None):
-    """A stand-in for clipfast.export.quantize honouring its contract: copies the fp32 graph,
-    measures it once, and reports (or refuses for ``fail_tower``)."""
-    mod = types.ModuleType("clipfast.export.quantize")
-    mod.__spec__ = importlib.machinery.ModuleSpec("clipfast.export.quantize", None)
-
-    class QuantOptions:
-        def __init__(self, **kw):
-            self.kw = kw
+    """Stand-ins for the quantizer's entry points honouring their contract: copy the fp32 graph,
+    measure it once, and report (or refuse for ``fail_tower``, with its attempt records)."""
+    import clipfast.export.quantize as mod
 
     def quantize_tower(fp32_path, out_path, calibration, *, options):
         shutil.copy(fp32_path, out_path)
@@ -135,14 +127,17 @@ def _stub_quantizer(monkeypatch, calls, fail_tower=None):
         shutil.copy(fp32_path, out_path)
         figures = measure(Path(out_path))
         calls.append({"fp32": Path(fp32_path).name, "calibration": calibration,
-                      "figures": figures, "gates": gates})
+                      "figures": figures, "gates": gates, "options": options})
         if fail_tower and Path(fp32_path).name.startswith(fail_tower):
-            raise FidelityError("attempt 1 (static): image_cosine = 0.5 is below the gate 0.99")
+            error = FidelityError("no configuration reached the gate")
+            error.attempts = [{"attempt": 1, "config": options.describe(), "why": "requested",
+                               "failures": ["image_cosine = 0.5 is below the gate 0.99"],
+                               "options": options.to_dict(), "passed": False}]
+            raise error
         return {"method": "copy", "quantized_total": 0, "attempts": [{"figures": figures}]}
 
-    mod.QuantOptions, mod.quantize_tower = QuantOptions, quantize_tower
-    mod.guarded_quantize = guarded_quantize
-    monkeypatch.setitem(sys.modules, "clipfast.export.quantize", mod)
+    monkeypatch.setattr(mod, "quantize_tower", quantize_tower)
+    monkeypatch.setattr(mod, "guarded_quantize", guarded_quantize)
 
 
 @pytest.mark.parametrize("method, graphs", [("static", ("fp32", "fused")),
@@ -163,6 +158,8 @@ def test_int8_pipeline_follows_the_quantizer_contract(clip_small, tmp_path, monk
     kinds = {"fp32": "plain", "fused": "fused"}
     assert (q["image_graph"], q["text_graph"]) == tuple(kinds[g] for g in graphs)
     image, text = calls
+    # the portable int8 format: u8 activations, 7-bit weights (the same integers on every CPU)
+    assert image["options"].int8_format == text["options"].int8_format == "portable"
     # static QDQ quantizes the plain fp32 image graph (a fused Attention has no static int8
     # form) and the fused text graph; dynamic the fused ones (QAttention)
     assert (image["fp32"], text["fp32"]) == (f"image.{graphs[0]}.onnx", f"text.{graphs[1]}.onnx")
@@ -183,10 +180,18 @@ def test_int8_refusal_names_the_tower_and_leaves_nothing(clip_small, tmp_path, m
     from clipfast.export.pipeline import ExportOptions, run_export
 
     _stub_quantizer(monkeypatch, [], fail_tower="image")
-    with pytest.raises(FidelityError, match="image tower.*image_cosine = 0.5"):
+    with pytest.raises(FidelityError, match="image tower") as info:
         run_export(ExportOptions(model=f"transformers:{clip_small}", out=tmp_path / "i8",
                                  precision="int8", progress=False))
     assert list(tmp_path.iterdir()) == []  # no artifact, no temporary directory left
+    lines = str(info.value).splitlines()
+    # readable: a header naming the host's CPU, one line per attempt (both graphs), advice
+    assert "CPU" in lines[0] or "flags" in lines[0]
+    attempts = [ln for ln in lines if ln.lstrip().startswith(("plain graph", "fused graph",
+                                                              "attempt"))]
+    assert len(attempts) == 2 and all("image_cosine = 0.5" in ln for ln in attempts)
+    assert lines[-1].startswith("advice: ") and "fp16" in lines[-1]
+    assert all(len(ln) < 400 for ln in lines)
 
 
 def test_int8_export_with_the_real_quantizer(clip_small, tmp_path):

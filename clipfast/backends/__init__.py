@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import Any
 
 from clipfast.backends.base import Backend
-from clipfast.errors import BackendUnavailable, ClipfastError
+from clipfast.errors import BackendUnavailable, ClipfastError, FidelityError
 
 AUTO_CHAIN = {
     "cuda": (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"),
@@ -54,26 +56,43 @@ def _label(name: str, device: str, requested: str) -> str:
     return name if requested == "cpu" else f"{name} ({device})"
 
 
-def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True, **options
+def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
+                    check: Callable[[Backend, str], Any] | None = None, **options
                     ) -> tuple[Backend, list[tuple[str, str]]]:
     """Return ``(backend, fallbacks)`` where fallbacks lists ``(skipped_backend, reason)``.
 
     An explicit ``name`` runs on ``device`` or raises BackendUnavailable; ``auto`` walks
     AUTO_CHAIN[device]. ``fallback=False`` makes ``auto`` raise at the first backend that cannot
-    run instead of trying the next.
+    run instead of trying the next. ``check(backend, label)`` (the Engine's self-check) runs on
+    each loaded backend: its FidelityError is raised for an explicit backend, and in ``auto``
+    is a skip whose reason carries the figures.
     """
     if name != "auto":
-        return load_backend(name, manifest, device, **options), []
+        backend = load_backend(name, manifest, device, **options)
+        if check is not None:
+            check(backend, f"backend {name} ({device})")
+        return backend, []
     skipped: list[tuple[str, str]] = []
+    failed_check = False
     for candidate, dev in AUTO_CHAIN[device]:
+        label = _label(candidate, dev, device)
         try:
-            return load_backend(candidate, manifest, dev, **options), skipped
+            backend = load_backend(candidate, manifest, dev, **options)
+            if check is not None:
+                check(backend, f"backend {candidate} ({dev})")
+            return backend, skipped
         except BackendUnavailable as e:
             if not fallback:
                 raise
-            skipped.append((_label(candidate, dev, device), str(e)))
+            skipped.append((label, str(e)))
+        except FidelityError as e:
+            if not fallback:
+                raise
+            failed_check = True
+            skipped.append((label, f"self-check failed: {e}"))
     reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
-    raise BackendUnavailable(f"no backend can run this artifact on {device!r}: {reasons}")
+    error = FidelityError if failed_check else BackendUnavailable
+    raise error(f"no backend can run this artifact on {device!r}: {reasons}")
 
 
 __all__ = ["AUTO_CHAIN", "AUTO_ORDER", "Backend", "available_backends", "load_backend",

@@ -40,6 +40,13 @@ Backend options (``Engine(..., backend_options={...})``; unknown ones are ignore
   reserving up to twice the memory for nothing.
 - ``profile`` (``BatchProfile`` | {"min", "opt", "max"} | (min, opt, max), (1, 64, 256)): the
   TensorRT EP's optimization profile, and then the backend's ``max_batch``.
+
+int8 on the CPU: an artifact in the portable int8 format (7-bit weights) runs on ONNX Runtime's
+integer kernels everywhere. A full-range static (Q/DQ) tower on an x86 CPU without VNNI, whose
+u8 x s8 kernels saturate (``clipfast.cpu``), runs its Q/DQ pairs as float instead
+(``session.disable_quant_qdq``): the integers the graph states, at fp32 speed, rather than wrong
+embeddings at int8 speed. ``describe()["int8"]`` says which, per tower; a full-range dynamic
+tower there (integer operators only) cannot run correctly and is refused.
 """
 
 from __future__ import annotations
@@ -218,6 +225,31 @@ def _gpu_first(providers: list[tuple[str, dict[str, Any]]]) -> bool:
     return providers[0][0] in (CUDA_EP, TRT_EP)
 
 
+def int8_plan(manifest, tower: str, device: str, cpu=None) -> tuple[str | None, str]:
+    """``(how, why)`` for one tower of an int8 artifact on this host: how is None (not int8, or
+    integer kernels are exact here), "float-qdq" (run the Q/DQ pairs as float), or "refuse"."""
+    quant = (manifest.get("quantization") or {}).get(tower) if manifest.get(
+        "precision") == "int8" else None
+    if not isinstance(quant, dict):
+        return None, "not int8"
+    record = quant.get("int8_format") or {}
+    safe = record.get("saturation_safe", bool(quant.get("reduce_range")))
+    if device != "cpu" or safe:
+        return None, ("integer kernels: 7-bit weights are exact on every CPU" if safe
+                      else "integer kernels on the GPU provider")
+    from clipfast.cpu import host_cpu
+
+    cpu = cpu or host_cpu()
+    if not cpu.int8_saturates:
+        return None, f"integer kernels: full-range weights are exact on {cpu.isa}"
+    if quant.get("method", "static_qdq") == "static_qdq":
+        return "float-qdq", (f"Q/DQ run as float: full-range int8 weights would saturate "
+                             f"{cpu.isa} integer kernels (no VNNI)")
+    return "refuse", (f"the {tower} tower is dynamic int8 with full-range weights, which "
+                      f"saturates on this CPU ({cpu.describe()}); re-export it with the "
+                      "portable int8 format (the default) or use --precision fp32")
+
+
 def _session_options(ort, threads: int | None):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -270,11 +302,20 @@ class OnnxRuntimeBackend:
                     f"cannot create the TensorRT EP cache directory {cache_dir} ({e}); point "
                     f"{ENV_CACHE_DIR} at a writable directory") from e
         shapes = _profile_shapes(manifest, batch_profile) if tensorrt else None
-        so = _session_options(ort, threads)
         self._ort = ort
         self._device_id = device_id
         self._sessions = {}
+        run_device = "cuda" if _gpu_first(providers) else "cpu"
+        self.int8: dict[str, str] = {}
         for tower in ("image", "text"):
+            how, why = int8_plan(manifest, tower, run_device)
+            if how == "refuse":
+                raise BackendUnavailable(why)
+            if manifest.get("precision") == "int8":
+                self.int8[tower] = why
+            so = _session_options(ort, threads)
+            if how == "float-qdq":
+                so.add_session_config_entry("session.disable_quant_qdq", "1")
             path = manifest.path(manifest[tower]["file"])
             tower_providers = [(n, {**o, **(shapes[tower] if shapes and n == TRT_EP else {})})
                                for n, o in providers]
@@ -408,6 +449,7 @@ class OnnxRuntimeBackend:
                 "provider_options": {n: dict(o) for n, o in self._provider_options.items()},
                 "onnxruntime": self._ort.__version__, "session": dict(self._options),
                 "profile": self.profile.as_dict() if self.profile else None,
+                "int8": dict(self.int8) or None,
                 "image_input_dtype": np.dtype(_DTYPES.get(self._image_input.type, np.float32)
                                               ).name}
 

@@ -234,6 +234,9 @@ class TorchBackend:
         self._tdevice = torch.device("cuda", opts.device_id) if device == "cuda" else \
             torch.device("cpu")
         self._dtype = getattr(torch, DTYPES[opts.dtype])
+        # The arithmetic the towers run in, for the self-check's gates (clipfast.selfcheck):
+        # fp16 and bf16 are held to the fp16 gates.
+        self.precision = "fp32" if opts.dtype == "fp32" else "fp16"
         self.text_inputs = tuple(manifest["text"]["inputs"])
         try:
             self._source = load_source_from_spec(manifest["source"], device=str(self._tdevice))

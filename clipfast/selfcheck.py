@@ -1,0 +1,158 @@
+"""Golden outputs: an artifact proves its fidelity on the host that runs it, without torch.
+
+An export stores a few inputs, exactly as the towers receive them (``GOLDEN_IMAGES`` generated
+images as preprocessed pixels, ``GOLDEN_TEXTS`` captions as token ids), and the fp32 PyTorch
+source's embeddings for them, in ``golden.npz`` (listed in the manifest with its sha256).
+``Engine`` runs them through the backend it chose and compares the result with the artifact's
+embedding gates before serving anything: on a CPU whose int8 kernels differ from the exporting
+host's, on a GPU engine built by another TensorRT, or after weights were edited and the
+manifest rehashed, the figures say so at load instead of in the embeddings later.
+
+Only the embedding gates apply here (centred relative error, cosine). Pixels, token ids and
+ranking agreement need the source's preprocessing and tokenizer and more pairs than a load-time
+check should cost; ``clipfast verify`` with the export extras measures those.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipfast.errors import ArtifactError, FidelityError
+from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine, l2_normalize
+
+log = logging.getLogger("clipfast")
+
+GOLDEN_FILE = "golden.npz"
+GOLDEN_IMAGES = 8
+GOLDEN_TEXTS = 8
+# The gate keys a self-check can measure: embeddings of each tower against the source's.
+EMBEDDING_GATES = ("image_centred_rel_error_max", "image_cosine_min",
+                   "text_centred_rel_error_max", "text_cosine_min")
+# Precisions from strictest to loosest gates: a backend that computes in a lower precision than
+# the artifact states (the torch backend in fp16 on CUDA running an fp32 artifact) is held to the
+# looser of the two.
+_PRECISION_ORDER = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class Golden:
+    """Golden inputs and the fp32 source's outputs for them.
+
+    pixel_values: float32 ``(n_images, 3, H, W)``; text: ``{input name: int32 (n_texts, L)}``;
+    image_embeds / text_embeds: float32 ``(n, D)``, the source towers' raw outputs.
+    """
+
+    pixel_values: np.ndarray
+    text: dict[str, np.ndarray]
+    image_embeds: np.ndarray
+    text_embeds: np.ndarray
+
+
+def write_golden(directory: str | Path, golden: Golden) -> dict[str, Any]:
+    """Write ``golden.npz`` into ``directory``; return the manifest's ``golden`` section."""
+    arrays = {"pixel_values": np.ascontiguousarray(golden.pixel_values, dtype=np.float32),
+              "image_embeds": np.ascontiguousarray(golden.image_embeds, dtype=np.float32),
+              "text_embeds": np.ascontiguousarray(golden.text_embeds, dtype=np.float32)}
+    for name, ids in golden.text.items():
+        arrays[f"text.{name}"] = np.ascontiguousarray(ids, dtype=np.int32)
+    np.savez(Path(directory) / GOLDEN_FILE, **arrays)
+    return {"file": GOLDEN_FILE, "images": int(golden.pixel_values.shape[0]),
+            "texts": int(golden.text_embeds.shape[0]),
+            "reference": "fp32 PyTorch source towers on these exact inputs"}
+
+
+def load_golden(manifest) -> Golden | None:
+    """The artifact's golden data, or None for an artifact exported without it."""
+    section = manifest.get("golden")
+    if not section:
+        return None
+    if not isinstance(section, dict) or not isinstance(section.get("file"), str):
+        raise ArtifactError(f"{manifest.directory}: manifest 'golden' section is malformed: "
+                            f"{section!r}")
+    path = manifest.path(section["file"])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot read the golden outputs ({e})") from e
+    names = list(manifest["text"]["inputs"])
+    missing = [k for k in ("pixel_values", "image_embeds", "text_embeds",
+                           *(f"text.{n}" for n in names)) if k not in data]
+    if missing:
+        raise ArtifactError(f"{path}: golden outputs lack {missing}; re-export the artifact")
+    g = Golden(data["pixel_values"], {n: data[f"text.{n}"] for n in names},
+               data["image_embeds"], data["text_embeds"])
+    rows = {g.pixel_values.shape[0], g.image_embeds.shape[0]}
+    if len(rows) != 1 or g.text_embeds.shape[0] != next(iter(g.text.values())).shape[0] \
+            or min(g.image_embeds.shape[0], g.text_embeds.shape[0]) < 2:
+        raise ArtifactError(f"{path}: golden inputs and outputs disagree in row counts; "
+                            "re-export the artifact")
+    return g
+
+
+def self_check_gates(manifest, backend_precision: str | None = None) -> dict[str, Any]:
+    """The embedding gates a self-check applies: the artifact's own, or those of the backend's
+    arithmetic where it is looser (see _PRECISION_ORDER)."""
+    precision = manifest.precision
+    gates = dict(manifest.get("gates") or GATES.get(precision, {}))
+    if backend_precision in _PRECISION_ORDER and precision in _PRECISION_ORDER and \
+            _PRECISION_ORDER.index(backend_precision) > _PRECISION_ORDER.index(precision):
+        gates = dict(GATES[backend_precision])
+    return {k: v for k, v in gates.items() if k in EMBEDDING_GATES}
+
+
+def measure_golden(backend, golden: Golden) -> dict[str, Any]:
+    """Run the golden inputs through ``backend``; the figures against the stored outputs."""
+    t0 = time.perf_counter()
+    img = l2_normalize(backend.run_image(golden.pixel_values))
+    txt = l2_normalize(backend.run_text({k: v.astype(np.int64) for k, v in golden.text.items()}))
+    ref_img, ref_txt = l2_normalize(golden.image_embeds), l2_normalize(golden.text_embeds)
+    if img.shape != ref_img.shape or txt.shape != ref_txt.shape:
+        raise ArtifactError(f"golden outputs have shapes {ref_img.shape} / {ref_txt.shape}, the "
+                            f"towers give {img.shape} / {txt.shape}; re-export the artifact")
+    return {
+        "image_centred_rel_error": float(centred_relative_error(img, ref_img).max()),
+        "image_cosine": float(cosine(img, ref_img).min()),
+        "text_centred_rel_error": float(centred_relative_error(txt, ref_txt).max()),
+        "text_cosine": float(cosine(txt, ref_txt).min()),
+        "images": int(ref_img.shape[0]),
+        "texts": int(ref_txt.shape[0]),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def run_self_check(backend, manifest, golden: Golden | None, label: str) -> dict[str, Any] | None:
+    """Check ``backend`` against the golden outputs with the artifact's embedding gates.
+
+    Returns the figures (with ``gates`` and ``passed``), or None when the artifact has no golden
+    data. Raises FidelityError naming the backend, the failed figures and the host's CPU.
+    """
+    if golden is None:
+        return None
+    gates = self_check_gates(manifest, getattr(backend, "precision", None))
+    figures = measure_golden(backend, golden)
+    failures = check_gates(figures, gates)
+    figures.update(gates=gates, passed=not failures)
+    if failures:
+        from clipfast.cpu import host_cpu
+
+        where = getattr(backend, "device", "cpu")
+        error = FidelityError(
+            f"{label} fails the self-check of {manifest.directory} ({manifest.precision}) on "
+            f"this host: {'; '.join(failures)}. The backend's outputs for the artifact's golden "
+            f"inputs differ from the PyTorch source's. Device {where}; CPU "
+            f"{host_cpu().describe()}. Causes: weights changed after export, or kernels of this "
+            "host that compute differently from the exporting one's (int8 on another CPU "
+            "family, an engine from another TensorRT)")
+        error.figures = figures  # type: ignore[attr-defined]
+        raise error
+    log.info("clipfast: %s self-check passed in %.2f s (image error %.2e, text error %.2e)",
+             label, figures["seconds"], figures["image_centred_rel_error"],
+             figures["text_centred_rel_error"])
+    return figures
