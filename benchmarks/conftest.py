@@ -23,6 +23,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Name the CPU's ISA level (AVX2, AVX-512 VNNI, AMX, aarch64, ...) and its relevant flags in
+    pytest-benchmark's saved machine info: int8 kernels and their speed depend on it."""
+    from clipfast.cpu import host_cpu
+
+    machine_info["clipfast_cpu"] = host_cpu().to_dict()
+
+
 def _cache_dir() -> Path:
     default = Path.home() / ".cache" / "clipfast" / "bench"
     return Path(os.environ.get("CLIPFAST_BENCH_CACHE", default))

@@ -1,5 +1,6 @@
 """Print the headline table (torch eager vs onnxruntime, per model, tower, mode and batch size)
-of `clipfast bench` result files::
+of `clipfast bench` result files, each row naming the ISA level (AVX2, AVX-512 VNNI, AMX, ...)
+of the CPU it was measured on, from the file's machine info::
 
     python benchmarks/headline.py benchmarks/results/cpu-*.json [--batch-sizes 1,32]
 """

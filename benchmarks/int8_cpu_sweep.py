@@ -111,14 +111,26 @@ def _loadavg() -> float | None:
         return None
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def _cpu() -> dict[str, Any]:
+    """The host CPU's model, ISA level and flags (int8 speed and fidelity depend on them)."""
+    from clipfast.cpu import host_cpu
+
+    host = host_cpu()
+    return {"cpu": host.model, "arch": host.machine, "isa": host.isa,
+            "cpu_features": list(host.flags), "int8_saturates": host.int8_saturates}
+
+
+def _cpu_line(machine: dict[str, Any]) -> str:
+    """The report's CPU line, e.g. ``CPU: Intel Xeon, AVX-512 VNNI, 2 logical CPUs`` (results
+    written before the ISA was recorded say "ISA not recorded")."""
+    from clipfast.bench import machine_isa
+
+    line = (f"CPU: {machine['cpu']}, {machine_isa(machine) or 'ISA not recorded'}, "
+            f"{machine['logical_cpus']} logical CPUs")
+    if "int8_saturates" in machine:
+        line += (" (u8 x s8 int8 products can saturate in int16 here)"
+                 if machine["int8_saturates"] else " (int8 products accumulate in int32)")
+    return line
 
 
 def build_graphs(source, work: Path) -> dict[str, Path]:
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "model": args.model, "weights": "random (seed 0)", "batch": args.batch,
         "threads": args.threads, "rounds": args.rounds, "b1_calls": args.b1_calls,
-        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
+        "machine": {**_cpu(), "logical_cpus": os.cpu_count(),
                     "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                     "torch": torch.__version__, "clipfast": clipfast.__version__},
         "load_average_1min": {"before": load_before, "after": load_after},
@@ -419,8 +431,8 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"# int8 on CPU: {data['model']} image tower ({data['weights']})",
         "",
-        f"{data['machine']['cpu']}, {data['machine']['logical_cpus']} logical CPUs, "
-        f"onnxruntime {data['machine']['onnxruntime']}, torch {data['machine']['torch']}; "
+        f"{_cpu_line(data['machine'])}, onnxruntime {data['machine']['onnxruntime']}, "
+        f"torch {data['machine']['torch']}; "
         f"{data['threads']} threads unless stated; {data['rounds']} interleaved rounds; "
         f"1-min load average {data['load_average_1min']['before']} before, "
         f"{data['load_average_1min']['after']} after (a shared machine: compare ratios).",

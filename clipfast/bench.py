@@ -14,7 +14,9 @@ that throughput reaches, and the speedup against the PyTorch source model in eag
 (backend ``torch``), measured in the same run. ``--images DIR`` adds end-to-end rows: decode +
 preprocess + encode for images (the number users feel), tokenize + encode for texts. The results
 go to ``--out`` as JSON, with a markdown table (``.md``) and a latency-against-batch-size plot
-(``.png``, needs matplotlib: ``pip install 'clipfast[bench]'``) written beside it.
+(``.png``, needs matplotlib: ``pip install 'clipfast[bench]'``) written beside it. Both name the
+CPU's instruction-set level (``clipfast.cpu``: AVX2, AVX-512, AVX-512 VNNI, AVX-VNNI, AMX,
+aarch64): int8 kernels, their speed and even their results differ between levels.
 
 By default one backend is loaded at a time (clean per-backend memory). ``--interleave`` loads
 them together and alternates their calls, so on a shared machine every backend is timed under
@@ -41,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from clipfast import cpu as cpu_facts
 from clipfast.errors import ClipfastError
 
 SCHEMA = "clipfast-bench"
@@ -820,31 +823,19 @@ def load_average() -> list[float] | None:
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, cores, SIMD features, memory and library versions (and the GPU on CUDA)."""
+    """CPU model, instruction-set level (``isa``: int8 kernels, speed and even int8 fidelity
+    depend on it) and feature flags, cores, memory and library versions (and the GPU on
+    CUDA)."""
     import numpy as np
 
+    host = cpu_facts.host_cpu()
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu": platform.processor() or platform.machine(),
-                            "cores": os.cpu_count()}
+                            "cpu": host.model, "arch": host.machine, "isa": host.isa,
+                            "cpu_features": list(host.flags),
+                            "int8_saturates": host.int8_saturates, "cores": os.cpu_count()}
     try:
         info["cores_usable"] = len(os.sched_getaffinity(0))
     except AttributeError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in text.splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["cpu_features"] = sorted(flags & {"avx2", "fma", "avx512f", "avx512_vnni",
-                                                       "avx_vnni", "avx512_bf16", "avx512_fp16",
-                                                       "amx_int8", "amx_bf16"})
-                break
-    except OSError:
         pass
     try:
         pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
@@ -869,6 +860,27 @@ def machine_info(device: str) -> dict[str, Any]:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def machine_isa(machine: dict[str, Any]) -> str | None:
+    """The ISA level of a results document's ``machine``: its ``isa``, or for documents written
+    before that was recorded, the level its ``cpu_features`` flags give (None without flags)."""
+    if machine.get("isa"):
+        return machine["isa"]
+    flags = machine.get("cpu_features")
+    if not flags:
+        return None
+    arch = machine.get("arch") or next(
+        (a for a in ("x86_64", "aarch64", "arm64", "AMD64") if a in machine.get("platform", "")),
+        "x86_64" if {"avx2", "avx512f", "fma"} & set(flags) else "")
+    return cpu_facts.CpuInfo(machine=arch, model=machine.get("cpu", ""), flags=tuple(flags)).isa
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """``CPU: Intel Xeon, AVX-512 VNNI, 2 cores``: the CPU a results document was measured on
+    ("ISA not recorded" for documents without CPU flags)."""
+    return (f"CPU: {machine.get('cpu')}, {machine_isa(machine) or 'ISA not recorded'}, "
+            f"{machine.get('cores')} cores")
 
 
 # --------------------------------------------------------------------------- the run
@@ -1339,13 +1351,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def markdown_report(doc: dict[str, Any]) -> str:
-    """A readable page: command, machine, peak, FLOPs, the table, skipped backends, notes."""
+    """A readable page: command, machine (CPU model, ISA level, cores first), peak, FLOPs, the
+    table, skipped backends, notes."""
     m = doc["machine"]
     models = ", ".join(sorted({a["model"] for a in doc["artifacts"]}))
     out = [f"# clipfast bench: {models}", "", f"Command: `{doc['command']}`", ""]
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
-    out.append(f"- Machine: {m.get('cpu')}, {m.get('cores')} cores"
-               + (f" ({', '.join(m['cpu_features'])})" if m.get("cpu_features") else "")
+    out.append(f"- {machine_line(m)}"
+               + (f" (flags {', '.join(m['cpu_features'])})" if m.get("cpu_features") else "")
                + (f", GPU {m['gpu']}" if m.get("gpu") else "")
                + f"; {doc['settings']['threads']} threads; {versions}")
     la = doc.get("load_average") or {}
@@ -1427,7 +1440,10 @@ def plot_latency(doc: dict[str, Any], path: str | os.PathLike) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     models = ", ".join(sorted({r["model"] for r in rows}))
-    fig.suptitle(f"clipfast bench: {models} ({doc['settings']['device']})", fontsize=10)
+    where = doc["settings"]["device"]
+    if where == "cpu":
+        where += f", {machine_isa(doc.get('machine') or {}) or 'ISA not recorded'}"
+    fig.suptitle(f"clipfast bench: {models} ({where})", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -1459,11 +1475,13 @@ def write_results(doc: dict[str, Any], out: str | os.PathLike) -> dict[str, str 
 def headline_table(docs: Sequence[dict[str, Any]], batch_sizes: Sequence[int] | None = None,
                    backend: str = "onnxruntime") -> str:
     """Compact table across result documents: per model, tower, mode and batch size the
-    eager-torch and ``backend`` throughput, the speedup and ``backend``'s median latency."""
+    eager-torch and ``backend`` throughput, the speedup, ``backend``'s median latency and the
+    ISA level of the CPU that measured them (documents may come from different hosts)."""
     lines = [f"| model | tower | mode | batch | torch eager items/s | {backend} items/s | "
-             f"speedup | {backend} p50 ms |", "|---|---|---|---|---|---|---|---|"]
+             f"speedup | {backend} p50 ms | CPU ISA |", "|---|---|---|---|---|---|---|---|---|"]
     for doc in docs:
         rows = doc["rows"]
+        isa = machine_isa(doc.get("machine") or {}) or "not recorded"
         base = {(r["model"], r["tower"], r["mode"], r["batch_size"]): r
                 for r in rows if r["backend"] == BASELINE}
         for r in rows:
@@ -1475,7 +1493,7 @@ def headline_table(docs: Sequence[dict[str, Any]], batch_sizes: Sequence[int] | 
             lines.append(
                 f"| {r['model']} ({r['precision']}) | {r['tower']} | {mode} | {r['batch_size']} "
                 f"| {_fmt(b['items_per_s'], 1) if b else '-'} | {_fmt(r['items_per_s'], 1)} | "
-                f"{f'{speedup:.2f}x' if speedup else '-'} | {_fmt(r['p50_ms'])} |")
+                f"{f'{speedup:.2f}x' if speedup else '-'} | {_fmt(r['p50_ms'])} | {isa} |")
     return "\n".join(lines)
 
 
@@ -1543,6 +1561,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     doc = run_bench(config)
     doc["command"] = config.command(args.out)
     files = write_results(doc, args.out)
+    print(machine_line(doc["machine"]))
     print(markdown_table(doc["rows"]))
     for note in doc["notes"]:
         print(f"note: {note}", file=sys.stderr)

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from clipfast import bench
+from clipfast import cpu as cpu_facts
 from clipfast.cli import build_parser, main
 
 # --------------------------------------------------------------------------- statistics
@@ -230,6 +231,47 @@ def test_write_results_json_markdown_and_png(tmp_path):
     assert head.count("\n") == 2 and "| ViT-B-32 (fp32) | image | tower | 8 |" in head
 
 
+def test_results_name_the_cpu_isa(tmp_path, monkeypatch):
+    """The JSON records the ISA level and flags of the host's CpuInfo; the report's CPU line,
+    the headline table and the printed summary name the level (here a fake AVX2-only EPYC, so
+    the test does not depend on the machine it runs on)."""
+    fake = cpu_facts.CpuInfo(machine="x86_64", model="AMD EPYC 7B12",
+                             flags=("sse4_2", "avx", "avx2", "fma", "f16c"))
+    monkeypatch.setattr(cpu_facts, "host_cpu", lambda: fake)
+    machine = bench.machine_info("cpu")
+    assert machine["cpu"] == "AMD EPYC 7B12" and machine["arch"] == "x86_64"
+    assert machine["isa"] == "AVX2" and machine["int8_saturates"] is True
+    assert machine["cpu_features"] == ["sse4_2", "avx", "avx2", "fma", "f16c"]
+    doc = _fake_doc()
+    doc["machine"] = dict(machine, cores=2)
+    files = bench.write_results(doc, tmp_path / "r.json")
+    data = json.loads(Path(files["json"]).read_text())
+    assert data["machine"]["isa"] == "AVX2"
+    assert data["machine"]["cpu_features"] == ["sse4_2", "avx", "avx2", "fma", "f16c"]
+    md = Path(files["markdown"]).read_text()
+    assert "- CPU: AMD EPYC 7B12, AVX2, 2 cores (flags sse4_2, avx, avx2, fma, f16c)" in md
+    head = bench.headline_table([data], batch_sizes=[8])
+    assert head.splitlines()[0].endswith("| CPU ISA |")
+    assert head.splitlines()[2].endswith("| AVX2 |")
+
+
+def test_isa_of_documents_written_before_it_was_recorded():
+    """Older documents carry only ``cpu_features``: the level comes from those flags; without
+    flags the report says so instead of guessing."""
+    xeon = {"platform": "Linux-6.1-x86_64-with-glibc2.36", "cpu": "Intel(R) Xeon(R) Processor",
+            "cores": 2, "cpu_features": ["avx2", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+                                         "avx512f", "avx_vnni", "fma"]}
+    assert bench.machine_isa(xeon) == "AVX-512 VNNI"
+    assert bench.machine_isa(dict(xeon, cpu_features=["avx2", "fma"])) == "AVX2"
+    assert bench.machine_isa(dict(xeon, cpu_features=["avx2", "avx512f"])) == "AVX-512"
+    assert bench.machine_isa(dict(xeon, cpu_features=["avx2", "amx_int8"])) == "AMX"
+    assert bench.machine_line(xeon) == "CPU: Intel(R) Xeon(R) Processor, AVX-512 VNNI, 2 cores"
+    doc = _fake_doc()  # machine: {"cpu": "test cpu", "cores": 2}, no flags
+    assert bench.machine_isa(doc["machine"]) is None
+    assert "- CPU: test cpu, ISA not recorded, 2 cores;" in bench.markdown_report(doc)
+    assert bench.headline_table([doc]).splitlines()[2].endswith("| not recorded |")
+
+
 def test_png_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     doc = _fake_doc()
@@ -309,6 +351,8 @@ def test_bench_run_on_a_tiny_artifact(tiny_artifact, tmp_path, photos, capsys):
     assert out.with_suffix(".md").is_file()
     printed = capsys.readouterr().out
     assert "| model | backend |" in printed and "results:" in printed
+    assert doc["machine"]["isa"] == cpu_facts.host_cpu().isa
+    assert f"CPU: {doc['machine']['cpu']}, {doc['machine']['isa']}, " in printed
 
     # Interleaved: both backends timed call by call in one group; speedups within it.
     out2 = tmp_path / "inter.json"
