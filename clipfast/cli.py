@@ -25,7 +25,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         io=args.io, opset=args.opset, seed=args.seed,
         images=Path(args.images) if args.images else None,
         calibration_images=Path(args.calibration_images) if args.calibration_images else None,
-        fuse=not args.no_fuse, int8_method=args.int8_method, overwrite=args.overwrite,
+        fuse=not args.no_fuse, int8_method=args.int8_method, int8_format=args.int8_format,
+        overwrite=args.overwrite,
         gate=not args.no_gate,
         progress=not args.quiet,
         tensorrt=args.tensorrt, batch_profile=_batch_profile(args, args.tensorrt),
@@ -225,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", default=None, help="directory of images to measure fidelity on")
     e.add_argument("--calibration-images", default=None, metavar="DIR",
                    help="int8: directory of images to calibrate on (default: built-in set)")
+    e.add_argument("--int8-format", default="portable",
+                   choices=["portable", "portable-u8", "full-range"],
+                   help="int8: portable (default: 7-bit weights, the same results on every CPU), "
+                        "portable-u8 (8-bit u8 weights, also the same everywhere, slower on "
+                        "VNNI CPUs) or full-range (8-bit s8 weights: exact on CPUs with VNNI, AMX "
+                        "or aarch64; x86 CPUs without VNNI run it as float Q/DQ, at fp32 speed)")
     e.add_argument("--int8-method", default="static", choices=["static", "dynamic"],
                    help="int8: static (QDQ, calibrated activation ranges; batch-independent, "
                         "TensorRT-ready; default) or dynamic (int8 weights, activation ranges per "

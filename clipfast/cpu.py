@@ -8,8 +8,8 @@ int32 and never saturate. Weights limited to 7 bits (|w| <= 64) keep every pair 
 2 * 255 * 64 = 32640, so such a graph gives the same integers on every CPU: the portable int8
 format (``clipfast.export.quantize``).
 
-Measured on ViT-B-32 (DESIGN.md, "Trust on the host"): full-range u8 x s8 on an AVX2-only EPYC
-gives a centred error of 0.33 against the fp32 source, 7-bit weights 0.088.
+Measured with ONNX Runtime's dynamic int8 ViT-B-32 image tower on an AVX2-only EPYC: centred
+error 0.33 against the fp32 graph with full-range u8 x s8, 0.088 with 7-bit weights.
 """
 
 from __future__ import annotations

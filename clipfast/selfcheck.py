@@ -30,7 +30,7 @@ log = logging.getLogger("clipfast")
 
 GOLDEN_FILE = "golden.npz"
 GOLDEN_IMAGES = 8
-GOLDEN_TEXTS = 8
+GOLDEN_TEXTS = 16
 # The gate keys a self-check can measure: embeddings of each tower against the source's.
 EMBEDDING_GATES = ("image_centred_rel_error_max", "image_cosine_min",
                    "text_centred_rel_error_max", "text_cosine_min")

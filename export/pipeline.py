@@ -69,6 +69,8 @@ FP16_FALLBACK_FRACTIONS = (0.25, 0.5)
 INT8_METHODS = {"static": ("static_qdq", {"image": "plain", "text": "fused"}),
                 "dynamic": ("dynamic", {"image": "fused", "text": "fused"})}
 _WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "Attention")
+# --int8-format choices (export/quantize.py INT8_FORMATS; "tensorrt" comes with --tensorrt)
+INT8_FORMAT_CHOICES = ("portable", "portable-u8", "full-range")
 _NP_DTYPE = {"fp32": "float32", "fp16": "float16"}
 
 
@@ -82,7 +84,11 @@ class ExportOptions:
     attention and run ONNX Runtime's transformer fusions (default on). int8_method: "static"
     (default: QDQ graphs with calibrated activation ranges; the image tower from the plain
     graph, the text tower from the fused one) or "dynamic" (int8 weights, activation ranges per
-    batch, from the fused graphs); see INT8_METHODS for why. tensorrt: also build a TensorRT
+    batch, from the fused graphs); see INT8_METHODS for why. int8_format: "portable" (default:
+    7-bit weights, the same integers on every CPU), "portable-u8" (8-bit u8 weights, also
+    exact everywhere, slower on VNNI) or "full-range" (8-bit s8 weights, exact only on CPUs with
+    VNNI / AMX / aarch64; others run it as float Q/DQ); --tensorrt implies TensorRT's symmetric
+    int8 (export/quantize.py INT8_FORMATS). tensorrt: also build a TensorRT
     engine per tower on this machine's GPU into ``<out>/tensorrt/`` for the batch range
     ``batch_profile`` (default min 1, opt 64, max 256); implies plain ONNX graphs (no fusion:
     TensorRT's parser reads standard ONNX operators only).
@@ -99,6 +105,7 @@ class ExportOptions:
     calibration_images: Path | None = None
     fuse: bool = True
     int8_method: str = "static"
+    int8_format: str = "portable"
     overwrite: bool = False
     gate: bool = True
     progress: bool = True
@@ -144,6 +151,12 @@ class ExportOptions:
                               f"{tuple(INT8_METHODS)}")
         if self.int8_method != "static" and self.precision != "int8":
             raise ExportError(f"--int8-method {self.int8_method} only applies to --precision int8")
+        if self.int8_format not in INT8_FORMAT_CHOICES:
+            raise ExportError(f"--int8-format {self.int8_format!r}: expected one of "
+                              f"{INT8_FORMAT_CHOICES}")
+        if self.int8_format != "portable" and (self.precision != "int8" or self.tensorrt):
+            raise ExportError(f"--int8-format {self.int8_format} applies to --precision int8 "
+                              "without --tensorrt (TensorRT takes its own symmetric int8)")
         if self.calibration_images is not None:
             if self.precision != "int8":
                 raise ExportError("--calibration-images only applies to --precision int8")
@@ -493,9 +506,10 @@ def _quantize(source, options: ExportOptions, graphs: dict[str, dict[str, Path]]
     method, graph_kinds = INT8_METHODS[options.int8_method]
     # TensorRT takes zero-point-0 int8 only; ONNX Runtime gets the portable format, which every
     # CPU computes alike (export/quantize.py INT8_FORMATS).
-    quant_options = QuantOptions.for_format("tensorrt" if options.tensorrt else "portable",
-                                            method=method)
-    reports: dict[str, Any] = {"calibration": described, "int8_method": options.int8_method}
+    quant_options = QuantOptions.for_format(
+        "tensorrt" if options.tensorrt else options.int8_format, method=method)
+    reports: dict[str, Any] = {"calibration": described, "int8_method": options.int8_method,
+                               "int8_format": quant_options.int8_format}
     for which, calib, measure in (("image", image_calib, fidelity.image),
                                   ("text", text_calib, fidelity.text)):
         out = work / TOWER_FILES[which]

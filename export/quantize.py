@@ -73,21 +73,28 @@ __all__ = [
 ]
 
 METHODS = ("static_qdq", "dynamic")
-# The int8 formats an export can choose (QuantOptions.int8_format names the pair below). Which
-# integers a CPU computes depends on the format (clipfast.cpu): ONNX Runtime's u8 x s8 GEMM on x86
-# without VNNI adds pairs of products into a saturating int16.
+# The int8 formats an export can choose (QuantOptions.int8_format names them). Which integers a
+# CPU computes depends on the format (clipfast.cpu): ONNX Runtime's u8 x s8 GEMM on x86 without
+# VNNI adds pairs of products into a saturating int16.
 # - portable: u8 activations x 7-bit symmetric s8 weights (|w| <= 64). A pair of products stays
 #   within 2 * 255 * 64 = 32640, so every CPU (AVX2, AVX-512, VNNI, AMX, aarch64) computes the
-#   same integers: the default. Measured cost of the lost weight bit on ViT-B-32
-#   (benchmarks/results/int8_cpu_sweep.md): centred error 0.045 -> 0.051, same speed.
-# - full-range: u8 activations x 8-bit s8 weights: one bit more, exact only on CPUs with an int32
-#   dot product (VNNI, AMX, aarch64). The runtime runs it as float Q/DQ on other CPUs.
-# - tensorrt: symmetric s8 activations and weights, zero point 0 (TensorRT's int8), 8-bit weights.
+#   same integers: the default. Its cost, one weight bit: ViT-B-32 image tower centred error
+#   0.045 -> 0.051 at the same speed (benchmarks/results/int8_cpu_sweep.md).
+# - portable-u8: u8 activations x 8-bit u8 weights (zero point 128). u8 x u8 products are widened
+#   to int16 before the multiply-add into int32, so no CPU saturates and no weight bit is lost,
+#   but on VNNI its matrix multiplies run at about half the u8 x s8 rate (a 768x3072 MLP,
+#   2 threads: 29.1 ms against 12.4 ms). The guard's second choice.
+# - full-range: u8 activations x 8-bit s8 weights: exact only on CPUs with an int32 dot product
+#   (VNNI, AMX, aarch64). The runtime runs it as float Q/DQ on other CPUs.
+# - tensorrt: symmetric s8 activations and weights, zero point 0 (TensorRT's only int8).
+# name -> (activation_type, reduce_range, weight_type)
 INT8_FORMATS = {
-    "portable": ("u8", True),
-    "full-range": ("u8", False),
-    "tensorrt": ("s8", False),
+    "portable": ("u8", True, "s8"),
+    "portable-u8": ("u8", False, "u8"),
+    "full-range": ("u8", False, "s8"),
+    "tensorrt": ("s8", False, "s8"),
 }
+WEIGHT_TYPES = ("s8", "u8")
 # Largest |weight| of a 7-bit symmetric quantization (ONNX Runtime's reduce_range range).
 SAFE_WEIGHT_MAX = 64
 CALIBRATIONS = ("percentile", "entropy", "minmax")
@@ -154,6 +161,7 @@ class QuantOptions:
     percentile: float = 99.99
     activation_type: str = "u8"
     per_channel: bool = True
+    weight_type: str = "s8"
     symmetric_weights: bool = True
     reduce_range: bool = True
     exclude_op_types: tuple[str, ...] = DEFAULT_EXCLUDED_OP_TYPES
@@ -172,6 +180,12 @@ class QuantOptions:
         if self.calibration not in CALIBRATIONS:
             raise ExportError(f"int8 calibration {self.calibration!r}: expected one of "
                               f"{CALIBRATIONS}")
+        if self.weight_type not in WEIGHT_TYPES:
+            raise ExportError(f"int8 weight_type {self.weight_type!r}: expected one of "
+                              f"{WEIGHT_TYPES}")
+        if self.weight_type == "u8" and self.activation_type == "s8":
+            raise ExportError("int8 weight_type u8 needs u8 activations (ONNX Runtime has no "
+                              "s8 x u8 kernels; TensorRT takes s8 weights only)")
         if self.activation_type not in ACTIVATION_TYPES:
             raise ExportError(f"int8 activation_type {self.activation_type!r}: expected one of "
                               f"{ACTIVATION_TYPES}")
@@ -188,27 +202,33 @@ class QuantOptions:
         if int8_format not in INT8_FORMATS:
             raise ExportError(f"int8 format {int8_format!r}: expected one of "
                               f"{tuple(INT8_FORMATS)}")
-        act, reduce = INT8_FORMATS[int8_format]
-        return cls(activation_type=act, reduce_range=reduce, **changes)
+        act, reduce, weights = INT8_FORMATS[int8_format]
+        return cls(activation_type=act, reduce_range=reduce, weight_type=weights, **changes)
 
     @property
     def int8_format(self) -> str:
-        """The INT8_FORMATS name of these options ("tensorrt, 7-bit weights" for s8 activations
-        with reduced-range weights: still zero-point-0 int8, and portable)."""
-        for name, (act, reduce) in INT8_FORMATS.items():
-            if (self.activation_type, self.reduce_range) == (act, reduce):
+        """The INT8_FORMATS name of these options, or a description of another combination
+        ("s8 activations, 7-bit s8 weights": TensorRT's int8, portable)."""
+        key = (self.activation_type, self.reduce_range, self.weight_type)
+        for name, fmt in INT8_FORMATS.items():
+            if key == fmt:
                 return name
-        return "tensorrt, 7-bit weights"
+        bits = 7 if self.reduce_range else 8
+        return f"{self.activation_type} activations, {bits}-bit {self.weight_type} weights"
 
     @property
     def saturation_safe(self) -> bool:
-        """Whether every CPU computes the same integers (7-bit weights; activations are 8-bit
-        in every format, and s8 activations run as u8 + 128 on x86)."""
-        return self.reduce_range
+        """Whether every CPU computes the same integers: 7-bit s8 weights, or u8 weights (s8
+        activations run as u8 + 128 on x86, so the activation type does not matter)."""
+        return self.reduce_range or self.weight_type == "u8"
 
-    def portable(self) -> QuantOptions:
-        """The same options with 7-bit weights (same activation type: TensorRT's s8 stays)."""
-        return self.replace(reduce_range=True)
+    def portable_variants(self) -> list[QuantOptions]:
+        """Saturation-safe versions of these options, cheapest first: 7-bit weights, then (not
+        for TensorRT, which takes s8 weights only) 8-bit u8 weights."""
+        out = [self.replace(reduce_range=True, weight_type="s8")]
+        if self.activation_type == "u8":
+            out.append(self.replace(reduce_range=False, weight_type="u8"))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -836,6 +856,12 @@ def _calibrate(prep: _Prepared, model_path: Path, options: QuantOptions, op_type
     return cache
 
 
+def _weight_qtype(options: QuantOptions):
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QInt8 if options.weight_type == "s8" else QuantType.QUInt8
+
+
 def _run_quantizer(prep: _Prepared, out_path: Path, options: QuantOptions
                    ) -> tuple[dict[str, str], list[str], list[str]]:
     """Quantize into ``out_path``; returns (excluded nodes, op types quantized, smoothed LNs)."""
@@ -872,7 +898,7 @@ def _run_quantizer(prep: _Prepared, out_path: Path, options: QuantOptions
             quantize_dynamic(
                 model_path, out_path, op_types_to_quantize=op_types,
                 per_channel=options.per_channel, reduce_range=options.reduce_range,
-                weight_type=QuantType.QInt8, nodes_to_exclude=names,
+                weight_type=_weight_qtype(options), nodes_to_exclude=names,
                 use_external_data_format=big, extra_options=extra)
         else:
             act = QuantType.QUInt8 if options.activation_type == "u8" else QuantType.QInt8
@@ -892,7 +918,7 @@ def _run_quantizer(prep: _Prepared, out_path: Path, options: QuantOptions
                 nodes_to_quantize=targets,
                 op_types_to_quantize=op_types, per_channel=options.per_channel,
                 reduce_range=options.reduce_range, activation_type=act,
-                weight_type=QuantType.QInt8, nodes_to_exclude=list(excluded),
+                weight_type=_weight_qtype(options), nodes_to_exclude=list(excluded),
                 use_external_data_format=big, extra_options=extra,
                 calibrate_method=_calibration_method(options), calibration_cache_path=cache)
     return excluded, op_types, smoothed
@@ -958,10 +984,14 @@ def format_record(options: QuantOptions, weight_abs_max: int | None) -> dict[str
     """The manifest's record of the int8 format: what it is, whether every CPU computes the
     same integers (checked on the written weights, not only assumed from the options), and why
     it was chosen."""
-    safe = weight_abs_max is None or weight_abs_max <= SAFE_WEIGHT_MAX
+    safe = options.weight_type == "u8" or weight_abs_max is None \
+        or weight_abs_max <= SAFE_WEIGHT_MAX
     if options.int8_format == "portable":
         why = ("default: 7-bit weights keep u8 x s8 pair sums within int16 (2 * 255 * 64), so "
                "CPUs without VNNI (AVX2, AVX-512) compute what VNNI, AMX and aarch64 compute")
+    elif options.weight_type == "u8":
+        why = ("8-bit u8 weights: u8 x u8 products are widened before accumulating, so every "
+               "CPU computes the same integers without losing a weight bit (slower on VNNI)")
     elif options.activation_type == "s8":
         why = ("TensorRT: symmetric s8 activations and weights with zero point 0, the only int8 "
                "TensorRT accepts")
@@ -970,6 +1000,7 @@ def format_record(options: QuantOptions, weight_abs_max: int | None) -> dict[str
                "(VNNI, AMX, aarch64); other x86 CPUs run the graph as float Q/DQ")
     return {"name": options.int8_format,
             "activations": "uint8" if options.activation_type == "u8" else "int8",
+            "weights": "uint8" if options.weight_type == "u8" else "int8",
             "weight_bits": 7 if options.reduce_range else 8,
             "weight_abs_max": weight_abs_max, "saturation_safe": safe, "why": why}
 
@@ -988,7 +1019,7 @@ def _quantize(prep: _Prepared, out_path: Path, options: QuantOptions) -> dict[st
         "format": "QDQ" if options.method == "static_qdq" else "integer ops (dynamic)",
         "activation_dtype": ("uint8" if options.activation_type == "u8" else "int8")
         if options.method == "static_qdq" else "uint8 (per batch, at run time)",
-        "weight_dtype": "int8",
+        "weight_dtype": "uint8" if options.weight_type == "u8" else "int8",
         "per_channel": bool(options.per_channel and per_channel),
         "symmetric_weights": options.symmetric_weights,
         "reduce_range": options.reduce_range,
@@ -1091,13 +1122,14 @@ def _attempt_plan(prep: _Prepared, options: QuantOptions) -> Iterable[tuple[str,
         seen.add(k)
         return True
 
-    if not options.saturation_safe:
-        # A full-range format can miss the gate for the CPU's sake alone (x86 without VNNI): the
-        # portable format comes first, and every later attempt builds on it.
-        options = options.portable()
-        if fresh(options):
-            yield ("portable format: 7-bit weights, the same integers on every CPU "
-                   f"({host_cpu().isa} here)"), options
+    # The portable formats next: a full-range one can miss the gate for the CPU's sake alone
+    # (x86 without VNNI), and 8-bit u8 weights recover the bit 7-bit weights lose. Every later
+    # attempt builds on the last (most accurate) of them.
+    for variant in options.portable_variants():
+        if fresh(variant):
+            yield (f"portable format {variant.int8_format}: the same integers on every CPU "
+                   f"({host_cpu().isa} here)"), variant
+        options = variant
 
     sq = options.replace(smoothquant=True)
     if fresh(sq):
