@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -582,13 +581,22 @@ def run_export(options: ExportOptions) -> Path:
     (or destroys the previous one).
     """
     options.validate()
+    from clipfast.export.workspace import ExportWorkspace
+
+    with ExportWorkspace(Path(options.out), options.overwrite) as workspace:
+        out = _run_export(options, workspace)
+    if options.tensorrt:
+        _build_tensorrt_engines(out, options)
+    return out
+
+
+def _run_export(options: ExportOptions, workspace) -> Path:
+    """The export's stages inside ``workspace`` (locked, with its work directory)."""
     from clipfast.export.onnx_export import export_image_tower, export_text_tower
     from clipfast.export.sources import load_source
     from clipfast.export.verify import images_from_dir, measure
 
-    out = Path(options.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out, work = workspace.out, workspace.work
     build = work / ".build"
     build.mkdir()
     names = ["load source", "export image tower", "export text tower", "fuse graphs"]
@@ -596,7 +604,6 @@ def run_export(options: ExportOptions) -> Path:
         names.append(f"convert to {options.precision}")
     names += ["write tokenizer + manifest", "measure fidelity"]
     stages = _Stages(names, options.progress)
-    keep_work = False
     try:
         stages.start("load source")
         source = load_source(options.model, options.pretrained, seed=options.seed)
@@ -708,22 +715,14 @@ def run_export(options: ExportOptions) -> Path:
         data["stage_seconds"] = stages.times
         write_manifest(work, data, files)
         if failures and options.gate:
-            keep_work = True
+            workspace.keep_for_inspection()
             raise FidelityError(
                 f"{options.model} {options.precision}: fidelity below the gate, artifact not "
                 f"written to {out} (kept for inspection in {work}): " + "; ".join(failures)
             )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
+        return workspace.commit()
+    finally:
         stages.close()
-        if not keep_work:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if options.tensorrt:
-        _build_tensorrt_engines(out, options)
-    return out
 
 
 def _build_tensorrt_engines(out: Path, options: ExportOptions) -> None:
