@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from clipfast.errors import ClipfastError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
+                  ".tiff"}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -160,47 +165,175 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_images(inputs: list[str]) -> list[str]:
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _sniff_image(path: Path) -> str | None:
+    """None when Pillow recognises ``path`` as an image (header only, nothing decoded), else why
+    not."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):  # parses the header, decodes nothing
+            return None
+    except Image.DecompressionBombError:
+        return None  # an image: the Engine reports the refusal as that input's failure
+    except UnidentifiedImageError:
+        return "not an image Pillow can identify"
+    except Exception as e:  # Pillow raises assorted errors on odd headers
+        return f"not a readable image ({type(e).__name__}: {e})"
+
+
+def _expand_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image paths to embed and ``(path, reason)`` for each file of a directory left out.
+
+    Files named on the command line are taken as given (a missing or broken one becomes that
+    input's failure). In a directory (recursively): files with an image suffix are taken; other
+    files, with any suffix or none, are taken when their content is an image Pillow recognises
+    (a JPEG named ``.jfif`` or with no suffix); the rest are skipped with the reason, as are
+    hidden files and directories (names starting with '.'), anything not a regular file, and
+    symbolic links to directories (not followed).
+    """
     out: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(str(f) for f in sorted(p.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
+        root = Path(item)
+        if not root.is_dir():
             out.append(item)  # a missing path becomes a per-item failure, not a crash
-    return out
+            continue
+        found: list[Path] = []
+        for folder, dirs, names in os.walk(root):
+            base = Path(folder)
+            keep = []
+            for d in sorted(dirs):
+                if _hidden(d):
+                    skipped.append((str(base / d), "hidden directory"))
+                elif (base / d).is_symlink():
+                    skipped.append((str(base / d), "symbolic link to a directory, not followed"))
+                else:
+                    keep.append(d)
+            dirs[:] = keep
+            for name in sorted(names):
+                f = base / name
+                if _hidden(name):
+                    skipped.append((str(f), "hidden file"))
+                    continue
+                try:
+                    regular = stat.S_ISREG(f.stat().st_mode)
+                except OSError as e:
+                    skipped.append((str(f), f"cannot be read ({e.strerror or e})"))
+                    continue
+                if not regular:
+                    skipped.append((str(f), "not a regular file"))
+                    continue
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(f)
+                    continue
+                reason = _sniff_image(f)
+                if reason is None:
+                    found.append(f)
+                else:
+                    skipped.append((str(f), reason))
+        out.extend(str(f) for f in sorted(found))
+    return out, skipped
+
+
+def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """The embeddings file and its row index for ``--out``: ``X.npy`` gives ``X.npy`` and
+    ``X.json``; any other name ``X`` (``emb.v2``, ``plain``) gives ``X.npy`` and ``X.json``."""
+    p = Path(out)
+    if p.suffix.lower() == ".npy" and p.stem:
+        stem = p.name[: -len(p.suffix)]
+        return p, p.with_name(stem + ".json")
+    return p.with_name(p.name + ".npy"), p.with_name(p.name + ".json")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_beside(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # what a plain open() would have given
+    return Path(name)
+
+
+def _write_outputs(npy: Path, index: Path, embeddings, record: dict) -> None:
+    """Write the embeddings and their row index, each atomically (a temporary file in the same
+    directory, then os.replace), the embeddings first. The index names the embeddings file and
+    its sha256, so a reader can tell an index from the file it describes."""
+    import numpy as np
+
+    from clipfast.manifest import sha256_file
+
+    temps: list[Path] = []
+    try:
+        tmp_npy = _temp_beside(npy)
+        temps.append(tmp_npy)
+        with open(tmp_npy, "wb") as f:
+            np.save(f, embeddings)
+            f.flush()
+            os.fsync(f.fileno())
+        doc = {"embeddings": npy.name, "sha256": sha256_file(tmp_npy),
+               "shape": list(embeddings.shape), **record}
+        tmp_index = _temp_beside(index)
+        temps.append(tmp_index)
+        with open(tmp_index, "w", encoding="utf-8") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_npy, npy)
+        os.replace(tmp_index, index)
+    except OSError as e:
+        raise ClipfastError(f"encode: cannot write {npy} and {index}: {e}") from e
+    finally:
+        for t in temps:
+            with contextlib.suppress(OSError):
+                t.unlink()
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    import numpy as np
-
     import clipfast
 
+    npy, index = output_paths(args.out)
+    if npy.is_dir() or index.is_dir():
+        raise ClipfastError(f"encode: --out {args.out} would write {npy} and {index}, and one of "
+                            "them is a directory")
+    if not args.texts:
+        paths, skipped = _expand_images(args.images)
+        for item, reason in skipped:
+            print(f"skipped: {item} ({reason})", file=sys.stderr)
+        if not paths:
+            raise ClipfastError("encode: no images given (pass files or directories, or --texts)"
+                                + (f"; {len(skipped)} files skipped" if skipped else ""))
     engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device,
                              batch_size=args.batch_size)
     for name, reason in engine.fallbacks:
         print(f"note: backend {name} skipped: {reason}", file=sys.stderr)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    npy.parent.mkdir(parents=True, exist_ok=True)
     if args.texts:
         emb = engine.encode_texts(args.texts)
-        np.save(out, emb)
-        print(f"{len(args.texts)} texts -> {out} {emb.shape} (backend {engine.backend})")
+        _write_outputs(npy, index, emb, {"kind": "texts", "rows": list(args.texts),
+                                         "failures": [], "skipped": [],
+                                         "backend": engine.backend})
+        print(f"{len(args.texts)} texts -> {npy} {emb.shape} (backend {engine.backend}); row "
+              f"index in {index}")
         return 0
-    paths = _expand_images(args.images)
-    if not paths:
-        raise ClipfastError("encode: no images given (pass files or directories, or --texts)")
     res = engine.encode_images(paths, errors="skip", progress=not args.quiet)
-    np.save(out, res.embeddings)
-    index = out.with_suffix(".json")
-    index.write_text(json.dumps({
-        "embeddings": out.name,
+    _write_outputs(npy, index, res.embeddings, {
+        "kind": "images",
         "rows": [paths[i] for i in res.indices.tolist()],
         "failures": [{"index": f.index, "item": f.item, "error": f.error} for f in res.failures],
+        "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
         "backend": engine.backend,
-    }, indent=2))
-    print(f"{len(res.indices)} of {len(paths)} images -> {out} {res.embeddings.shape} "
-          f"(backend {engine.backend}); row index in {index}")
+    })
+    print(f"{len(res.indices)} of {len(paths)} images -> {npy} {res.embeddings.shape} "
+          f"(backend {engine.backend}); row index in {index}"
+          + (f"; {len(skipped)} files skipped" if skipped else ""))
     for f in res.failures:
         print(f"failed: {f.error}", file=sys.stderr)
     return 0 if not res.failures else 2
@@ -279,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("artifact")
     n.add_argument("images", nargs="*")
     n.add_argument("--texts", nargs="+", default=None)
-    n.add_argument("--out", required=True, help="output .npy (a .json row index is written beside)")
+    n.add_argument("--out", required=True,
+                   help="output X.npy (or X: .npy is added); the row index goes to X.json")
     n.add_argument("--backend", default="auto")
     n.add_argument("--device", default="cpu")
     n.add_argument("--batch-size", type=int, default=32)

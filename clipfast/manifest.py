@@ -1,16 +1,22 @@
 """The artifact manifest: a versioned JSON file that carries everything the runtime needs.
 
 The runtime never re-derives preprocessing, tokenization or logit settings from model names:
-they are read from here. Every file of the artifact is listed with its sha256 and checked at load.
+they are read from here. Every file the runtime opens (the towers, the external-data files
+their graphs reference, the tokenizer, the golden outputs) must be listed in the manifest's
+``files`` with its size and sha256, and must resolve (symbolic links included) inside the
+artifact directory; :func:`load_manifest` checks all of it, and :meth:`Manifest.path` is the
+one way the runtime turns a file name of the manifest into a path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from clipfast.errors import ArtifactError
@@ -19,6 +25,8 @@ FORMAT = "clipfast-artifact"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+TOWERS = ("image", "text")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -72,6 +80,173 @@ def write_manifest(directory: str | os.PathLike, data: dict[str, Any], files: li
     return path
 
 
+# --------------------------------------------------------------------------- file names
+
+
+def _plain_name(name: Any, field: str, where: Path) -> str:
+    """``name`` as a normalised relative POSIX name, or ArtifactError naming ``field``: absolute
+    paths, drive letters, backslashes, NUL bytes and ``..`` components are refused."""
+    if not isinstance(name, str) or not name.strip():
+        raise ArtifactError(f"{where}: {field} must be a file name (a non-empty string), "
+                            f"got {name!r}")
+    if "\x00" in name or "\\" in name:
+        raise ArtifactError(f"{where}: {field} {name!r}: file names use '/' and no NUL or "
+                            "backslash characters")
+    p = PurePosixPath(name)
+    if p.is_absolute() or PureWindowsPath(name).drive:
+        raise ArtifactError(f"{where}: {field} {name!r} is an absolute path; artifact files are "
+                            "named relative to the artifact directory")
+    if ".." in p.parts:
+        raise ArtifactError(f"{where}: {field} {name!r} leaves the artifact directory ('..')")
+    norm = str(p)
+    if norm in (".", ""):
+        raise ArtifactError(f"{where}: {field} {name!r} names the artifact directory, not a file")
+    return norm
+
+
+def _contained(root: Path, path: Path, field: str, name: str, where: Path) -> Path:
+    """``path`` resolved (symbolic links followed); ArtifactError unless it lies inside the
+    resolved ``root``."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ArtifactError(f"{where}: {field} {name!r} cannot be resolved ({e})") from e
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ArtifactError(f"{where}: {field} {name!r} resolves to {resolved}, outside the "
+                            f"artifact directory {root}")
+    return resolved
+
+
+def _files_section(files: Any, where: Path) -> dict[str, dict[str, Any]]:
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{where}: 'files' must be an object mapping file names to "
+                            f"{{'sha256', 'bytes'}}, got {type(files).__name__}")
+    return files
+
+
+def _check_listed(directory: Path, files: Any, name: Any, field: str, where: Path) -> Path:
+    """The resolved path of ``name`` (a reference from ``field``) after checking that it is a
+    plain relative name listed in ``files`` that resolves inside ``directory``."""
+    files = _files_section(files, where)
+    norm = _plain_name(name, field, where)
+    if norm not in files:
+        raise ArtifactError(f"{where}: {field} {name!r} is not listed in 'files' (every file the "
+                            "runtime opens must be listed with its sha256)")
+    root = Path(os.path.realpath(directory))
+    return _contained(root, root / norm, field, str(name), where)
+
+
+# ------------------------------------------------------------------ ONNX external data
+# A minimal reader of the protobuf wire format, enough to find every TensorProto of an ONNX
+# model and the "location" of its external data, without the onnx package (the runtime does not
+# depend on it). Field numbers are those of onnx.proto.
+_MODEL, _GRAPH, _NODE, _ATTR, _TENSOR, _SPARSE, _FUNC, _TRAIN, _ENTRY = range(9)
+_CHILDREN = {
+    _MODEL: {7: _GRAPH, 20: _TRAIN, 25: _FUNC},  # graph, training_info, functions
+    _TRAIN: {1: _GRAPH, 2: _GRAPH},  # initialization, algorithm
+    _FUNC: {7: _NODE, 11: _ATTR},  # node, attribute_proto
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},  # node, initializer, sparse_initializer
+    _NODE: {5: _ATTR},  # attribute
+    _ATTR: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},  # values, indices
+    _TENSOR: {13: _ENTRY},  # external_data
+}
+_MAX_DEPTH = 64
+
+
+class _WireError(ValueError):
+    pass
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _WireError(f"truncated or overlong varint at byte {pos}")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, start, end) of each length-delimited field of one message; other wire
+    types are skipped."""
+    pos = start
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise _WireError(f"field {number} at byte {pos} runs past its message")
+            yield number, pos, pos + length
+            pos += length
+        else:
+            raise _WireError(f"unsupported wire type {wire} at byte {pos}")
+        if pos > end:
+            raise _WireError(f"field {number} runs past its message")
+
+
+def _external_locations(buf) -> list[str]:
+    """Every external-data ``location`` of the serialized ModelProto ``buf``."""
+    found: list[str] = []
+    stack = [(_MODEL, 0, len(buf), 0)]
+    while stack:
+        kind, start, end, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise _WireError("messages nested too deeply")
+        if kind == _ENTRY:
+            key = value = b""
+            for number, s, e in _fields(buf, start, end):
+                if number == 1:
+                    key = bytes(buf[s:e])
+                elif number == 2:
+                    value = bytes(buf[s:e])
+            if key == b"location":
+                try:
+                    found.append(value.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    raise _WireError(f"external data location {value!r} is not UTF-8") from err
+            continue
+        children = _CHILDREN[kind]
+        for number, s, e in _fields(buf, start, end):
+            child = children.get(number)
+            if child is not None:
+                stack.append((child, s, e, depth + 1))
+    return found
+
+
+def onnx_external_data(path: str | os.PathLike) -> list[str]:
+    """The external-data file locations (as written in the graph, relative to the model's
+    folder) that the ONNX model at ``path`` references, from initializers, sparse
+    initializers, node attribute tensors, subgraphs and functions. Reads the protobuf wire
+    format directly (no onnx package) and skips tensor payloads without reading them."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return []
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return sorted(set(_external_locations(buf)))
+    except _WireError as e:
+        raise ArtifactError(f"{path}: not a readable ONNX model ({e}); re-export the artifact"
+                            ) from e
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: cannot read the ONNX model ({e})") from e
+
+
+# --------------------------------------------------------------------------- the manifest
+
+
 @dataclass
 class Manifest:
     """A loaded, validated manifest. ``data`` is the raw JSON; accessors give typed views."""
@@ -108,22 +283,166 @@ class Manifest:
     def _section(self, key: str, parse):
         try:
             return parse(self.data[key])
-        except (KeyError, TypeError, ValueError) as e:
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{self.directory / MANIFEST_NAME}: invalid {key!r} section: {e}"
                                 ) from e
 
     def path(self, name: str) -> Path:
-        return self.directory / name
+        """The path of the artifact file ``name``: the one gate between a name read from the
+        manifest and a file the runtime opens. ArtifactError unless ``name`` is a relative name
+        listed in ``files`` that resolves (symbolic links followed) inside the artifact
+        directory. The returned path is the resolved one."""
+        return _check_listed(self.directory, self.data.get("files"), name, "file",
+                             self.directory / MANIFEST_NAME)
 
 
 _REQUIRED = ("source", "family", "embed_dim", "precision", "image", "text", "preprocess",
              "tokenizer", "logits", "files")
+_DICTS = ("source", "image", "text", "preprocess", "tokenizer", "logits")
+_OPTIONAL_DICTS = ("graph", "gates", "quantization", "tensorrt", "architecture", "fidelity",
+                   "exported_on")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entries(files: dict, path: Path) -> None:
+    for name, entry in files.items():
+        _plain_name(name, "files key", path)
+        if str(PurePosixPath(name)) != name:
+            raise ArtifactError(f"{path}: files key {name!r} is not a plain relative name "
+                                f"(write it as {str(PurePosixPath(name))!r})")
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{path}: files[{name!r}] must be an object with 'sha256' and "
+                                f"'bytes', got {type(entry).__name__}")
+        for key in ("sha256", "bytes"):
+            if key not in entry:
+                raise ArtifactError(f"{path}: files[{name!r}] lacks {key!r}")
+        if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise ArtifactError(f"{path}: files[{name!r}].sha256 must be 64 lowercase hex "
+                                f"digits, got {entry['sha256']!r}")
+        if not _is_int(entry["bytes"]) or entry["bytes"] < 0:
+            raise ArtifactError(f"{path}: files[{name!r}].bytes must be a non-negative integer, "
+                                f"got {entry['bytes']!r}")
+
+
+def _check_types(data: dict, path: Path) -> None:
+    """The types of the fields the runtime reads, so that a malformed manifest is reported here
+    naming the field, not as a KeyError or TypeError deep in a backend."""
+    for key in _DICTS:
+        if not isinstance(data[key], dict):
+            raise ArtifactError(f"{path}: {key!r} must be an object, got "
+                                f"{type(data[key]).__name__}")
+    for key in _OPTIONAL_DICTS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ArtifactError(f"{path}: {key!r} must be an object (or absent), got "
+                                f"{type(data[key]).__name__}")
+    if not isinstance(data["family"], str):
+        raise ArtifactError(f"{path}: 'family' must be a string, got {data['family']!r}")
+    if not isinstance(data["precision"], str):
+        raise ArtifactError(f"{path}: 'precision' must be a string, got {data['precision']!r}")
+    if not _is_int(data["embed_dim"]) or data["embed_dim"] < 1:
+        raise ArtifactError(f"{path}: 'embed_dim' must be a positive integer, got "
+                            f"{data['embed_dim']!r}")
+    image, text = data["image"], data["text"]
+    for tower, keys in (("image", ("file", "input", "output")), ("text", ("file", "output"))):
+        for key in keys:
+            if key not in data[tower]:
+                raise ArtifactError(f"{path}: '{tower}' section lacks {key!r}")
+            if not isinstance(data[tower][key], str):
+                raise ArtifactError(f"{path}: {tower}.{key} must be a string, got "
+                                    f"{data[tower][key]!r}")
+        for key in ("dtype", "output_dtype"):
+            if data[tower].get(key) is not None and not isinstance(data[tower][key], str):
+                raise ArtifactError(f"{path}: {tower}.{key} must be a string, got "
+                                    f"{data[tower][key]!r}")
+    shape = image.get("shape")
+    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d > 0 for d in shape):
+        raise ArtifactError(f"{path}: image.shape must be a list of positive integers, got "
+                            f"{shape!r}")
+    inputs = text.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(n, str) for n in inputs):
+        raise ArtifactError(f"{path}: text.inputs must be a non-empty list of input names, got "
+                            f"{inputs!r}")
+    tok_file = data["tokenizer"].get("file", "tokenizer.json")
+    if not isinstance(tok_file, str):
+        raise ArtifactError(f"{path}: tokenizer.file must be a string, got {tok_file!r}")
+    golden = data.get("golden")
+    if golden and (not isinstance(golden, dict) or not isinstance(golden.get("file"), str)):
+        raise ArtifactError(f"{path}: 'golden' must be an object with a 'file' string, got "
+                            f"{golden!r}")
+
+
+def referenced_files(data: dict[str, Any]) -> dict[str, str]:
+    """``{field: file name}`` of every file a validated manifest points the runtime at (the
+    external-data files of the towers aside: those are named inside the ONNX graphs)."""
+    refs = {f"{t}.file": data[t]["file"] for t in TOWERS}
+    refs["tokenizer.file"] = data["tokenizer"].get("file", "tokenizer.json")
+    if data.get("golden"):
+        refs["golden.file"] = data["golden"]["file"]
+    return refs
+
+
+def _check_external_data(directory: Path, files: dict, tower: str, onnx_path: Path,
+                         where: Path) -> None:
+    """Every external-data file the tower's graph references must be a listed file inside the
+    artifact directory. ONNX Runtime resolves a ``location`` against the model file's folder;
+    the check resolves it the same way (symbolic links followed) and compares it with the
+    resolved listed files, so no runtime-version-specific path check is relied upon."""
+    root = Path(os.path.realpath(directory))
+    listed = {Path(os.path.realpath(root / name)) for name in files}
+    for location in onnx_external_data(onnx_path):
+        field = f"{tower} graph external data"
+        if not location or "\x00" in location or "\\" in location:
+            raise ArtifactError(f"{onnx_path}: {field} location {location!r} is not a plain "
+                                "file name ('/' separators, no NUL or backslash)")
+        loc = PurePosixPath(location)
+        if loc.is_absolute() or PureWindowsPath(location).drive:
+            raise ArtifactError(f"{onnx_path}: {field} {location!r} is an absolute path; "
+                                "external data must lie beside the graph in the artifact")
+        target = _contained(root, onnx_path.parent / loc, field, location, onnx_path)
+        if target not in listed:
+            raise ArtifactError(f"{onnx_path}: {field} {location!r} is not listed in the "
+                                f"'files' of {where} (every file the runtime opens must be "
+                                "listed with its sha256)")
+
+
+def _check_file(root: Path, directory: Path, name: str, entry: dict, where: Path,
+                verify_checksums: bool) -> None:
+    """One listed file: inside the directory, a regular file, its size and (optionally) sha256."""
+    shown = directory / name
+    fp = _contained(root, root / name, "listed file", name, where)
+    try:
+        if not fp.is_file():
+            raise ArtifactError(f"{shown}: listed in {MANIFEST_NAME} but missing (or not a "
+                                "regular file)")
+        size = fp.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(
+                f"{shown}: size {size} bytes, manifest says {entry['bytes']}: the file is "
+                "truncated or was replaced; re-export the artifact"
+            )
+        if verify_checksums and sha256_file(fp) != entry["sha256"]:
+            raise ArtifactError(
+                f"{shown}: sha256 does not match {MANIFEST_NAME}: the file was modified after "
+                "export; re-export the artifact"
+            )
+    except OSError as e:
+        raise ArtifactError(f"{shown}: listed in {MANIFEST_NAME} but cannot be read ({e})"
+                            ) from e
 
 
 def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True) -> Manifest:
     """Read and validate ``DIR/manifest.json``; raise ArtifactError naming the file and problem.
 
-    With ``verify_checksums`` every listed file is hashed and compared (a tampered or truncated
+    Checked always: the types of the fields the runtime reads; that every listed file is a
+    plain relative name resolving (symbolic links followed) inside the directory, present, of
+    its recorded size; that every file the manifest references (towers, tokenizer, golden
+    outputs) and every external-data file the tower graphs reference is listed. With
+    ``verify_checksums`` every listed file is also hashed and compared (a tampered or truncated
     ONNX file is caught here, not as a confusing runtime error later).
     """
     directory = Path(directory)
@@ -136,13 +455,15 @@ def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True
     if not path.is_file():
         raise ArtifactError(f"{path}: missing; {directory} is not a clipfast artifact directory")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, deep nesting
         raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read it ({e})") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a clipfast manifest (expected format {FORMAT!r})")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise ArtifactError(
             f"{path}: format_version {version!r} is not supported by this clipfast "
             f"(expects {FORMAT_VERSION}); re-export the model with this version"
@@ -150,18 +471,15 @@ def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ArtifactError(f"{path}: missing keys {missing}")
-    for name, entry in data["files"].items():
-        fp = directory / name
-        if not fp.is_file():
-            raise ArtifactError(f"{fp}: listed in {MANIFEST_NAME} but missing")
-        if fp.stat().st_size != entry["bytes"]:
-            raise ArtifactError(
-                f"{fp}: size {fp.stat().st_size} bytes, manifest says {entry['bytes']}: the file "
-                "is truncated or was replaced; re-export the artifact"
-            )
-        if verify_checksums and sha256_file(fp) != entry["sha256"]:
-            raise ArtifactError(
-                f"{fp}: sha256 does not match {MANIFEST_NAME}: the file was modified after export; "
-                "re-export the artifact"
-            )
+    files = _files_section(data["files"], path)
+    _check_entries(files, path)
+    _check_types(data, path)
+    root = Path(os.path.realpath(directory))
+    for name, entry in files.items():
+        _check_file(root, directory, name, entry, path, verify_checksums)
+    for field, name in referenced_files(data).items():
+        _check_listed(directory, files, name, field, path)
+    for tower in TOWERS:
+        onnx_path = _check_listed(directory, files, data[tower]["file"], f"{tower}.file", path)
+        _check_external_data(directory, files, tower, onnx_path, path)
     return Manifest(directory=directory, data=data)
