@@ -41,7 +41,7 @@ def test_manifest_records_everything(vitb32_artifact):
     d = m.data
     assert d["format_version"] == 1 and d["precision"] == "fp32" and d["embed_dim"] == 512
     assert d["random_weights"] is True and d["source"]["pretrained"] == "none"
-    assert set(d["files"]) == {"image.onnx", "text.onnx", "tokenizer.json"}
+    assert set(d["files"]) == {"image.onnx", "text.onnx", "tokenizer.json", "golden.npz"}
     assert all(len(f["sha256"]) == 64 for f in d["files"].values())
     pp = d["preprocess"]
     assert pp["resize_mode"] == "shortest" and pp["interpolation"] == "bicubic"
@@ -75,6 +75,9 @@ def test_vitb32_parity_on_photos_and_awkward_images(vitb32_source, vitb32_engine
              "a man with a camera", "", "😀 emoji & &amp;amp; html", "中文 字符",
              "x" * 10_000, "control\x00\x1bchars\t\n", "Mixed CASE text", "a" ]
     fig = measure(vitb32_source, vitb32_engine, images=images, texts=texts)
+    # NOTE: random weights, seed 0 (the shared fixture; an export takes about a minute). fp32
+    # round-off hardly depends on the weights: seed 1 measured 2.2e-6 (image) and 3.1e-6 (text)
+    # centred error on these photos through `clipfast verify`, 300x under these bounds.
     assert fig["images"] == len(images) and fig["images_skipped"] == 0
     assert fig["pixel_levels"] <= FP32["pixel_max_levels"], fig
     assert fig["token_ids_identical"] is True

