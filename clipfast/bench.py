@@ -965,7 +965,7 @@ def model_label(manifest) -> str:
 
 
 def _image_files(directory: Path) -> list[Path]:
-    from clipfast.cli import IMAGE_SUFFIXES
+    from clipfast.types import IMAGE_SUFFIXES
 
     files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

@@ -13,9 +13,7 @@ import tempfile
 from pathlib import Path
 
 from clipfast.errors import ClipfastError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
-                  ".tiff"}
+from clipfast.types import IMAGE_SUFFIXES
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

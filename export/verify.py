@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipfast.cli import IMAGE_SUFFIXES
 from clipfast.errors import ClipfastError, ImageLoadError
 from clipfast.export.source import SourceModel
 from clipfast.export.tokenization import PARITY_TEXTS
@@ -21,6 +20,7 @@ from clipfast.fidelity import (
     top1_agreement,
 )
 from clipfast.samples import sample_captions, sample_images
+from clipfast.types import IMAGE_SUFFIXES
 
 log = logging.getLogger("clipfast.export")
 
