@@ -58,6 +58,7 @@ def _edit_weights(src: Path, dst: Path, factor: float = 1.3) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_edited_weights_with_a_rehashed_manifest_are_refused(vitb32_artifact, tmp_path):
     art = _edit_weights(vitb32_artifact, tmp_path / "edited")
     load_manifest(art)  # the checksums pass: sha256 alone cannot see this
