@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from clipfast import bench
 from clipfast import cpu as cpu_facts
 from clipfast.cli import build_parser, main
+from clipfast.errors import ClipfastError
 
 # --------------------------------------------------------------------------- statistics
 
@@ -133,6 +135,11 @@ def test_count_flops_on_a_tiny_graph_with_computed_shapes(tmp_path):
     model, expected = _tiny_graph()
     fc = bench.count_flops(model)
     assert fc.total == expected and fc.nodes == 3 and not fc.unresolved
+    # The Reshape target is computed at run time: shape inference cannot see through the
+    # Div, one onnxruntime run at the bound shapes gives the Gemm's input shape.
+    assert fc.method == "onnx.shape_inference + onnxruntime probe"
+    static = bench.count_flops(model, probe=False)
+    assert static.unresolved == ["gemm"] and static.total == expected - 2 * 4 * 6 * 16
     assert fc.by_op == {"MatMul": 2 * 4 * 16 * 8, "Gemm": 2 * 4 * 6 * 16,
                         "Conv": 2 * 12 * 100 * 27}
     assert fc.int8_fraction == 0.0
@@ -140,6 +147,17 @@ def test_count_flops_on_a_tiny_graph_with_computed_shapes(tmp_path):
     path = tmp_path / "tiny.onnx"
     path.write_bytes(model.SerializeToString())
     assert bench.count_flops(path, batch=2).total == 2 * expected
+    # Weights in an external data file (here the conv weight, the one over onnx's default
+    # 1 KiB threshold): onnxruntime reads them from the graph's folder.
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # onnx.save moves the weights of the proto it saves out
+    onnx.save(external, str(ext / "tiny.onnx"), save_as_external_data=True,
+              location="tiny.data")
+    assert (ext / "tiny.data").stat().st_size == 12 * 3 * 3 * 3 * 4
+    fc = bench.count_flops(ext / "tiny.onnx", batch=2)
+    assert fc.total == 2 * expected and fc.method.endswith("onnxruntime probe")
     # Explicit shapes win over the binding rule.
     shapes = {"x": [1, 4, 8], "img": [1, 6, 20, 20]}
     assert bench.count_flops(model, shapes).total == expected + 3 * 2 * 12 * 100 * 27
@@ -287,6 +305,52 @@ def test_importing_bench_is_cheap():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_bench_works_without_onnx(tmp_path):
+    """The runtime wheel has no onnx: importing the bench and its --help work without it, and
+    counting FLOPs fails with an ImportError that says what is missing, which a run turns into
+    empty FLOP columns and a note."""
+    code = '''
+import sys
+sys.modules["onnx"] = None  # import onnx -> ImportError
+import clipfast.bench as bench
+from clipfast.cli import main
+from clipfast.bench.config import BenchConfig
+from clipfast.bench.run import _Run
+
+try:
+    main(["bench", "--help"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+try:
+    bench.count_flops("tower.onnx")
+except ImportError as e:
+    assert "needs the onnx package" in str(e), e
+else:
+    raise AssertionError("count_flops ran without onnx")
+
+
+class Manifest(dict):
+    def path(self, name):
+        return name
+
+
+run = _Run(BenchConfig(artifacts=[]), lambda msg: None)
+into = {}
+got = run._count_flops(Manifest(image={"file": "image.onnx", "shape": [3, 8, 8]}), "m", into)
+assert got == {"image": None, "text": None} and into == {}, (got, into)
+assert len(run.notes) == 1 and "needs the onnx package" in run.notes[0], run.notes
+assert "GFLOP/item and utilisation columns are empty" in run.notes[0], run.notes
+peak = bench.measure_cpu_peak(64, repeats=1)  # numpy's fp32 alone, and a note saying why
+assert peak["fp32_gflops"] > 0 and peak["int8_gops"] is None, peak
+assert "install onnx" in peak["notes"][0], peak["notes"]
+assert "onnx" not in [m for m in sys.modules if sys.modules[m] is not None]
+'''
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "clipfast bench" in done.stdout and "--batch-sizes" in done.stdout
+
+
 def test_cli_parses_lists_and_validates():
     args = build_parser().parse_args(["bench", "a", "b", "--batch-sizes", "1, 8", "--towers",
                                       "text", "--out", "r.json"])
@@ -295,7 +359,7 @@ def test_cli_parses_lists_and_validates():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "a", "--batch-sizes", "1,x", "--out", "r.json"])
     bad = bench.BenchConfig(artifacts=[Path("a")], towers=("vision",))
-    with pytest.raises(bench.ClipfastError, match="--towers vision"):
+    with pytest.raises(ClipfastError, match="--towers vision"):
         bad.validate()
 
 

@@ -1,0 +1,140 @@
+"""The work one timed call does: an artifact's inputs at the largest batch (generated sample
+images and captions, or a folder of images for end-to-end rows), the callable for each row, and
+the engine behind it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipfast.bench.config import BASELINE, BenchConfig
+from clipfast.errors import ClipfastError
+from clipfast.types import IMAGE_SUFFIXES
+
+
+def model_label(manifest) -> str:
+    """A short, stable name for an artifact's source model (rows of one source share the torch
+    baseline): the open_clip name (with its tag unless random), or the transformers id / dir."""
+    src = manifest["source"]
+    model = str(src.get("model", "?"))
+    if model.startswith("transformers:"):
+        ref = model[len("transformers:"):]
+        if os.path.isabs(ref) or os.path.exists(ref):
+            arch = manifest.get("architecture") or {}
+            ref = arch.get("name") or Path(ref).name
+        return f"transformers:{ref}"
+    tag = src.get("pretrained")
+    return model if tag in (None, "", "none") else f"{model}:{tag}"
+
+
+def image_files(directory: Path) -> list[Path]:
+    """The image files under ``directory`` (by suffix, sorted); a ClipfastError when none."""
+    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ClipfastError(f"--images {str(directory)!r}: no image files "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    return files
+
+
+def _cycle(items: Sequence[Any], n: int) -> list[Any]:
+    return [items[i % len(items)] for i in range(n)]
+
+
+@dataclass
+class Inputs:
+    """Inputs of one artifact at the largest batch; rows slice them. pixels: float32
+    (B, 3, H, W) of generated sample images; tokens: {name: int64 (B, L)}; paths / captions
+    for the end-to-end rows."""
+
+    pixels: Any
+    tokens: dict[str, Any]
+    captions: list[str]
+    paths: list[str]
+
+
+def prepare_inputs(manifest, max_batch: int, images: Path | None, towers: Iterable[str]
+                   ) -> Inputs:
+    """The artifact's inputs at ``max_batch`` for ``towers`` (and the end-to-end rows)."""
+    import numpy as np
+
+    from clipfast.preprocess import preprocess_batch
+    from clipfast.samples import CAPTIONS, sample_images
+    from clipfast.tokenizer import Tokenizer
+
+    towers = set(towers)
+    pixels = tokens = None
+    if "image" in towers:
+        # Real preprocessed pixels (not zeros): value-dependent paths (denormals) stay honest.
+        base = preprocess_batch(sample_images(min(max_batch, 12)), manifest.preprocess)
+        pixels = np.ascontiguousarray(np.resize(base, (max_batch, *base.shape[1:])))
+    captions = _cycle(CAPTIONS, max_batch)
+    if "text" in towers:
+        tok_cfg = manifest.tokenizer
+        tokens = Tokenizer(tok_cfg, manifest.path(tok_cfg.file))(captions)
+    paths = [str(p) for p in _cycle(image_files(images), max_batch)] if images else []
+    return Inputs(pixels, tokens or {}, captions, paths)
+
+
+def _source_of(engine) -> Any:
+    """The torch backend's loaded SourceModel (its reference transform and tokenizer make the
+    PyTorch end-to-end pipeline), or None."""
+    return getattr(engine._backend, "source", None)
+
+
+def row_callable(engine, tower: str, mode: str, batch: int, inputs: Inputs
+                 ) -> Callable[[], Any]:
+    """The work one timed call does."""
+    if mode == "tower":
+        if tower == "image":
+            pix = inputs.pixels[:batch]
+            return lambda: engine.run_image_tower(pix)
+        tok = {k: v[:batch] for k, v in inputs.tokens.items()}
+        return lambda: engine.run_text_tower(tok)
+    source = _source_of(engine) if engine.backend == BASELINE else None
+    if tower == "image":
+        paths = inputs.paths[:batch]
+        if source is None:
+            return lambda: engine.encode_images(paths)
+        # PyTorch users' pipeline: PIL decode + the source's own transform + eager model.
+        import numpy as np
+        from PIL import Image
+
+        from clipfast.fidelity import l2_normalize
+
+        def torch_images():
+            arrays = []
+            for p in paths:
+                with Image.open(p) as im:
+                    arrays.append(source.reference_transform(im.convert("RGB")))
+            return l2_normalize(engine.run_image_tower(np.stack(arrays)))
+
+        return torch_images
+    captions = inputs.captions[:batch]
+    if source is None:
+        return lambda: engine.encode_texts(captions)
+    from clipfast.fidelity import l2_normalize
+
+    return lambda: l2_normalize(engine.run_text_tower(source.reference_tokenize(captions)))
+
+
+def cuda_sync(device: str) -> Callable[[], Any] | None:
+    """What to call after each timed call so queued GPU work is counted (None on CPU)."""
+    if device != "cuda":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None  # onnxruntime returns host arrays: each call has synchronised already
+    return torch.cuda.synchronize if torch.cuda.is_available() else None
+
+
+def load_engine(artifact: Path, backend: str, config: BenchConfig, verify: bool):
+    """The artifact on one backend, no fallback: a backend that cannot run is skipped."""
+    import clipfast
+
+    return clipfast.Engine(artifact, backend=backend, device=config.device, fallback=False,
+                           batch_size=max(config.batch_sizes), threads=config.threads,
+                           verify_checksums=verify)
