@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.batching import BatchProfile, as_profile
+from clipfast.cache import artifact_cache_dir, writable_dir
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
-from clipfast.manifest import artifact_digest, tower_input_dims
+from clipfast.manifest import MANIFEST_NAME, artifact_digest, tower_input_dims
 
 log = logging.getLogger("clipfast.tensorrt")
 
@@ -139,6 +140,41 @@ def has_contrib_ops(onnx_path: str | os.PathLike) -> bool:
     """True when ``onnx_path`` uses operators TensorRT's ONNX parser cannot read (see
     ``contrib_ops``)."""
     return bool(contrib_ops(onnx_path))
+
+
+def recorded_contrib_ops(manifest, tower: str) -> list[str] | None:
+    """``manifest["graph"][tower]["contrib_ops"]``, the export's record of the op types of the
+    tower graph outside the standard ONNX domain (sorted), or None when the manifest predates
+    that record. ArtifactError when the record is not a list of names."""
+    graph = manifest.get("graph") or {}
+    record = graph.get(tower) if isinstance(graph, dict) else None
+    if not isinstance(record, dict) or "contrib_ops" not in record:
+        return None
+    ops = record["contrib_ops"]
+    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+        raise ArtifactError(f"{Path(manifest.directory) / MANIFEST_NAME}: graph.{tower}."
+                            f"contrib_ops must be a list of operator names, got {ops!r}")
+    return sorted(ops)
+
+
+def tower_contrib_ops(manifest, tower: str) -> list[str]:
+    """The operators of ``tower``'s graph TensorRT's parser cannot read: from the manifest's
+    record (no onnx needed, as in a ``clipfast[tensorrt]`` install), else, for an artifact
+    exported before that record existed, read from the graph with onnx when it is installed.
+    Without either, BackendUnavailable says to re-export the artifact."""
+    recorded = recorded_contrib_ops(manifest, tower)
+    if recorded is not None:
+        return recorded
+    try:
+        import onnx  # noqa: F401 - only whether it is there; contrib_ops reads the graph
+    except ImportError:
+        raise BackendUnavailable(
+            f"{manifest.directory}: this artifact's manifest does not record which operators "
+            f"its {tower} tower graph uses (graph.{tower}.contrib_ops: it was exported by an "
+            "older clipfast), and the onnx package that could read them from the graph is not "
+            "installed; re-export the artifact with this clipfast (`clipfast export ... "
+            "--tensorrt`), or `pip install onnx`") from None
+    return contrib_ops(manifest.path(manifest[tower]["file"]))
 
 
 def contrib_ops_message(tower: str, path: Path, ops: list[str]) -> str:
@@ -256,36 +292,19 @@ def check_sidecar(sidecar: dict[str, Any], wanted: EngineKey) -> str | None:
 
 
 # -- cache location ----------------------------------------------------------------------------
-def _writable_dir(path: Path) -> bool:
-    """Whether files can be created in ``path`` (created if missing)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
-
-
 def engine_cache_dir(manifest, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where this artifact's engines live: ``cache_dir`` when given; else ``<artifact>/tensorrt``
-    when writable; else ``$CLIPFAST_CACHE_DIR/<artifact digest>`` or
-    ``~/.cache/clipfast/tensorrt/<artifact digest>``."""
+    """Where this artifact's engines live: ``cache_dir`` when given; else the artifact's
+    ``tensorrt`` cache by clipfast.cache's rule: ``<artifact>/tensorrt`` when writable, else
+    ``<$CLIPFAST_CACHE_DIR or ~/.cache/clipfast>/<artifact digest>/tensorrt``."""
     if cache_dir is not None:
         path = Path(cache_dir)
-        if not _writable_dir(path):
+        if not writable_dir(path):
             raise ClipfastError(f"engine cache dir {str(path)!r} cannot be created or written")
         return path
-    inside = Path(manifest.directory) / CACHE_SUBDIR
-    if inside.is_dir() and os.access(inside, os.W_OK | os.X_OK):
-        return inside
-    if not inside.exists() and os.access(manifest.directory, os.W_OK | os.X_OK):
-        return inside
-    root = os.environ.get("CLIPFAST_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "clipfast" / "tensorrt"
-    path = base / artifact_digest(manifest)
-    if not _writable_dir(path):
-        raise ClipfastError(f"no writable engine cache: {inside} and {path} are read-only; pass "
-                            "cache_dir (or --cache-dir) or set CLIPFAST_CACHE_DIR")
-    return path
+    try:
+        return artifact_cache_dir(manifest, CACHE_SUBDIR)
+    except ClipfastError as e:
+        raise ClipfastError(f"{e}, or pass cache_dir (or --cache-dir)") from None
 
 
 def timing_cache_path(cache_dir: Path, trt_version: str, cc: tuple[int, int]) -> Path:
@@ -394,7 +413,7 @@ def shared_logger(trt):
     return _shared_logger
 
 
-def _parser_errors(parser) -> str:
+def parser_errors(parser) -> str:
     lines = []
     for i in range(parser.num_errors):
         e = parser.get_error(i)
@@ -407,7 +426,7 @@ def _parser_errors(parser) -> str:
     return "; ".join(lines) or "no parser error recorded"
 
 
-def _create_network(trt, builder):
+def create_network(trt, builder):
     if tensorrt_major(trt.__version__) >= 11:
         # TensorRT 11: every network is strongly typed; the flag is deprecated and ignored.
         return builder.create_network(0)
@@ -446,11 +465,11 @@ def build_engine(onnx_path: Path, key: EngineKey, cache_dir: Path, *,
     logger = shared_logger(trt)
     since = logger.mark()
     builder = trt.Builder(logger)
-    network = _create_network(trt, builder)
+    network = create_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     # parse_from_file (not parse(bytes)) so external weights (<tower>.onnx.data) resolve beside it
     if not parser.parse_from_file(str(onnx_path)):
-        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {_parser_errors(parser)}")
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {parser_errors(parser)}")
     config = builder.create_builder_config()
     if key.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
@@ -514,7 +533,7 @@ def ensure_engine(manifest, tower: str, profile: BatchProfile, cache_dir: Path, 
     if lookup.path is not None and not rebuild:
         return lookup.path, key, False
     onnx_path = manifest.path(manifest[tower]["file"])
-    ops = contrib_ops(onnx_path)
+    ops = tower_contrib_ops(manifest, tower)
     if ops:
         raise BackendUnavailable(contrib_ops_message(tower, onnx_path, ops))
     why = why or ("rebuild requested" if rebuild else lookup.reason)
@@ -586,7 +605,9 @@ __all__ = [
     "FUSION_OFF_NOTE", "INSTALL_HINT", "EngineBuildError", "EngineKey", "EngineLookup",
     "artifact_digest", "build_engine", "build_engines", "capturing_logger", "check_sidecar",
     "shared_logger",
-    "contrib_ops", "engine_cache_dir", "engine_key", "ensure_engine", "find_engine",
+    "contrib_ops", "create_network", "engine_cache_dir", "engine_key", "ensure_engine",
+    "find_engine", "parser_errors",
     "has_contrib_ops", "import_tensorrt", "profile_from", "record_in_manifest",
-    "tensorrt_section", "timing_cache_path", "unavailable_reason",
+    "recorded_contrib_ops", "tensorrt_section", "timing_cache_path", "tower_contrib_ops",
+    "unavailable_reason",
 ]

@@ -9,6 +9,9 @@ clipfast.fidelity.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,9 +27,10 @@ from clipfast.backends.torch import (
     plan_batches,
 )
 from clipfast.batching import BatchProfile
+from clipfast.cache import artifact_cache_dir
 from clipfast.errors import BackendUnavailable, ClipfastError, InputError
 from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine
-from clipfast.manifest import Manifest
+from clipfast.manifest import Manifest, artifact_digest
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -144,7 +148,7 @@ def test_attention_env_overrides_the_option():
 
 
 def test_kernel_self_check_rule():
-    from clipfast.export.kernel_attention import CHECK_FLOOR, SelfCheck, check_passes
+    from clipfast.backends.torch_attention import CHECK_FLOOR, SelfCheck, check_passes
 
     assert check_passes(1e-3, 1e-3) and check_passes(2e-3, 1e-3)
     assert not check_passes(2.1e-3, 1e-3)
@@ -168,7 +172,7 @@ def _tiny_open_clip(head_width: int):
 
 
 def test_kernel_tower_refuses_unsupported_head_dims_and_self_check_measures():
-    from clipfast.export.kernel_attention import kernel_attention_tower, self_check
+    from clipfast.backends.torch_attention import kernel_attention_tower, self_check
     from clipfast.export.sources_openclip import OpenClipImageTower
 
     tower, reason = kernel_attention_tower(OpenClipImageTower(_tiny_open_clip(32)), "image")
@@ -273,7 +277,7 @@ def test_onnxruntime_cpu_session_settings_and_results(tiny_onnx, monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", Recording)
-    backend = ort_backend.load(manifest, "cpu", threads=1, dtype="fp16", cuda_graphs=True)
+    backend = ort_backend.load(manifest, "cpu", threads=1)
     # The setting reaches ORT, for both towers, and describe() says so.
     assert [k["disabled_optimizers"] for k in created] == [["SkipLayerNormFusion"]] * 2
     desc = backend.describe()
@@ -314,17 +318,25 @@ def test_onnxruntime_on_cuda_without_the_gpu_package_says_what_to_install(tiny_o
 def test_tensorrt_cache_dir_and_profile_shapes(tiny_onnx, monkeypatch, tmp_path):
     manifest = tiny_onnx[0]
     profile = BatchProfile(1, 4, 8)
-    monkeypatch.delenv("CLIPFAST_CACHE_DIR", raising=False)
-    local = ort_backend.tensorrt_cache_dir(manifest, profile, "1.31.1")
-    assert local == manifest.directory / "cache" / "ort-tensorrt" / "ort1.31.1-b1-4-8"
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path))
+    # a writable artifact keeps its cache inside, whatever CLIPFAST_CACHE_DIR says
+    local = ort_backend.tensorrt_cache_dir(manifest, profile, "1.31.1")
+    assert local == manifest.directory / "ort-tensorrt" / "ort1.31.1-b1-4-8"
+    # a read-only one: <CLIPFAST_CACHE_DIR>/<artifact digest>/ort-tensorrt, as the engine cache
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(
+        str(manifest.directory)) else real_access(p, mode))
     shared = ort_backend.tensorrt_cache_dir(manifest, profile, "1.31.1")
-    assert shared.parent.parent.parent == tmp_path
-    assert shared.parts[-3].startswith(manifest.directory.name + "-")
+    assert shared == tmp_path / artifact_digest(manifest) / "ort-tensorrt" / "ort1.31.1-b1-4-8"
+    assert shared.parent == artifact_cache_dir(manifest, "ort-tensorrt")
     other = Manifest(manifest.directory, {**manifest.data, "files": {
         "image.onnx": {"sha256": "c" * 64}, "text.onnx": {"sha256": "b" * 64}}})
     assert ort_backend.tensorrt_cache_dir(other, profile, "1.31.1") != shared
-    shapes = ort_backend._profile_shapes(manifest, profile)
+    monkeypatch.setenv("CLIPFAST_CACHE_DIR", "/proc/no-such-dir")
+    with pytest.raises(BackendUnavailable, match="TensorRT EP needs a cache directory.*"
+                                                 "CLIPFAST_CACHE_DIR"):
+        ort_backend.tensorrt_cache_dir(manifest, profile, "1.31.1")
+    shapes = ort_backend.trt_profile_shapes(manifest, profile)
     assert shapes["image"] == {"trt_profile_min_shapes": "pixel_values:1x3x4x4",
                                "trt_profile_opt_shapes": "pixel_values:4x3x4x4",
                                "trt_profile_max_shapes": "pixel_values:8x3x4x4"}
@@ -343,7 +355,7 @@ def vits32_manifest(tmp_path_factory):
 
 
 def test_torch_backend_cpu_is_the_fp32_reference(vits32_manifest):
-    backend = torch_backend.load(vits32_manifest, "cpu", ort_tensorrt=True)  # others' options
+    backend = torch_backend.load(vits32_manifest, "cpu")
     desc = backend.describe()
     assert desc["device"] == "cpu" and desc["dtype"] == "fp32"
     assert desc["cuda_graphs"] is False and desc["compile"] == "off"
@@ -540,10 +552,9 @@ def test_onnxruntime_cuda_passes_the_fp16_gates(gpu_case):
 
 
 @pytest.mark.gpu
-def test_onnxruntime_tensorrt_ep_builds_into_the_cache(gpu_case, monkeypatch, tmp_path):
+def test_onnxruntime_tensorrt_ep_builds_into_the_cache(gpu_case):
     _ort_cuda_or_skip(TRT)
     manifest, pixels, tokens, img_ref, txt_ref = gpu_case
-    monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path))
     try:
         backend = ort_backend.load(manifest, "cuda", ort_tensorrt=True, profile=(1, 8, 16))
     except BackendUnavailable as e:
@@ -552,12 +563,15 @@ def test_onnxruntime_tensorrt_ep_builds_into_the_cache(gpu_case, monkeypatch, tm
             raise
         pytest.skip(f"TensorRT EP listed but its libraries are not usable here: {e}")
     assert backend.providers[0] == TRT and backend.max_batch == 16
+    cache = Path(backend.describe()["provider_options"][TRT]["trt_engine_cache_path"])
+    # the artifact is writable: its cache is inside it (clipfast.cache)
+    assert cache.parent == manifest.directory / "ort-tensorrt"
     img = np.concatenate([backend.run_image(pixels[s:s + 16]) for s in range(0, 37, 16)])
     txt = backend.run_text(tokens)
     assert not _fp16_gate_failures(img, txt, img_ref, txt_ref)
-    engines = [p for p in tmp_path.rglob("*") if p.suffix == ".engine"]
+    engines = [p for p in cache.rglob("*") if p.suffix == ".engine"]
     assert engines, "no engine cached"
     # explicit profile shapes: other batch sizes inside the profile build no new engine
     backend.run_image(pixels[:5])
     backend.run_image(pixels[:16])
-    assert len([p for p in tmp_path.rglob("*") if p.suffix == ".engine"]) == len(engines)
+    assert len([p for p in cache.rglob("*") if p.suffix == ".engine"]) == len(engines)

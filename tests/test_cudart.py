@@ -143,9 +143,9 @@ def test_a_slot_that_runs_out_of_memory_frees_what_it_had(fake):
     rt = fake(fail_malloc_at=3)
     inputs = {"input_ids": (np.int32, (77,))}
     with pytest.raises(cudart.CudaError, match="cudaMalloc"):
-        trt_backend._Slot(cudart, inputs, ("text_embeds", np.float32, (512,)), 8, 1024)
+        trt_backend.Slot(cudart, inputs, ("text_embeds", np.float32, (512,)), 8, 1024)
     assert rt.mallocs == 3 and rt.live == set()
-    slot = trt_backend._Slot(cudart, inputs, ("text_embeds", np.float32, (512,)), 8, 1024)
+    slot = trt_backend.Slot(cudart, inputs, ("text_embeds", np.float32, (512,)), 8, 1024)
     assert slot.host["input_ids"].shape == (8, 77) and slot.host["text_embeds"].dtype == np.float32
     slot.close()
     assert rt.live == set()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipfast.export.kernel_attention import KernelSelfAttention, kernel_attention_tower
+from clipfast.backends.torch_attention import KernelSelfAttention, kernel_attention_tower
 from clipfast.export.sources_openclip import OpenClipImageTower, OpenClipTextTower
 
 

@@ -253,7 +253,7 @@ def fresh_loader(monkeypatch):
 
 
 def test_loader_respects_disable(fresh_loader, caplog):
-    fresh_loader.setenv(_lib.ENV_DISABLE, "1")
+    fresh_loader.setenv("CLIPFAST_DISABLE_KERNELS", "1")
     with caplog.at_level(logging.INFO, logger="clipfast.kernels"):
         ok, reason = _lib.kernels_available()
         assert _lib.kernels_available() == (ok, reason)  # decided once
@@ -265,8 +265,8 @@ def test_loader_respects_disable(fresh_loader, caplog):
 
 
 def test_loader_reports_missing_and_broken_library(fresh_loader, tmp_path, caplog):
-    fresh_loader.setenv(_lib.ENV_PATH, str(tmp_path / "nope.so"))
-    fresh_loader.delenv(_lib.ENV_DISABLE, raising=False)
+    fresh_loader.setenv("CLIPFAST_KERNELS_LIB", str(tmp_path / "nope.so"))
+    fresh_loader.delenv("CLIPFAST_DISABLE_KERNELS", raising=False)
     ok, reason = _lib.kernels_available()
     assert not ok and "not built" in reason and "nope.so" in reason and "cmake" in reason
 
@@ -274,7 +274,7 @@ def test_loader_reports_missing_and_broken_library(fresh_loader, tmp_path, caplo
     caplog.clear()
     bad = tmp_path / "libclipfast_kernels.so"
     bad.write_bytes(b"not an ELF file")
-    fresh_loader.setenv(_lib.ENV_PATH, str(bad))
+    fresh_loader.setenv("CLIPFAST_KERNELS_LIB", str(bad))
     with caplog.at_level(logging.WARNING, logger="clipfast.kernels"):
         ok, reason = _lib.kernels_available()
     assert not ok and reason.startswith(f"cannot load {bad}")
@@ -282,7 +282,7 @@ def test_loader_reports_missing_and_broken_library(fresh_loader, tmp_path, caplo
 
 
 def test_gpu_entry_points_say_why_without_library(fresh_loader):
-    fresh_loader.setenv(_lib.ENV_DISABLE, "1")
+    fresh_loader.setenv("CLIPFAST_DISABLE_KERNELS", "1")
     from clipfast.kernels import attention_gpu, preprocess_gpu
 
     with pytest.raises(BackendUnavailable, match="disabled by CLIPFAST_DISABLE_KERNELS"):
@@ -372,8 +372,8 @@ print(torch.cuda.is_initialized())
 def test_cmake_build_and_host_checks(built_library):
     """The library builds, loads through CLIPFAST_KERNELS_LIB, and its host-side checks name the
     argument and the rule (they return before any CUDA call, so no GPU is needed)."""
-    env = {**os.environ, _lib.ENV_PATH: str(built_library), "PYTHONPATH": str(ROOT)}
-    env.pop(_lib.ENV_DISABLE, None)
+    env = {**os.environ, "CLIPFAST_KERNELS_LIB": str(built_library), "PYTHONPATH": str(ROOT)}
+    env.pop("CLIPFAST_DISABLE_KERNELS", None)
     res = subprocess.run([sys.executable, "-c", HOST_CHECKS], capture_output=True, text=True,
                          env=env, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -128,8 +128,10 @@ def test_find_engine_rejects_truncated_or_orphan_engines(tmp_path):
 
 
 # -- cache location and manifest record --------------------------------------------------------
-def _fake_artifact(directory: Path, *, contrib: bool = False) -> Path:
-    """A loadable artifact whose towers are tiny ONNX graphs (no export needed)."""
+def _fake_artifact(directory: Path, *, contrib: bool = False,
+                   graph: dict | None = None) -> Path:
+    """A loadable artifact whose towers are tiny ONNX graphs (no export needed); ``graph`` is
+    its manifest's ``graph`` section (none recorded by default, as an older export)."""
     directory.mkdir(parents=True)
     _tiny_graph(directory / "image.onnx", contrib=contrib)
     _tiny_graph(directory / "text.onnx")
@@ -140,7 +142,7 @@ def _fake_artifact(directory: Path, *, contrib: bool = False) -> Path:
                       "dtype": "float32"},
             "text": {"file": "text.onnx", "inputs": ["x"], "output": "y", "dtype": "int32"},
             "preprocess": {}, "tokenizer": {"context_length": 4}, "logits": {"scale": 1.0},
-            "graph": {}}
+            "graph": graph or {}}
     write_manifest(directory, data, ["image.onnx", "text.onnx", "tokenizer.json"])
     return directory
 
@@ -161,8 +163,17 @@ def test_cache_dir_of_a_read_only_artifact(tmp_path, monkeypatch):
                         real_access(p, mode))
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path / "cache"))
     where = tb.engine_cache_dir(m)
-    assert where == tmp_path / "cache" / tb.artifact_digest(m)
-    assert len(tb.artifact_digest(m)) == 16
+    # one rule with the ONNX Runtime TensorRT EP cache: <root>/<artifact digest>/<purpose>
+    assert where == tmp_path / "cache" / tb.artifact_digest(m) / "tensorrt"
+    assert where.is_dir() and len(tb.artifact_digest(m)) == 16
+    monkeypatch.delenv("CLIPFAST_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tb.engine_cache_dir(m) == (tmp_path / "home" / ".cache" / "clipfast"
+                                      / tb.artifact_digest(m) / "tensorrt")
+    monkeypatch.setenv("CLIPFAST_CACHE_DIR", "/proc/no-such-dir")
+    with pytest.raises(ClipfastError, match="no writable tensorrt cache.*CLIPFAST_CACHE_DIR.*"
+                                            "--cache-dir"):
+        tb.engine_cache_dir(m)
 
 
 def test_record_in_manifest_keeps_files_and_checksums(tmp_path):
@@ -287,6 +298,66 @@ def test_has_contrib_ops(tmp_path):
         tb.contrib_ops(tmp_path / "missing.onnx")
 
 
+@pytest.fixture
+def no_gpu_build(monkeypatch, tmp_path):
+    """``ensure_engine`` without TensorRT or a GPU: stand-ins for the tensorrt module, the CUDA
+    device queries and the builder; returns the list of builds asked for."""
+    builds = []
+
+    def build_engine(onnx_path, key, cache_dir, **_):
+        builds.append(key.tower)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(cache_dir) / key.engine_name
+        path.write_bytes(b"plan")
+        return path
+
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.8.0"))
+    monkeypatch.setattr(tb, "build_engine", build_engine)
+    monkeypatch.setattr(cudart, "no_device_reason", lambda: None)
+    monkeypatch.setattr(cudart, "compute_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(cudart, "device_name", lambda device=None: "stand-in GPU")
+    return builds
+
+
+def test_builder_reads_contrib_ops_from_the_manifest_without_onnx(tmp_path, monkeypatch,
+                                                                   no_gpu_build):
+    art = _fake_artifact(tmp_path / "art", contrib=True, graph={
+        "image": {"contrib_ops": ["BiasGelu"]}, "text": {"contrib_ops": []}})
+    m = load_manifest(art)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # a clipfast[tensorrt] install has no onnx
+    assert tb.tower_contrib_ops(m, "image") == ["BiasGelu"]
+    with pytest.raises(BackendUnavailable, match=r"BiasGelu.*--tensorrt"):
+        tb.ensure_engine(m, "image", BatchProfile(1, 2, 4), tmp_path / "engines")
+    path, key, built = tb.ensure_engine(m, "text", BatchProfile(1, 2, 4), tmp_path / "engines")
+    assert built and path.name == key.engine_name and no_gpu_build == ["text"]
+
+
+def test_builder_reads_an_older_manifests_graph_with_onnx(tmp_path, no_gpu_build):
+    m = load_manifest(_fake_artifact(tmp_path / "art", contrib=True))
+    assert tb.recorded_contrib_ops(m, "image") is None
+    with pytest.raises(BackendUnavailable, match="com.microsoft:BiasGelu"):
+        tb.ensure_engine(m, "image", BatchProfile(1, 2, 4), tmp_path / "engines")
+    tb.ensure_engine(m, "text", BatchProfile(1, 2, 4), tmp_path / "engines")
+    assert no_gpu_build == ["text"]
+
+
+def test_builder_without_the_record_or_onnx_says_to_re_export(tmp_path, monkeypatch,
+                                                             no_gpu_build):
+    m = load_manifest(_fake_artifact(tmp_path / "art"))
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(BackendUnavailable, match=r"graph\.text\.contrib_ops.*re-export the "
+                                                 r"artifact"):
+        tb.ensure_engine(m, "text", BatchProfile(1, 2, 4), tmp_path / "engines")
+    assert no_gpu_build == []
+
+
+def test_a_malformed_contrib_ops_record_is_an_artifact_error(tmp_path):
+    m = load_manifest(_fake_artifact(tmp_path / "art",
+                                     graph={"image": {"contrib_ops": "BiasGelu"}}))
+    with pytest.raises(ArtifactError, match="graph.image.contrib_ops must be a list"):
+        tb.tower_contrib_ops(m, "image")
+
+
 # -- TensorRT API glue, with stand-ins for the tensorrt module ---------------------------------
 def test_network_flags_by_tensorrt_version():
     made = []
@@ -294,8 +365,8 @@ def test_network_flags_by_tensorrt_version():
     flag_enum = types.SimpleNamespace(STRONGLY_TYPED=1)
     trt10 = types.SimpleNamespace(__version__="10.8.0.43", NetworkDefinitionCreationFlag=flag_enum)
     trt11 = types.SimpleNamespace(__version__="11.1.0", NetworkDefinitionCreationFlag=flag_enum)
-    tb._create_network(trt10, builder)
-    tb._create_network(trt11, builder)
+    tb.create_network(trt10, builder)
+    tb.create_network(trt11, builder)
     assert made == [1 << 1, 0]  # 10: opt in to strong typing; 11: always on, flag ignored
 
 
@@ -322,7 +393,7 @@ def test_parser_errors_name_the_node():
                                 desc=lambda: "No importer registered for op: Attention",
                                 code=lambda: "UNSUPPORTED_NODE")
     parser = types.SimpleNamespace(num_errors=1, get_error=lambda i: err)
-    text = tb._parser_errors(parser)
+    text = tb.parser_errors(parser)
     assert text == ("node 12 '/visual/Attention_3' (Attention): No importer registered for op: "
                     "Attention [UNSUPPORTED_NODE]")
 
@@ -480,8 +551,11 @@ def test_engine_matches_onnxruntime_within_the_gates(trt_artifact):
     assert centred_relative_error(got_t, ref_t).max() <= gates["text_centred_rel_error_max"]
     info = backend.describe()
     assert info["backend"] == "tensorrt" and info["profile"] == {"min": 1, "opt": 4, "max": 8}
-    graphs = info["cuda_graphs"]["image"]
-    assert graphs["captured_buckets"] or graphs["failures"]  # captured, or said why not
+    # one graph per bucket used: image 13 rows -> 8 + 5 (bucket 8), then 3 (4), 10 -> 8 + 2 (2);
+    # text 11 rows -> 8 + 3 (4). Plain engines capture: a failure here is a regression.
+    assert info["cuda_graphs"] == {
+        "image": {"enabled": True, "captured_buckets": [2, 4, 8], "failures": {}},
+        "text": {"enabled": True, "captured_buckets": [4, 8], "failures": {}}}
     backend.close()
 
 
@@ -515,30 +589,71 @@ class _HostMem:
 
 
 class _FakeCuda:
-    """The subset of clipfast.cudart the tower uses; work runs at once, captures record."""
+    """The subset of clipfast.cudart the tower uses, asynchronous as a GPU is.
 
-    def __init__(self, capture_fails=False):
+    Copies, memsets, engine runs and graph launches are queued on their stream, in order, and run
+    only when the host waits: ``Stream.synchronize``, or ``Event.synchronize`` for the work
+    queued before the event's ``record`` (``Stream.wait(event)`` queues that wait on another
+    stream). So a host read that misses its wait sees stale memory, and a copy reads its source
+    when it runs, not when it is queued (a staging buffer refilled too early is what gets sent).
+    A capture records the stream's work into the graph instead of queueing it.
+    ``event_waits=False`` makes ``Event.synchronize`` return at once: a removed wait.
+    """
+
+    def __init__(self, capture_fails=False, event_waits=True):
         import ctypes
+        import itertools
 
-        self.ctypes, self.capturing, self.capture_fails = ctypes, None, capture_fails
+        self.ctypes, self.capture_fails, self.event_waits = ctypes, capture_fails, event_waits
         self.launches = 0
+        self.streams: dict[int, object] = {}
+        handles = itertools.count(1)
         cuda = self
 
         class Stream:
-            handle = 1
+            def __init__(self):
+                self.handle = next(handles)
+                self.queue: list = []
+                self.queued = self.ran = 0
+                self.capture: list | None = None
+                cuda.streams[self.handle] = self
+
+            def enqueue(self, fn):
+                if self.capture is not None:
+                    self.capture.append(fn)
+                    return
+                self.queue.append(fn)
+                self.queued += 1
+
+            def run_until(self, mark):
+                while self.ran < mark:
+                    fn = self.queue.pop(0)
+                    self.ran += 1
+                    fn()
 
             def synchronize(self):
-                pass
+                if self.capture is not None:
+                    raise ClipfastError("cudaStreamSynchronize on a capturing stream")
+                self.run_until(self.queued)
+
+            def wait(self, event):
+                stream, mark = event.stream, event.mark
+                if stream is not None:
+                    self.enqueue(lambda: stream.run_until(mark))
 
             def close(self):
                 pass
 
         class Event:
+            def __init__(self):
+                self.stream, self.mark = None, 0
+
             def record(self, stream):
-                pass
+                self.stream, self.mark = stream, stream.queued
 
             def synchronize(self):
-                pass
+                if cuda.event_waits and self.stream is not None:
+                    self.stream.run_until(self.mark)
 
             def close(self):
                 pass
@@ -550,7 +665,7 @@ class _FakeCuda:
             def launch(self, stream):
                 cuda.launches += 1
                 for fn in self.graph:
-                    fn()
+                    stream.enqueue(fn)
 
             def close(self):
                 pass
@@ -559,24 +674,54 @@ class _FakeCuda:
         self.DeviceBuffer = self.PinnedBuffer = _HostMem
 
     def memcpy_htod_async(self, dst, src, n, stream):
-        self.ctypes.memmove(dst, src, n)
+        stream.enqueue(lambda: self.ctypes.memmove(dst, src, n))
 
     memcpy_dtoh_async = memcpy_dtod_async = memcpy_htod_async
 
     def memset_async(self, ptr, value, n, stream):
-        self.ctypes.memset(ptr, value, n)
+        stream.enqueue(lambda: self.ctypes.memset(ptr, value, n))
 
     def begin_capture(self, stream):
-        self.capturing = []
+        stream.capture = []
 
     def end_capture(self, stream):
-        graph, self.capturing = self.capturing, None
+        graph, stream.capture = stream.capture, None
         if self.capture_fails:
             raise ClipfastError("cudaStreamEndCapture failed: operation not permitted")
         return graph
 
     def abort_capture(self, stream):
-        self.capturing = None
+        stream.capture = None
+
+
+def test_the_cuda_stand_in_runs_work_only_when_the_host_waits():
+    cuda = _FakeCuda()
+    a, b = cuda.Stream(), cuda.Stream()
+    host, dev, back = _HostMem(8), _HostMem(8), _HostMem(8)
+    host.array(np.float32, (2,))[:] = (1, 2)
+    cuda.memcpy_htod_async(dev.ptr, host.ptr, 8, a)
+    done = cuda.Event()
+    done.record(a)
+    host.array(np.float32, (2,))[:] = (3, 4)  # before the copy ran: the copy sends this
+    cuda.memcpy_htod_async(dev.ptr, host.ptr, 4, a)  # queued after the record
+    assert dev.array(np.float32, (2,)).tolist() == [0, 0]  # nothing ran yet
+    done.synchronize()
+    assert dev.array(np.float32, (2,)).tolist() == [3, 4] and a.queue  # the later copy waits
+    b.wait(done)
+    cuda.memcpy_dtoh_async(back.ptr, dev.ptr, 8, b)
+    b.synchronize()
+    assert back.array(np.float32, (2,)).tolist() == [3, 4]
+    a.synchronize()
+    assert not a.queue and not b.queue
+    cuda.begin_capture(a)
+    cuda.memset_async(dev.ptr, 0, 8, a)
+    with pytest.raises(ClipfastError, match="capturing"):
+        a.synchronize()
+    graph = cuda.end_capture(a)
+    assert len(graph) == 1 and dev.array(np.float32, (2,)).tolist() == [3, 4]
+    cuda.GraphExec(graph).launch(a)
+    a.synchronize()
+    assert dev.array(np.float32, (2,)).tolist() == [0, 0] and cuda.launches == 1
 
 
 def _fake_trt(cuda, dim_in=6, dim_out=3):
@@ -611,10 +756,7 @@ def _fake_trt(cuda, dim_in=6, dim_out=3):
             self.runs += 1
 
         def execute_async_v3(self, stream_handle):
-            if cuda.capturing is not None:
-                cuda.capturing.append(self._run)
-            else:
-                self._run()
+            cuda.streams[stream_handle].enqueue(self._run)  # captured while capturing
             return True
 
     class Engine:
@@ -654,12 +796,12 @@ class _NoLog:
         return []
 
 
-@pytest.mark.parametrize("graphs,capture_fails", [(True, False), (True, True), (False, False)])
-def test_pipeline_chunks_pads_and_replays(graphs, capture_fails):
-    cuda = _FakeCuda(capture_fails)
+def _run_pipeline(cuda, graphs):
+    """Five requests (13, 3, 8, 1, 5 rows) and the first again through one tower on ``cuda``,
+    each output checked against the engine's arithmetic; returns the tower."""
     trt, runtime, w = _fake_trt(cuda)
-    tower = trt_backend._Tower(trt, cuda, runtime, _NoLog(), b"plan", "image", ["x"], "y",
-                               BatchProfile(1, 4, 8), graphs)
+    tower = trt_backend.TowerRunner(trt, cuda, runtime, _NoLog(), b"plan", "image", ["x"], "y",
+                                    BatchProfile(1, 4, 8), graphs)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((n, 6)).astype(np.float32) for n in (13, 3, 8, 1, 5)]
     outs = tower.run([{"x": b} for b in batches])
@@ -668,15 +810,39 @@ def test_pipeline_chunks_pads_and_replays(graphs, capture_fails):
         np.testing.assert_allclose(out, b @ w.T, rtol=1e-6)
     again = tower.run([{"x": batches[0]}])[0]  # every bucket now replays (or runs plainly)
     np.testing.assert_allclose(again, batches[0] @ w.T, rtol=1e-6)
+    return tower
+
+
+@pytest.mark.parametrize("graphs,capture_fails", [(True, False), (True, True), (False, False)])
+def test_pipeline_chunks_pads_and_replays(graphs, capture_fails):
+    cuda = _FakeCuda(capture_fails)
+    tower = _run_pipeline(cuda, graphs)
+    assert all(not slot.stream.queue for slot in tower.slots)  # every chunk was waited for
+    # chunks in order: 8 + 5 (bucket 8), 3 (4), 8 (8), 1 (1), 5 (8); then 8 + 5 (8, 8) again,
+    # alternating between the slots
     used = {(s, b) for s, slot in enumerate(tower.slots) for b in slot.contexts}
-    assert {b for _, b in used} == {8, 4, 1}  # 13 -> 8 + 5 (bucket 8); 3 -> 4; 1 -> 1
+    assert used == {(0, 8), (0, 4), (0, 1), (1, 8)}
+    captured = {(s, b) for s, slot in enumerate(tower.slots) for b, g in slot.graphs.items()
+                if g is not None}
     if graphs and not capture_fails:
-        assert cuda.launches > 0 and not tower.graph_failures
+        assert captured == used and not tower.graph_failures
+        # slot 1 replays bucket 8 twice in the first run, each slot once in the second
+        assert cuda.launches == 4
     elif graphs:
-        assert cuda.launches == 0
-        assert all("CUDA graph capture failed" in r for r in tower.graph_failures.values())
+        assert captured == set() and cuda.launches == 0
+        assert sorted(tower.graph_failures) == [1, 4, 8]
+        assert all(r.startswith(f"CUDA graph capture failed for batch {b}: ")
+                   for b, r in tower.graph_failures.items())
     else:
-        assert cuda.launches == 0 and not tower.graph_failures
+        assert captured == set() and cuda.launches == 0 and not tower.graph_failures
     with pytest.raises(ClipfastError, match="do not fit"):
         tower.run([{"x": np.zeros((2, 5), np.float32)}])
     assert all(slot.pending is None for slot in tower.slots)
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_the_pipeline_test_catches_a_missing_wait(graphs):
+    """Without the wait on a slot's completion event before its output is read (and its staging
+    buffer refilled), the stand-in hands back stale rows and the pipeline test fails."""
+    with pytest.raises(AssertionError):
+        _run_pipeline(_FakeCuda(event_waits=False), graphs)

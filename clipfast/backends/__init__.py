@@ -6,6 +6,11 @@
   on the CPU still serves a machine whose GPU stack is incomplete, and the torch backend (the
   source model; it needs the export extras and the weights) is the last resort.
 - device "cpu": onnxruntime, torch.
+
+Backend options: each backend module declares the ones it accepts (``OPTIONS``) and its
+``load()`` raises InputError for any other. ``resolve_backend`` checks the Engine's
+``backend_options`` against the backends it may load before loading any, and in ``auto`` hands
+each backend only its own.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from clipfast.backends.base import Backend
+from clipfast.backends.base import Backend, check_options
 from clipfast.errors import BackendUnavailable, ClipfastError, FidelityError
 
 AUTO_CHAIN = {
@@ -39,17 +44,48 @@ def available_backends() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-def load_backend(name: str, manifest, device: str, **options) -> Backend:
-    """Instantiate backend ``name``; raises BackendUnavailable saying what is missing."""
+def backend_module(name: str):
+    """The module of backend ``name``: ClipfastError for an unknown name, BackendUnavailable
+    saying what to install when it cannot be imported."""
     if name not in _MODULES:
         raise ClipfastError(
             f"backend {name!r} is unknown; choose one of: auto, {', '.join(_MODULES)}"
         )
     try:
-        module = importlib.import_module(_MODULES[name])
+        return importlib.import_module(_MODULES[name])
     except ImportError as e:  # a backend module importing its runtime at module level
         raise BackendUnavailable(f"backend {name}: {e}; install it with {_INSTALL[name]}") from e
-    return module.load(manifest, device=device, **options)
+
+
+def backend_options(name: str) -> tuple[str, ...]:
+    """The options backend ``name`` accepts (its module's ``OPTIONS``)."""
+    return tuple(backend_module(name).OPTIONS)
+
+
+def check_backend_options(name: str, options: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """``{backend: its OPTIONS}`` for the backends ``name`` may load (every backend for "auto",
+    whatever the device: one options dict serves every machine), after checking ``options``
+    against the union: InputError names an option none of them accepts and lists theirs. A
+    backend whose module cannot be imported is left out (it cannot run; loading it says why)."""
+    if name != "auto":
+        accepted = {name: backend_options(name)}
+        check_options(options, accepted[name], f"backend {name}")
+        return accepted
+    accepted = {}
+    for candidate in AUTO_ORDER:
+        try:
+            accepted[candidate] = backend_options(candidate)
+        except BackendUnavailable:
+            continue
+    check_options(options, accepted, f"backend auto ({', '.join(accepted)})")
+    return accepted
+
+
+def load_backend(name: str, manifest, device: str, threads: int | None = None, **options
+                 ) -> Backend:
+    """Instantiate backend ``name`` with its own ``options`` (InputError for any other); raises
+    BackendUnavailable saying what is missing."""
+    return backend_module(name).load(manifest, device=device, threads=threads, **options)
 
 
 def _label(name: str, device: str, requested: str) -> str:
@@ -57,7 +93,8 @@ def _label(name: str, device: str, requested: str) -> str:
 
 
 def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
-                    check: Callable[[Backend, str], Any] | None = None, **options
+                    check: Callable[[Backend, str], Any] | None = None,
+                    threads: int | None = None, **options
                     ) -> tuple[Backend, list[tuple[str, str]]]:
     """Return ``(backend, fallbacks)`` where fallbacks lists ``(skipped_backend, reason)``.
 
@@ -66,9 +103,15 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     run instead of trying the next. ``check(backend, label)`` (the Engine's self-check) runs on
     each loaded backend: its FidelityError is raised for an explicit backend, and in ``auto``
     is a skip whose reason carries the figures.
+
+    ``options`` (the Engine's ``backend_options``) are checked before anything loads: one that
+    no backend ``name`` may load accepts raises InputError (``check_backend_options``). In
+    ``auto`` each backend gets the options it accepts, so an option of one backend does not
+    trouble the others. ``threads`` goes to every backend (the CPU ones use it).
     """
+    accepted = check_backend_options(name, options)
     if name != "auto":
-        backend = load_backend(name, manifest, device, **options)
+        backend = load_backend(name, manifest, device, threads=threads, **options)
         if check is not None:
             check(backend, f"backend {name} ({device})")
         return backend, []
@@ -76,8 +119,9 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     failed_check = False
     for candidate, dev in AUTO_CHAIN[device]:
         label = _label(candidate, dev, device)
+        own = {k: v for k, v in options.items() if k in accepted.get(candidate, ())}
         try:
-            backend = load_backend(candidate, manifest, dev, **options)
+            backend = load_backend(candidate, manifest, dev, threads=threads, **own)
             if check is not None:
                 check(backend, f"backend {candidate} ({dev})")
             return backend, skipped
@@ -95,5 +139,5 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     raise error(f"no backend can run this artifact on {device!r}: {reasons}")
 
 
-__all__ = ["AUTO_CHAIN", "AUTO_ORDER", "Backend", "available_backends", "load_backend",
-           "resolve_backend"]
+__all__ = ["AUTO_CHAIN", "AUTO_ORDER", "Backend", "available_backends", "backend_module",
+           "backend_options", "check_backend_options", "load_backend", "resolve_backend"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,6 +29,33 @@ class Backend(Protocol):
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def check_options(options: Mapping[str, Any],
+                  valid: Iterable[str] | Mapping[str, Iterable[str]], owner: str) -> None:
+    """InputError unless every key of ``options`` is in ``valid``: it names each unknown option
+    (with the closest valid name when one is near) and lists the valid ones. ``valid`` is one
+    backend's ``OPTIONS``, or ``{backend: OPTIONS}`` for several (listed per backend); ``owner``
+    says whose options they are ("backend onnxruntime", ...)."""
+    per_backend = ({name: tuple(opts) for name, opts in valid.items()}
+                   if isinstance(valid, Mapping) else None)
+    accepted = (tuple(dict.fromkeys(o for opts in per_backend.values() for o in opts))
+                if per_backend is not None else tuple(valid))
+    unknown = [k for k in options if k not in accepted]
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        near = difflib.get_close_matches(str(key), accepted, n=1)
+        named.append(f"{key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    if per_backend is not None:
+        listing = "; ".join(f"{name}: {', '.join(sorted(opts)) or 'none'}"
+                            for name, opts in per_backend.items())
+    else:
+        listing = ", ".join(sorted(accepted)) or "none"
+    plural = "s" if len(unknown) > 1 else ""
+    raise InputError(f"{owner}: unknown option{plural} {', '.join(named)}; valid options: "
+                     f"{listing}")
 
 
 def option_bool(name: str, value: Any, owner: str = "backend") -> bool:

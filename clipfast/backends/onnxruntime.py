@@ -23,10 +23,12 @@ Session settings, and why:
   copies inputs and outputs through pageable host buffers on every call.
 - TensorRT EP (``ort_tensorrt=True``): engines are built for the batch profile (explicit
   min/opt/max shapes, so a new batch size does not trigger a rebuild) and cached, with the timing
-  cache, under the artifact directory (or ``$CLIPFAST_CACHE_DIR``). The CUDA EP stays behind it
-  for any node TensorRT does not take.
+  cache, in the artifact's ``ort-tensorrt`` cache (clipfast.cache: inside the artifact when it is
+  writable, else under ``$CLIPFAST_CACHE_DIR``). The CUDA EP stays behind it for any node
+  TensorRT does not take.
 
-Backend options (``Engine(..., backend_options={...})``; unknown ones are ignored):
+Backend options (``Engine(..., backend_options={...})``; ``OPTIONS``, any other raises
+InputError):
 - ``device_id`` (int, 0): the CUDA device.
 - ``ort_tensorrt`` (bool, False): put TensorrtExecutionProvider first.
 - ``ort_trt_fp16`` (bool | None, None): TensorRT's fp16 builder flag (``trt_fp16_enable``).
@@ -61,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from clipfast.backends.base import (
+    check_options,
     host_array,
     is_torch_tensor,
     option_bool,
@@ -68,8 +71,9 @@ from clipfast.backends.base import (
     option_device_id,
 )
 from clipfast.batching import BatchProfile, as_profile
+from clipfast.cache import artifact_cache_dir
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
-from clipfast.manifest import artifact_digest, tower_input_dims
+from clipfast.manifest import tower_input_dims
 
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
 ORT_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64,
@@ -82,7 +86,10 @@ CPU_EP, CUDA_EP, TRT_EP = ("CPUExecutionProvider", "CUDAExecutionProvider",
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
-ENV_CACHE_DIR = "CLIPFAST_CACHE_DIR"
+# The folder of the TensorRT EP's engines and timing cache (clipfast.cache).
+CACHE_PURPOSE = "ort-tensorrt"
+OPTIONS = ("device_id", "ort_tensorrt", "ort_trt_fp16", "ort_cudnn_conv_algo_search",
+           "ort_arena_extend_strategy", "profile")
 # Device input buffers kept per (tower, input, shape): the engine sends a full-size chunk and at
 # most a few remainders, so a handful covers steady state without holding memory for every shape.
 _MAX_CACHED_INPUTS = 8
@@ -137,22 +144,21 @@ def physical_cores() -> int:
 
 
 def tensorrt_cache_dir(manifest, profile: BatchProfile, ort_version: str) -> Path:
-    """Where the TensorRT EP keeps engines and its timing cache for this artifact.
-
-    ``$CLIPFAST_CACHE_DIR/<artifact>-<digest>/...`` when set (a read-only artifact, or one cache
-    shared by several copies), else ``<artifact>/cache/...``. The leaf names the ORT version
-    (each ORT GPU release is built against one TensorRT version) and the batch profile; ORT
-    itself keys engine files by graph hash and GPU compute capability.
+    """Where the TensorRT EP keeps engines and its timing cache for this artifact, created:
+    ``<artifact cache>/ort<version>-<profile>``, the artifact cache being ``<artifact>/
+    ort-tensorrt`` or ``<$CLIPFAST_CACHE_DIR>/<artifact digest>/ort-tensorrt`` (clipfast.cache).
+    The leaf names the ORT version (each ORT GPU release is built against one TensorRT version)
+    and the batch profile; ORT itself keys engine files by graph hash and GPU compute capability.
+    BackendUnavailable when no cache folder can be written.
     """
-    leaf = Path("ort-tensorrt") / f"ort{ort_version}-{profile.tag()}"
-    base = os.environ.get(ENV_CACHE_DIR, "").strip()
-    if not base:
-        return Path(manifest.directory) / "cache" / leaf
-    name = Path(manifest.directory).resolve().name
-    return Path(base).expanduser() / f"{name}-{artifact_digest(manifest)[:12]}" / leaf
+    try:
+        base = artifact_cache_dir(manifest, CACHE_PURPOSE)
+    except ClipfastError as e:
+        raise BackendUnavailable(f"the TensorRT EP needs a cache directory: {e}") from e
+    return base / f"ort{ort_version}-{profile.tag()}"
 
 
-def _profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, str]] | None:
+def trt_profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, str]] | None:
     """TensorRT EP ``trt_profile_{min,opt,max}_shapes`` per tower ("name:NxCxHxW,..."), from the
     manifest's input names and shapes; None when the manifest lacks them (ORT then builds for
     the shapes it sees, rebuilding on a new batch size)."""
@@ -300,8 +306,8 @@ class OnnxRuntimeBackend:
             except OSError as e:
                 raise BackendUnavailable(
                     f"cannot create the TensorRT EP cache directory {cache_dir} ({e}); point "
-                    f"{ENV_CACHE_DIR} at a writable directory") from e
-        shapes = _profile_shapes(manifest, batch_profile) if tensorrt else None
+                    "CLIPFAST_CACHE_DIR at a writable directory") from e
+        shapes = trt_profile_shapes(manifest, batch_profile) if tensorrt else None
         self._ort = ort
         self._device_id = device_id
         self._sessions = {}
@@ -456,9 +462,7 @@ class OnnxRuntimeBackend:
 
 def load(manifest, device: str = "cpu", threads: int | None = None, **options: Any
          ) -> OnnxRuntimeBackend:
-    """Options this backend reads are listed in the module docstring; others are ignored (they
-    belong to other backends)."""
-    known = ("device_id", "ort_tensorrt", "ort_trt_fp16", "ort_cudnn_conv_algo_search",
-             "ort_arena_extend_strategy", "profile")
-    return OnnxRuntimeBackend(manifest, device=device, threads=threads,
-                              **{k: v for k, v in options.items() if k in known})
+    """The onnxruntime backend; ``options`` are this backend's (``OPTIONS``, described in the
+    module docstring): any other raises InputError naming it."""
+    check_options(options, OPTIONS, "backend onnxruntime")
+    return OnnxRuntimeBackend(manifest, device=device, threads=threads, **options)

@@ -19,9 +19,10 @@ Execution, and why:
   back to plain ``execute_async_v3`` and ``describe()`` says why.
 - Padded rows are zero and dropped: tower rows are independent at inference.
 
-Options (``Engine(..., backend_options={...})``): ``profile`` (BatchProfile or dict),
-``cache_dir``, ``build`` ("missing": build an absent or stale engine, which takes minutes; "never":
-raise BackendUnavailable listing the engines found), ``cuda_graphs`` (default True).
+Options (``Engine(..., backend_options={...})``; ``OPTIONS``, any other raises InputError):
+``profile`` (BatchProfile or dict), ``cache_dir`` (default: the artifact's ``tensorrt`` cache,
+clipfast.cache), ``build`` ("missing": build an absent or stale engine, which takes minutes;
+"never": raise BackendUnavailable listing the engines found), ``cuda_graphs`` (default True).
 """
 
 from __future__ import annotations
@@ -34,13 +35,20 @@ from typing import Any
 
 import numpy as np
 
-from clipfast.backends.base import host_array, is_torch_tensor, option_bool, option_choice
+from clipfast.backends.base import (
+    check_options,
+    host_array,
+    is_torch_tensor,
+    option_bool,
+    option_choice,
+)
 from clipfast.batching import BatchProfile, bucket_for, chunks
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 log = logging.getLogger("clipfast.tensorrt")
 
 BUILD_MODES = ("missing", "never")
+OPTIONS = ("profile", "cache_dir", "build", "cuda_graphs")
 SLOTS = 2
 
 
@@ -93,7 +101,7 @@ def parse_options(profile: Any = None, cache_dir: Any = None, build: str = "miss
 
 
 # -- one tower ---------------------------------------------------------------------------------
-class _Slot:
+class Slot:
     def __init__(self, cudart, inputs: dict[str, tuple], output: tuple, capacity: int,
                  scratch_bytes: int):
         self.stream = self.done = self.scratch = None
@@ -129,7 +137,7 @@ class _Slot:
                 res.close()
 
 
-class _Tower:
+class TowerRunner:
     """One engine, two slots, the pipelined chunk loop."""
 
     def __init__(self, trt, cudart, runtime, logger, engine_bytes: bytes, name: str,
@@ -157,11 +165,11 @@ class _Tower:
         # a valid answer, not a reason to ask the old attribute.
         v2 = getattr(self.engine, "device_memory_size_v2", None)
         self.scratch_bytes = int(v2 if v2 is not None else self.engine.device_memory_size)
-        self.slots: list[_Slot] = []
+        self.slots: list[Slot] = []
         try:
             for _ in range(SLOTS):
-                self.slots.append(_Slot(cudart, self.inputs, self.output, profile.max,
-                                        self.scratch_bytes))
+                self.slots.append(Slot(cudart, self.inputs, self.output, profile.max,
+                                       self.scratch_bytes))
         except BaseException:
             self.close()
             raise
@@ -184,7 +192,7 @@ class _Tower:
         return row
 
     # -- contexts and graphs -------------------------------------------------------------------
-    def _context(self, slot: _Slot, bucket: int):
+    def _context(self, slot: Slot, bucket: int):
         ctx = slot.contexts.get(bucket)
         if ctx is not None:
             return ctx
@@ -210,13 +218,13 @@ class _Tower:
         slot.contexts[bucket] = ctx
         return ctx
 
-    def _execute(self, ctx, slot: _Slot) -> None:
+    def _execute(self, ctx, slot: Slot) -> None:
         since = self.logger.mark()
         if not ctx.execute_async_v3(slot.stream.handle):
             raise ClipfastError(f"TensorRT {self.name} execution failed: "
                                 + (" | ".join(self.logger.errors(since)) or "no error message"))
 
-    def _enqueue(self, slot: _Slot, bucket: int) -> None:
+    def _enqueue(self, slot: Slot, bucket: int) -> None:
         ctx = self._context(slot, bucket)
         if not self.cuda_graphs or bucket in self.graph_failures:
             self._execute(ctx, slot)
@@ -230,7 +238,7 @@ class _Tower:
         self._execute(ctx, slot)
         self._capture(ctx, slot, bucket)
 
-    def _capture(self, ctx, slot: _Slot, bucket: int) -> None:
+    def _capture(self, ctx, slot: Slot, bucket: int) -> None:
         cudart = self.cudart
         slot.stream.synchronize()
         since = self.logger.mark()
@@ -252,7 +260,7 @@ class _Tower:
                         reason)
 
     # -- the pipeline --------------------------------------------------------------------------
-    def _stage(self, slot: _Slot, feed: dict[str, Any], chunk: Chunk) -> None:
+    def _stage(self, slot: Slot, feed: dict[str, Any], chunk: Chunk) -> None:
         cudart = self.cudart
         for n, (dtype, row) in self.inputs.items():
             src = feed[n]
@@ -270,7 +278,7 @@ class _Tower:
                 staged = stage_rows(slot.host[n], src[chunk.start:chunk.stop], chunk.bucket)
                 cudart.memcpy_htod_async(dev.ptr, staged.ctypes.data, staged.nbytes, slot.stream)
 
-    def _submit(self, slot: _Slot, feed: dict[str, Any], chunk: Chunk, out: np.ndarray) -> None:
+    def _submit(self, slot: Slot, feed: dict[str, Any], chunk: Chunk, out: np.ndarray) -> None:
         self._stage(slot, feed, chunk)
         self._enqueue(slot, chunk.bucket)
         name, dtype, row = self.output
@@ -281,7 +289,7 @@ class _Tower:
         slot.done.record(slot.stream)
         slot.pending = (out, chunk)
 
-    def _collect(self, slot: _Slot) -> None:
+    def _collect(self, slot: Slot) -> None:
         if slot.pending is None:
             return
         out, chunk = slot.pending
@@ -359,7 +367,7 @@ class TensorRTBackend:
         self._runtime = trt.Runtime(self._logger)
         self._cache = tb.engine_cache_dir(manifest, cache_dir)
         self._engines: dict[str, dict[str, Any]] = {}
-        self._towers: dict[str, _Tower] = {}
+        self._towers: dict[str, TowerRunner] = {}
         try:
             for tower in tb.TOWERS:
                 self._towers[tower] = self._load_tower(tb, cudart, tower, build, cuda_graphs)
@@ -376,7 +384,7 @@ class TensorRTBackend:
         text = manifest["text"]
         self._text_inputs = list(text["inputs"])
 
-    def _load_tower(self, tb, cudart, tower: str, build: str, cuda_graphs: bool) -> _Tower:
+    def _load_tower(self, tb, cudart, tower: str, build: str, cuda_graphs: bool) -> TowerRunner:
         m = self._manifest
         key = tb.engine_key(m, tower, self.profile, self._trt.__version__, self._cc)
         lookup = tb.find_engine(self._cache, key)
@@ -398,8 +406,9 @@ class TensorRTBackend:
         else:
             inputs, output = list(m["text"]["inputs"]), m["text"]["output"]
         try:
-            runner = _Tower(self._trt, cudart, self._runtime, self._logger, path.read_bytes(),
-                            tower, inputs, output, self.profile, cuda_graphs)
+            runner = TowerRunner(self._trt, cudart, self._runtime, self._logger,
+                                 path.read_bytes(), tower, inputs, output, self.profile,
+                                 cuda_graphs)
         except _DeserializeError as e:
             # a plan TensorRT refuses (other TensorRT build, other GPU despite the sidecar,
             # corruption): rebuild once when allowed, otherwise let the caller fall back
@@ -410,9 +419,9 @@ class TensorRTBackend:
                                                 rebuild=True, why=f"TensorRT rejected the "
                                                 f"cached plan: {e}", progress=True)
             try:
-                runner = _Tower(self._trt, cudart, self._runtime, self._logger,
-                                path.read_bytes(), tower, inputs, output, self.profile,
-                                cuda_graphs)
+                runner = TowerRunner(self._trt, cudart, self._runtime, self._logger,
+                                     path.read_bytes(), tower, inputs, output, self.profile,
+                                     cuda_graphs)
             except _DeserializeError as e2:
                 raise BackendUnavailable(f"TensorRT cannot load the engine it just built, "
                                          f"{path.name}: {e2}") from None
@@ -501,13 +510,14 @@ class TensorRTBackend:
             pass
 
 
-def load(manifest, device: str = "cuda", threads: int | None = None, *, profile: Any = None,
-         cache_dir: Any = None, build: str = "missing", cuda_graphs: bool = True,
-         **_: Any) -> TensorRTBackend:
-    """The TensorRT backend for ``manifest`` (``threads`` is a CPU-backend option, ignored)."""
-    return TensorRTBackend(manifest, device=device, profile=profile, cache_dir=cache_dir,
-                           build=build, cuda_graphs=cuda_graphs)
+def load(manifest, device: str = "cuda", threads: int | None = None, **options: Any
+         ) -> TensorRTBackend:
+    """The TensorRT backend for ``manifest``; ``options`` are this backend's (``OPTIONS``, see
+    the module docstring): any other raises InputError naming it. ``threads`` (host threads of
+    the CPU backends) does not apply here."""
+    check_options(options, OPTIONS, "backend tensorrt")
+    return TensorRTBackend(manifest, device=device, **options)
 
 
-__all__ = ["BUILD_MODES", "Chunk", "TensorRTBackend", "load", "parse_options", "plan_chunks",
-           "stage_rows"]
+__all__ = ["BUILD_MODES", "OPTIONS", "Chunk", "Slot", "TensorRTBackend", "TowerRunner", "load",
+           "parse_options", "plan_chunks", "stage_rows"]

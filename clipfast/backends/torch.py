@@ -5,7 +5,8 @@ attention kernel when it checks out), and the last fallback.
 Needs the export dependencies (torch, open_clip / transformers) and the source weights: the
 manifest's ``source`` section says where they come from, and their fingerprint is checked.
 
-Backend options (``Engine(..., backend_options={...})``; unknown ones are ignored):
+Backend options (``Engine(..., backend_options={...})``; ``OPTIONS``, any other raises
+InputError):
 - ``dtype``: "auto" (fp16 on CUDA, fp32 on CPU), "fp32", "fp16" or "bf16" (the last two: CUDA).
 - ``cuda_graphs`` (bool; default True on CUDA): capture each tower once per batch bucket and
   replay. A ViT-B tower is a few hundred small kernels; at small batches launching them costs
@@ -14,7 +15,8 @@ Backend options (``Engine(..., backend_options={...})``; unknown ones are ignore
   (the graphs are ours); a compile failure is logged and the eager towers are used.
 - ``attention``: "auto" (default: the csrc fused attention where the kernel library loads and a
   self-check on this device passes, else PyTorch's SDPA through the source modules), "sdpa" or
-  "kernel". ``CLIPFAST_TORCH_ATTENTION=sdpa|kernel`` overrides the option.
+  "kernel" (the swap and its self-check: clipfast.backends.torch_attention).
+  ``CLIPFAST_TORCH_ATTENTION=sdpa|kernel`` overrides the option.
 - ``profile`` (``BatchProfile`` | {"min", "opt", "max"} | (min, opt, max), (1, 64, 256)): the
   batch buckets graphs are captured for; its max is the backend's ``max_batch`` on CUDA.
 - ``device_id`` (int, 0): the CUDA device.
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -34,15 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from clipfast.backends.base import option_bool, option_device_id
+from clipfast import settings
+from clipfast.backends.base import check_options, option_bool, option_device_id
 from clipfast.batching import BatchProfile, as_profile, bucket_for, chunks
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 log = logging.getLogger("clipfast")
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-ATTENTION_MODES = ("auto", "sdpa", "kernel")
-ENV_ATTENTION = "CLIPFAST_TORCH_ATTENTION"
+ATTENTION_MODES = settings.ATTENTION_MODES
+OPTIONS = ("dtype", "cuda_graphs", "compile", "attention", "profile", "device_id")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 # Eager runs on the capture stream before each capture: cuBLAS / cuDNN pick and cache their
 # algorithms and workspaces and the allocator settles, none of which may happen during capture.
@@ -69,19 +71,18 @@ class TorchOptions:
     device_id: int = 0
 
 
-def attention_request(option: Any, environ: Mapping[str, str]) -> tuple[str, str]:
-    """``(mode, origin)``: the ``attention`` option, unless ``CLIPFAST_TORCH_ATTENTION`` is set,
-    which wins (origin then names the variable)."""
+def attention_request(option: Any, environ: Mapping[str, str] | None = None
+                      ) -> tuple[str, str]:
+    """``(mode, origin)``: the ``attention`` option, unless ``CLIPFAST_TORCH_ATTENTION`` is set
+    (in ``environ``, default ``os.environ`` read now), which wins (origin then names the
+    variable)."""
     if option not in ATTENTION_MODES:
         raise InputError(f"backend option attention={option!r}: expected one of "
                          f"{', '.join(ATTENTION_MODES)}")
-    env = environ.get(ENV_ATTENTION, "").strip().lower()
-    if not env:
+    env = settings.value("CLIPFAST_TORCH_ATTENTION", environ)
+    if env is None:
         return option, "option"
-    if env not in ATTENTION_MODES:
-        raise InputError(f"{ENV_ATTENTION}={environ[ENV_ATTENTION]!r}: expected one of "
-                         f"{', '.join(ATTENTION_MODES)} (or unset)")
-    return env, f"{ENV_ATTENTION}={env}"
+    return env, f"CLIPFAST_TORCH_ATTENTION={env}"
 
 
 def parse_options(device: str, *, dtype: Any = "auto", cuda_graphs: Any = None,
@@ -100,7 +101,7 @@ def parse_options(device: str, *, dtype: Any = "auto", cuda_graphs: Any = None,
     resolved = ("fp16" if device == "cuda" else "fp32") if dtype == "auto" else dtype
     graphs = device == "cuda" if cuda_graphs is None else option_bool("cuda_graphs", cuda_graphs)
     do_compile = option_bool("compile", compile)
-    mode, origin = attention_request(attention, os.environ if environ is None else environ)
+    mode, origin = attention_request(attention, environ)
     batch_profile = as_profile(profile, "backend option profile")
     device_id = option_device_id(device_id)
     if device == "cpu":
@@ -324,7 +325,7 @@ class TorchBackend:
                     references: dict[str, np.ndarray]) -> str:
         """Swap ``which``'s attention for the kernel when it applies and checks out; returns the
         attention description for ``describe()``."""
-        from clipfast.export.kernel_attention import kernel_attention_tower, self_check
+        from clipfast.backends.torch_attention import kernel_attention_tower, self_check
         from clipfast.kernels import KernelError
 
         tower, reason = kernel_attention_tower(self._towers[which], which)
@@ -494,8 +495,7 @@ class TorchBackend:
 
 def load(manifest, device: str = "cpu", threads: int | None = None, **options: Any
          ) -> TorchBackend:
-    """Options this backend reads are listed in the module docstring; others are ignored (they
-    belong to other backends)."""
-    known = ("dtype", "cuda_graphs", "compile", "attention", "profile", "device_id")
-    return TorchBackend(manifest, device=device, threads=threads,
-                        **{k: v for k, v in options.items() if k in known})
+    """The torch backend; ``options`` are this backend's (``OPTIONS``, described in the module
+    docstring): any other raises InputError naming it."""
+    check_options(options, OPTIONS, "backend torch")
+    return TorchBackend(manifest, device=device, threads=threads, **options)

@@ -2,27 +2,26 @@
 
 Search order: ``$CLIPFAST_KERNELS_LIB`` (a file path), then this package's folder, then
 ``build/`` at the root of a source checkout. ``CLIPFAST_DISABLE_KERNELS=1`` turns the library
-off. The outcome is decided on the first call to :func:`load_library` / :func:`kernels_available`
-and logged once, with the reason; importing this module loads nothing and never touches CUDA
-(loading the library does not either: its CUDA runtime is initialised on the first kernel call).
+off (both are declared in clipfast.settings). The outcome is decided on the first call to
+:func:`load_library` / :func:`kernels_available` and logged once, with the reason; importing
+this module loads nothing and never touches CUDA (loading the library does not either: its CUDA
+runtime is initialised on the first kernel call).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from pathlib import Path
 
+from clipfast import settings
 from clipfast.errors import BackendUnavailable, ClipfastError
 
 logger = logging.getLogger("clipfast.kernels")
 
 LIB_NAME = "libclipfast_kernels.so"
 ABI_VERSION = 1  # csrc/clipfast_kernels.h CLIPFAST_ABI_VERSION
-ENV_DISABLE = "CLIPFAST_DISABLE_KERNELS"
-ENV_PATH = "CLIPFAST_KERNELS_LIB"
 
 # Return codes of the C ABI (CLIPFAST_E*).
 OK, EINVAL, ECUDA, ENVJPEG, EUNSUPPORTED = 0, 1, 2, 3, 4
@@ -85,9 +84,9 @@ _state: tuple[ctypes.CDLL | None, str] | None = None
 
 def candidate_paths() -> list[Path]:
     """Where the library is looked for, in order."""
-    env = os.environ.get(ENV_PATH)
-    if env:
-        return [Path(env)]
+    given = settings.CLIPFAST_KERNELS_LIB
+    if given is not None:
+        return [given]
     here = Path(__file__).resolve().parent
     return [here / LIB_NAME, here.parents[1] / "build" / LIB_NAME]
 
@@ -125,15 +124,15 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
-        return None, f"disabled by {ENV_DISABLE}={os.environ[ENV_DISABLE]}"
+    if settings.CLIPFAST_DISABLE_KERNELS:
+        return None, f"disabled by {settings.assignment('CLIPFAST_DISABLE_KERNELS')}"
     paths = candidate_paths()
     found = [p for p in paths if p.is_file()]
     if not found:
         where = ", ".join(str(p) for p in paths)
         return None, (f"{LIB_NAME} not built (looked in {where}); build it with "
                       "`cmake -S . -B build && cmake --build build -j` on a machine with nvcc, "
-                      f"or point {ENV_PATH} at it")
+                      "or point CLIPFAST_KERNELS_LIB at it")
     path = found[0]
     try:
         lib = ctypes.CDLL(str(path))

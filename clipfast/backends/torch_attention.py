@@ -10,6 +10,9 @@ device it runs on: the kernel tower and the source tower (PyTorch's scaled_dot_p
 both run the same small batch in the backend's dtype, and each is measured against the fp32
 source tower; ``check_passes`` is the rule. ``CLIPFAST_TORCH_ATTENTION=sdpa|kernel`` forces
 either side.
+
+Imported by the torch backend when it tries the kernel, never by the CPU runtime: it needs torch
+and the export extras (``clipfast.export.fusion`` rebuilds open_clip's attention blocks).
 """
 
 from __future__ import annotations
