@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_flags(b)
     b.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where engines go (default: ARTIFACT/tensorrt/ when writable, else "
-                        "$CLIPFAST_CACHE_DIR or ~/.cache/clipfast/tensorrt/)")
+                        "$CLIPFAST_CACHE_DIR/<artifact digest>/tensorrt/, default root "
+                        "~/.cache/clipfast)")
     b.add_argument("--rebuild", action="store_true",
                    help="build even when a matching engine is cached")
     b.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -145,7 +145,9 @@ QEMU_CPU = "EPYC-Rome"  # AVX2 and FMA; no AVX-512, no VNNI
 def _qemu() -> str:
     exe = shutil.which("qemu-x86_64")
     if exe is None or platform.machine() != "x86_64":
-        if os.environ.get("CLIPFAST_REQUIRE_QEMU") == "1":
+        from clipfast import settings
+
+        if settings.CLIPFAST_REQUIRE_QEMU:
             pytest.fail("qemu-x86_64 is required here (CLIPFAST_REQUIRE_QEMU=1): "
                         "apt-get install qemu-user")
         pytest.skip("qemu-x86_64 not installed (apt-get install qemu-user): the AVX2 emulation "
