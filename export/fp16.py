@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.errors import ExportError
+from clipfast.export.onnx_files import PROTOBUF_LIMIT
 
 log = logging.getLogger("clipfast.export")
 
@@ -35,7 +36,6 @@ FP32_OPS: tuple[str, ...] = (
     "LpNormalization",
 )
 IO_DTYPES = ("fp32", "fp16")
-_PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 def _dedupe_nodes(model: Any) -> int:
@@ -172,7 +172,7 @@ def convert_to_fp16(path: str | Path, out_path: str | Path, *, io: str = "fp32",
     if unprotected:
         raise ExportError(f"fp16 conversion of {Path(path).name}: {len(unprotected)} operator(s) "
                           f"meant to stay fp32 read fp16 inputs: {unprotected[:5]}")
-    big = proto.ByteSize() > _PROTOBUF_LIMIT
+    big = proto.ByteSize() > PROTOBUF_LIMIT
     if not big:  # the in-memory checker refuses protos over 2 GiB; ORT's load checks those
         try:
             onnx.checker.check_model(proto)

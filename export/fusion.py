@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from clipfast.errors import ExportError
+from clipfast.export.onnx_files import PROTOBUF_LIMIT
 
 log = logging.getLogger("clipfast.export")
 
@@ -49,8 +50,6 @@ __all__ = [
 # Fused operators that the manifest records (a missing op type counts 0).
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "LayerNormalization",
              "EmbedLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "QuickGelu")
-# 2 GiB protobuf limit: bigger graphs are saved with external data.
-_PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 class EagerSelfAttention(nn.Module):
@@ -315,6 +314,6 @@ def optimize(path: str | Path, out_path: str | Path, model_type: str, num_heads:
     except Exception as e:  # the fusion scripts raise assorted types on unexpected graphs
         raise ExportError(f"ONNX Runtime fusion of {Path(path).name} ({model_type}) failed: "
                           f"{type(e).__name__}: {e}") from e
-    big = optimized.model.ByteSize() > _PROTOBUF_LIMIT
+    big = optimized.model.ByteSize() > PROTOBUF_LIMIT
     optimized.save_model_to_file(str(out_path), use_external_data_format=big)
     return count_ops(optimized.model)

@@ -2,7 +2,8 @@
 
 load -> ONNX per tower (fp32, attention written to fuse) -> ORT transformer fusions (counted,
 checked, kept only when complete and exact) -> precision (fp32 as is, fp16 conversion, or int8
-quantization with a fidelity guard) -> tokenizer + manifest -> measure against PyTorch -> gate.
+quantization with a fidelity guard: export/precision.py) -> tokenizer + manifest -> measure
+against PyTorch (export/measure.py) -> gate.
 """
 
 from __future__ import annotations
@@ -24,21 +25,32 @@ import clipfast
 from clipfast.batching import BatchProfile
 from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError, FidelityError
-from clipfast.fidelity import (
-    GATES,
-    centred_relative_error,
-    check_gates,
-    cosine,
-    l2_normalize,
-    top1_agreement,
+from clipfast.export.fp16 import IO_DTYPES
+from clipfast.export.measure import (
+    TowerFidelity,
+    calibration_inputs,
+    embedding_gates,
+    golden_data,
+    ort_session,
+    run_graph,
+    tower_reference,
 )
+from clipfast.export.precision import (
+    INT8_FORMAT_CHOICES,
+    INT8_METHODS,
+    convert_towers_fp16,
+    quantize_towers,
+)
+from clipfast.export.quant_options import WEIGHT_OPS
+from clipfast.fidelity import GATES, check_gates
 from clipfast.manifest import write_manifest
 
 log = logging.getLogger("clipfast.export")
 
+__all__ = ["INT8_FORMAT_CHOICES", "INT8_METHODS", "IO_DTYPES", "PRECISIONS", "ExportOptions",
+           "TowerFidelity", "calibration_inputs", "golden_data", "run_export"]
+
 PRECISIONS = ("fp32", "fp16", "int8")
-SUPPORTED_PRECISIONS = PRECISIONS
-IO_DTYPES = ("fp32", "fp16")
 IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -50,26 +62,9 @@ FUSION_OPT_LEVEL = 0
 # A fused graph must reproduce the source tower on the trace inputs to this relative max error
 # (fp32 round-off through 12 blocks is ~1e-6; a lost causal mask or a mis-split QKV is ~1).
 FUSION_CHECK_TOL = 1e-4
-CALIBRATION_BATCH = 8
 # An fp16 tower below the gate is converted again with its last weight operators (in graph order)
 # kept fp32, first this fraction of them, then this one; past that the export refuses.
 FP16_FALLBACK_FRACTIONS = (0.25, 0.5)
-# --int8-method -> (QuantOptions.method, {tower: which fp32 graph it quantizes}). Measured on
-# ViT-B-32, 2 cores, batch 32 (benchmarks/results/int8_cpu_sweep.md): the image tower in static
-# QDQ from the plain graph 61.9 img/s, from the fused graph 53.2 (a fused Attention has no static
-# int8 form, so its Q/K/V projections stay fp32), at equal fidelity (centred error 0.047 /
-# 0.045). The text tower suffers from int8 Q/K/V projections: centred error 0.114 from the plain
-# graph against 0.074 from the fused one, and the MetaCLIP QuickGELU text tower missed the 0.15
-# gate from the plain graph; it is cheap next to the image tower, so it keeps the fused graph.
-# Dynamic int8 on the fused graphs is faster still (70.9 img/s) at equal fidelity, but is not
-# the default: its embeddings depend on the other images of the batch (activation ranges per
-# batch: up to 0.058 centred difference between an image embedded alone and in a batch of 24),
-# and TensorRT cannot build it. With --tensorrt (or --no-fuse) both graphs are the plain one.
-INT8_METHODS = {"static": ("static_qdq", {"image": "plain", "text": "fused"}),
-                "dynamic": ("dynamic", {"image": "fused", "text": "fused"})}
-_WEIGHT_OPS = ("Conv", "MatMul", "Gemm", "Attention")
-# --int8-format choices (export/quantize.py INT8_FORMATS; "tensorrt" comes with --tensorrt)
-INT8_FORMAT_CHOICES = ("portable", "portable-u8", "full-range")
 _NP_DTYPE = {"fp32": "float32", "fp16": "float16"}
 
 
@@ -87,7 +82,7 @@ class ExportOptions:
     7-bit weights, the same integers on every CPU), "portable-u8" (8-bit u8 weights, also
     exact everywhere, slower on VNNI) or "full-range" (8-bit s8 weights, exact only on CPUs with
     VNNI / AMX / aarch64; others run it as float Q/DQ); --tensorrt implies TensorRT's symmetric
-    int8 (export/quantize.py INT8_FORMATS). tensorrt: also build a TensorRT
+    int8 (export/quant_options.py INT8_FORMATS). tensorrt: also build a TensorRT
     engine per tower on this machine's GPU into ``<out>/tensorrt/`` for the batch range
     ``batch_profile`` (default min 1, opt 64, max 256); implies plain ONNX graphs (no fusion:
     TensorRT's parser reads standard ONNX operators only).
@@ -130,12 +125,6 @@ class ExportOptions:
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision {self.precision!r}: expected one of {PRECISIONS}")
-        if self.precision not in SUPPORTED_PRECISIONS:
-            raise ExportError(
-                f"--precision {self.precision} is not available in clipfast "
-                f"{clipfast.__version__} yet: only {', '.join(SUPPORTED_PRECISIONS)} exports "
-                "are built"
-            )
         if self.precision == "int8" and importlib.util.find_spec(
                 "clipfast.export.quantize") is None:
             raise ExportError("--precision int8 is not available: the quantizer "
@@ -227,45 +216,6 @@ class _Stages:
 
 
 # -- graphs ------------------------------------------------------------------------------------
-def _ort_session(path: Path):
-    """A CPU session of ``path`` as the runtime would open it on this host: a full-range int8
-    graph on a CPU whose integer kernels saturate runs its Q/DQ pairs as float
-    (clipfast.backends.onnxruntime.int8_plan), so the export measures what users will get."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # fp16 / QDQ graphs log harmless CPU fallback warnings
-    if host_cpu().int8_saturates:
-        from clipfast.export.quantize import SAFE_WEIGHT_MAX, int8_weight_abs_max
-
-        if (int8_weight_abs_max(path) or 0) > SAFE_WEIGHT_MAX:
-            so.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def _run_graph(session, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Run ``session`` on each feed (cast to the graph's input dtypes); float32 (N, D)."""
-    from clipfast.backends.onnxruntime import ORT_NUMPY_DTYPES
-
-    types = {i.name: ORT_NUMPY_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
-    out = []
-    for feed in feeds:
-        cast = {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feed.items()}
-        out.append(session.run(None, cast)[0].astype(np.float32))
-    return np.concatenate(out)
-
-
-def _tower_reference(source, which: str, feed: dict[str, np.ndarray]) -> np.ndarray:
-    """The source (PyTorch, fp32) tower on ``feed``: float32 (N, D), not normalised."""
-    import torch
-
-    tower = source.image_tower if which == "image" else source.text_tower
-    names = ["pixel_values"] if which == "image" else list(source.text_inputs)
-    with torch.inference_mode():
-        return tower(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names]
-                     ).float().numpy()
-
-
 def _check_feed(source, which: str) -> dict[str, np.ndarray]:
     from clipfast.export.onnx_export import example_image_inputs, example_text_inputs
 
@@ -313,8 +263,8 @@ def _fuse_tower(source, which: str, raw: Path, fused: Path, rewrite_note: str | 
         record.update(fusion=f"failed: {msg}", rejected_counts=counts)
         return raw, record
     feed = _check_feed(source, which)
-    ref = _tower_reference(source, which, feed)
-    got = _run_graph(_ort_session(fused), [feed])
+    ref = tower_reference(source, which, feed)
+    got = run_graph(ort_session(fused), [feed])
     err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
     if not err <= FUSION_CHECK_TOL:
         msg = (f"fused graph differs from the source tower (max relative difference {err:.2e} "
@@ -339,118 +289,14 @@ def _place_graph(src: Path, dst: Path) -> None:
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + ".data")
 
-
-# -- int8 --------------------------------------------------------------------------------------
-def _load_rgb(items: list[Any]) -> list[Any]:
-    from clipfast.errors import ImageLoadError
-    from clipfast.preprocess import load_image
-
-    rgb = []
-    for i, item in enumerate(items):
-        try:
-            rgb.append(load_image(item, index=i))
-        except ImageLoadError as e:
-            log.warning("export: skipping image: %s", e)
-    return rgb
-
-
-def calibration_inputs(source, images_dir: Path | None = None, *, batch: int = CALIBRATION_BATCH
-                       ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]],
-                                  dict[str, Any]]:
-    """Calibration feeds for int8: ``(image feeds, text feeds, description)``.
-
-    Image feeds: ``{"pixel_values": float32 (B, 3, H, W)}`` preprocessed exactly as the runtime
-    does, from ``images_dir`` or the built-in generated set (seed 1: not the seed-0 images the
-    fidelity is measured on). Text feeds: ``{name: int32 (B, L)}`` from the built-in captions.
-    """
-    from clipfast.export.tokenization import PARITY_TEXTS
-    from clipfast.export.verify import images_from_dir
-    from clipfast.preprocess import normalize, resize_and_crop
-    from clipfast.samples import CAPTIONS, sample_images
-
-    if images_dir is not None:
-        items: list[Any] = [str(p) for p in images_from_dir(images_dir)]
-        where = str(images_dir)
-    else:
-        items = sample_images(32, seed=1)
-        where = "built-in generated images (seed 1)"
-    rgb = _load_rgb(items)
-    if not rgb:
-        raise ExportError(f"--calibration-images {where}: no readable images")
-    cfg = source.preprocess
-    pixels = np.stack([normalize(resize_and_crop(im, cfg), cfg) for im in rgb])
-    texts = list(CAPTIONS) + [t for t in PARITY_TEXTS if len(t) < 200]
-    tokens = source.reference_tokenize(texts)
-    tokens = {k: np.asarray(tokens[k], dtype=np.int32) for k in source.text_inputs}
-    image_feeds = [{"pixel_values": pixels[s:s + batch]} for s in range(0, len(pixels), batch)]
-    text_feeds = [{k: v[s:s + batch] for k, v in tokens.items()}
-                  for s in range(0, len(texts), batch)]
-    return image_feeds, text_feeds, {"images_from": where, "images": len(pixels),
-                                     "texts": len(texts)}
-
-
-class TowerFidelity:
-    """Fidelity of candidate tower graphs against the fp32 PyTorch source, tower by tower (the
-    int8 guard's ``measure``): the same images / captions as the export's final measurement,
-    fed as the reference transform's pixels and the reference tokenizer's ids."""
-
-    def __init__(self, source, images: list[Any] | None = None):
-        from clipfast.samples import sample_captions, sample_images
-
-        self.source = source
-        rgb = _load_rgb(images if images is not None else sample_images())
-        texts = sample_captions(max(len(rgb), 2))
-        pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)
-                           for im in rgb])
-        tokens = source.reference_tokenize(texts)
-        tokens = {k: np.asarray(tokens[k], dtype=np.int32) for k in source.text_inputs}
-        b = CALIBRATION_BATCH
-        self.image_feeds = [{"pixel_values": pixels[s:s + b]} for s in range(0, len(pixels), b)]
-        self.text_feeds = [{k: v[s:s + b] for k, v in tokens.items()}
-                           for s in range(0, len(texts), b)]
-        self.ref_img = l2_normalize(np.concatenate(
-            [_tower_reference(source, "image", f) for f in self.image_feeds]))
-        self.ref_txt = l2_normalize(np.concatenate(
-            [_tower_reference(source, "text", f) for f in self.text_feeds]))
-        self.pairs = min(len(rgb), len(texts))
-        self.img: np.ndarray | None = None  # the accepted image tower's embeddings
-
-    def image(self, path: Path) -> dict[str, Any]:
-        img = l2_normalize(_run_graph(_ort_session(path), self.image_feeds))
-        return {
-            "image_centred_rel_error": float(centred_relative_error(img, self.ref_img).max()),
-            "image_cosine": float(cosine(img, self.ref_img).min()),
-            "top1_agreement": top1_agreement(img, self.ref_txt, self.ref_img, self.ref_txt),
-            "retrieval_pairs": self.pairs,
-        }
-
-    def text(self, path: Path) -> dict[str, Any]:
-        txt = l2_normalize(_run_graph(_ort_session(path), self.text_feeds))
-        img = self.img if self.img is not None else self.ref_img
-        return {
-            "text_centred_rel_error": float(centred_relative_error(txt, self.ref_txt).max()),
-            "text_cosine": float(cosine(txt, self.ref_txt).min()),
-            "top1_agreement": top1_agreement(img, txt, self.ref_img, self.ref_txt),
-            "retrieval_pairs": self.pairs,
-        }
-
-
-def _tower_gates(gates: dict[str, Any], which: str) -> dict[str, Any]:
-    shared = ("top1_agreement_min", "retrieval_pairs_min")
-    return {k: v for k, v in gates.items() if k.startswith(f"{which}_") or k in shared}
-
-
-def _embedding_gates(gates: dict[str, Any], which: str) -> dict[str, Any]:
-    return {k: v for k, v in gates.items() if k.startswith(f"{which}_")}
-
-
+# -- fp16 fallback -----------------------------------------------------------------------------
 def _late_weight_nodes(path: Path, fraction: float) -> tuple[str, ...]:
     """Names of the last ``fraction`` of weight operators (Conv/MatMul/Gemm/Attention) in graph
     order: the layers closest to the embedding, whose rounding reaches it least damped."""
     import onnx
 
     header = onnx.load(str(path), load_external_data=False)
-    names = [n.name for n in header.graph.node if n.op_type in _WEIGHT_OPS]
+    names = [n.name for n in header.graph.node if n.op_type in WEIGHT_OPS]
     k = math.ceil(len(names) * fraction)
     return tuple(names[len(names) - k:]) if k else ()
 
@@ -463,7 +309,7 @@ def _fp16_fallback(which: str, fp32_path: Path, out_path: Path, io: str,
     from clipfast.export.fp16 import convert_to_fp16
 
     measure = fidelity.image if which == "image" else fidelity.text
-    tower_gates = _embedding_gates(gates, which)
+    tower_gates = embedding_gates(gates, which)
     figures = measure(out_path)
     attempts = [{"fp32_weight_fraction": 0.0, "fp32_weight_nodes": 0, "figures": figures,
                  "failures": check_gates(figures, tower_gates)}]
@@ -487,90 +333,6 @@ def _fp16_fallback(which: str, fp32_path: Path, out_path: Path, io: str,
                         f"tried: {tried}. Export fp32 instead.")
 
 
-def _quantize(source, options: ExportOptions, graphs: dict[str, dict[str, Path]], work: Path,
-              gates: dict[str, Any]) -> dict[str, Any]:
-    """int8 both towers into ``work``; return manifest["quantization"]. ``graphs[tower]`` holds
-    the "plain" and the "fused" fp32 graph (the same file when fusion was off or refused);
-    INT8_METHODS picks which one a method quantizes."""
-    try:
-        from clipfast.export.quantize import QuantOptions, guarded_quantize, quantize_tower
-    except ImportError as e:
-        raise ExportError(f"--precision int8: the quantizer (clipfast.export.quantize) is not "
-                          f"available: {e}") from e
-    image_calib, text_calib, described = calibration_inputs(source, options.calibration_images)
-    from clipfast.export.verify import images_from_dir
-
-    images = [str(p) for p in images_from_dir(options.images)] if options.images else None
-    fidelity = TowerFidelity(source, images)
-    method, graph_kinds = INT8_METHODS[options.int8_method]
-    # TensorRT takes zero-point-0 int8 only; ONNX Runtime gets the portable format, which every
-    # CPU computes alike (export/quantize.py INT8_FORMATS).
-    quant_options = QuantOptions.for_format(
-        "tensorrt" if options.tensorrt else options.int8_format, method=method)
-    reports: dict[str, Any] = {"calibration": described, "int8_method": options.int8_method,
-                               "int8_format": quant_options.int8_format}
-    for which, calib, measure in (("image", image_calib, fidelity.image),
-                                  ("text", text_calib, fidelity.text)):
-        out = work / TOWER_FILES[which]
-        graph_kind = graph_kinds[which]
-        src_graph = graphs[which][graph_kind]
-        reports[f"{which}_graph"] = graph_kind
-        if options.gate:
-            # The other graph is tried only when it is a different file: a static build on the
-            # fused graph keeps the Q/K/V projections inside the float Attention op, which can
-            # rescue a tower whose every plain-graph configuration missed the gate.
-            kinds = [graph_kind, *(k for k, g in graphs[which].items() if g != src_graph)]
-            refusals: list[str] = []
-            attempts: list[dict[str, Any]] = []
-            for kind in kinds:
-                try:
-                    report = guarded_quantize(graphs[which][kind], out, calib, measure,
-                                              _tower_gates(gates, which), quant_options)
-                    reports[f"{which}_graph"] = kind
-                    if refusals:
-                        report["graph_fallback"] = (
-                            f"{graph_kind} graph refused, {kind} graph passed: "
-                            + refusals[0].splitlines()[0])
-                        log.warning("export: int8 %s tower built from the %s graph: %s",
-                                    which, kind, report["graph_fallback"])
-                    break
-                except FidelityError as e:
-                    refusals.append(f"{kind} graph: {e}")
-                    attempts.extend({**a, "attempt": f"{kind} graph {a['attempt']}"}
-                                    for a in getattr(e, "attempts", []))
-            else:
-                from clipfast.export.quantize import attempt_lines, refusal_advice
-
-                error = FidelityError(
-                    f"{options.model} int8: the {which} tower stays below the gate with every "
-                    f"quantization the guard tried ({host_cpu().describe()}); nothing written "
-                    f"to {options.out}.\n" + attempt_lines(attempts) + "\n"
-                    + refusal_advice(attempts))
-                error.attempts = attempts  # type: ignore[attr-defined]
-                raise error
-        else:  # --no-gate: first configuration, measured below like any other
-            report = quantize_tower(src_graph, out, calib, options=quant_options)
-        if which == "image":
-            fidelity.img = l2_normalize(_run_graph(_ort_session(out), fidelity.image_feeds))
-        reports[which] = report
-    return reports
-
-
-def golden_data(source):
-    """Golden inputs and the fp32 source's outputs (clipfast.selfcheck): the first generated
-    images of the fidelity set as the reference transform's pixels, and captions as the
-    reference tokenizer's ids."""
-    from clipfast.samples import sample_captions, sample_images
-    from clipfast.selfcheck import GOLDEN_IMAGES, GOLDEN_TEXTS, Golden
-
-    rgb = _load_rgb(sample_images()[:GOLDEN_IMAGES])
-    pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)
-                       for im in rgb])
-    tokens = source.reference_tokenize(sample_captions(GOLDEN_TEXTS))
-    tokens = {k: np.asarray(tokens[k], dtype=np.int32) for k in source.text_inputs}
-    return Golden(pixels, tokens, _tower_reference(source, "image", {"pixel_values": pixels}),
-                  _tower_reference(source, "text", tokens))
-
 
 # -- the export --------------------------------------------------------------------------------
 def run_export(options: ExportOptions) -> Path:
@@ -590,123 +352,185 @@ def run_export(options: ExportOptions) -> Path:
     return out
 
 
-def _run_export(options: ExportOptions, workspace) -> Path:
-    """The export's stages inside ``workspace`` (locked, with its work directory)."""
-    from clipfast.export.onnx_export import export_image_tower, export_text_tower
-    from clipfast.export.sources import load_source
-    from clipfast.export.verify import images_from_dir, measure
-
-    out, work = workspace.out, workspace.work
-    build = work / ".build"
-    build.mkdir()
+def _stage_names(options: ExportOptions) -> list[str]:
     names = ["load source", "export image tower", "export text tower", "fuse graphs"]
     if options.precision != "fp32":
         names.append(f"convert to {options.precision}")
-    names += ["write tokenizer + manifest", "measure fidelity"]
-    stages = _Stages(names, options.progress)
-    try:
-        stages.start("load source")
-        source = load_source(options.model, options.pretrained, seed=options.seed)
-        notes = {}
-        stages.start("export image tower")
-        notes["image"] = export_image_tower(source, build / "image.fp32.onnx", options.opset,
-                                            fusable=options.fuse_graphs)
-        stages.start("export text tower")
-        notes["text"] = export_text_tower(source, build / "text.fp32.onnx", options.opset,
-                                          fusable=options.fuse_graphs)
-        stages.start("fuse graphs")
-        graph: dict[str, dict[str, Any]] = {}
-        fp32_graphs: dict[str, Path] = {}
-        for which in ("image", "text"):
-            fp32_graphs[which], graph[which] = _fuse_tower(
-                source, which, build / f"{which}.fp32.onnx", build / f"{which}.fused.onnx",
-                notes[which], options.fusion_off_reason)
-        gates = GATES[options.precision]
-        quantization = None
-        if options.precision == "fp32":
-            for which, path in fp32_graphs.items():
-                _place_graph(path, work / TOWER_FILES[which])
-        elif options.precision == "fp16":
-            stages.start("convert to fp16")
-            from clipfast.export.fp16 import convert_to_fp16
+    return names + ["write tokenizer + manifest", "measure fidelity"]
 
-            for which, path in fp32_graphs.items():
-                graph[which]["fp16"] = convert_to_fp16(path, work / TOWER_FILES[which],
-                                                       io=options.io)
-        else:
-            stages.start("convert to int8")
-            quantization = _quantize(
-                source, options, {w: {"plain": build / f"{w}.fp32.onnx", "fused": p}
-                                  for w, p in fp32_graphs.items()}, work, gates)
 
-        stages.start("write tokenizer + manifest")
-        (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
-        from clipfast.selfcheck import write_golden
+def _fp32_graphs(options: ExportOptions, stages: _Stages, build: Path
+                 ) -> tuple[Any, dict[str, Path], dict[str, dict[str, Any]]]:
+    """Load the source, export both towers and fuse them: ``(source, {tower: fp32 graph to
+    use}, manifest["graph"])``."""
+    from clipfast.export.onnx_export import export_image_tower, export_text_tower
+    from clipfast.export.sources import load_source
 
-        golden = write_golden(work, golden_data(source))
-        io_dtype = _NP_DTYPE[options.io]
-        data: dict[str, Any] = {
-            "clipfast_version": clipfast.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": source.spec,
-            "family": source.family,
-            "architecture": source.architecture,
-            "random_weights": source.random_weights,
-            "embed_dim": source.embed_dim,
-            "precision": options.precision,
-            "io_dtype": options.io,
-            "opset": options.opset,
-            "image": {"file": IMAGE_FILE, "input": "pixel_values", "output": "image_embeds",
-                      "shape": [3, *source.preprocess.image_size], "dtype": io_dtype,
-                      "output_dtype": io_dtype},
-            "text": {"file": TEXT_FILE, "inputs": list(source.text_inputs),
-                     "output": "text_embeds", "dtype": "int32", "output_dtype": io_dtype},
-            "preprocess": source.preprocess.to_dict(),
-            "tokenizer": source.tokenizer.to_dict(),
-            "logits": source.logits.to_dict(),
-            "graph": graph,
-            "gates": gates,
-            "fidelity": None,
-            "golden": golden,
-            # Where the gates were measured: int8 kernels (and so results) differ by CPU family
-            # (clipfast.cpu); every Engine re-checks the golden outputs on its own host.
-            "exported_on": host_cpu().to_dict(),
-        }
-        if quantization is not None:
-            data["quantization"] = quantization
-        # towers over 2 GiB carry their weights in "<tower>.onnx.data" files beside them
-        files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, golden["file"], *sorted(
-            p.name for p in work.iterdir() if p.name.endswith(".onnx.data"))]
+    stages.start("load source")
+    source = load_source(options.model, options.pretrained, seed=options.seed)
+    notes = {}
+    stages.start("export image tower")
+    notes["image"] = export_image_tower(source, build / "image.fp32.onnx", options.opset,
+                                        fusable=options.fuse_graphs)
+    stages.start("export text tower")
+    notes["text"] = export_text_tower(source, build / "text.fp32.onnx", options.opset,
+                                      fusable=options.fuse_graphs)
+    stages.start("fuse graphs")
+    graph: dict[str, dict[str, Any]] = {}
+    fp32_graphs: dict[str, Path] = {}
+    for which in ("image", "text"):
+        fp32_graphs[which], graph[which] = _fuse_tower(
+            source, which, build / f"{which}.fp32.onnx", build / f"{which}.fused.onnx",
+            notes[which], options.fusion_off_reason)
+    return source, fp32_graphs, graph
+
+
+def _convert_precision(source, options: ExportOptions, stages: _Stages, build: Path, work: Path,
+                       fp32_graphs: dict[str, Path], graph: dict[str, dict[str, Any]],
+                       gates: dict[str, Any]) -> dict[str, Any] | None:
+    """Write the towers at the export's precision into ``work``; return manifest["quantization"]
+    (int8) or None."""
+    outs = {which: work / TOWER_FILES[which] for which in fp32_graphs}
+    if options.precision == "fp32":
+        for which, path in fp32_graphs.items():
+            _place_graph(path, outs[which])
+        return None
+    stages.start(f"convert to {options.precision}")
+    if options.precision == "fp16":
+        convert_towers_fp16(fp32_graphs, outs, options.io, graph)
+        return None
+    plain_and_fused = {w: {"plain": build / f"{w}.fp32.onnx", "fused": p}
+                       for w, p in fp32_graphs.items()}
+    return quantize_towers(source, options, plain_and_fused, outs, gates)
+
+
+def _record_contrib_ops(work: Path, graph: dict[str, dict[str, Any]]) -> None:
+    """Record in ``graph[tower]["contrib_ops"]`` the op types of the written tower graph outside
+    the standard ONNX domain (TensorRT's builder reads this instead of the graph)."""
+    from clipfast.export.onnx_files import contrib_ops
+
+    for which, name in TOWER_FILES.items():
+        graph[which]["contrib_ops"] = contrib_ops(work / name)
+
+
+def _manifest_data(source, options: ExportOptions, graph: dict[str, dict[str, Any]],
+                   gates: dict[str, Any], golden: dict[str, Any],
+                   quantization: dict[str, Any] | None) -> dict[str, Any]:
+    io_dtype = _NP_DTYPE[options.io]
+    data: dict[str, Any] = {
+        "clipfast_version": clipfast.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source.spec,
+        "family": source.family,
+        "architecture": source.architecture,
+        "random_weights": source.random_weights,
+        "embed_dim": source.embed_dim,
+        "precision": options.precision,
+        "io_dtype": options.io,
+        "opset": options.opset,
+        "image": {"file": IMAGE_FILE, "input": "pixel_values", "output": "image_embeds",
+                  "shape": [3, *source.preprocess.image_size], "dtype": io_dtype,
+                  "output_dtype": io_dtype},
+        "text": {"file": TEXT_FILE, "inputs": list(source.text_inputs),
+                 "output": "text_embeds", "dtype": "int32", "output_dtype": io_dtype},
+        "preprocess": source.preprocess.to_dict(),
+        "tokenizer": source.tokenizer.to_dict(),
+        "logits": source.logits.to_dict(),
+        "graph": graph,
+        "gates": gates,
+        "fidelity": None,
+        "golden": golden,
+        # Where the gates were measured: int8 kernels (and so results) differ by CPU family
+        # (clipfast.cpu); every Engine re-checks the golden outputs on its own host.
+        "exported_on": host_cpu().to_dict(),
+    }
+    if quantization is not None:
+        data["quantization"] = quantization
+    return data
+
+
+def _write_artifact(source, options: ExportOptions, work: Path,
+                    graph: dict[str, dict[str, Any]], gates: dict[str, Any],
+                    quantization: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """Tokenizer, golden data and manifest into ``work``: ``(manifest data, listed files)``."""
+    from clipfast.selfcheck import write_golden
+
+    (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
+    golden = write_golden(work, golden_data(source))
+    _record_contrib_ops(work, graph)
+    data = _manifest_data(source, options, graph, gates, golden, quantization)
+    # towers over 2 GiB carry their weights in "<tower>.onnx.data" files beside them
+    files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, golden["file"], *sorted(
+        p.name for p in work.iterdir() if p.name.endswith(".onnx.data"))]
+    write_manifest(work, data, files)
+    return data, files
+
+
+def _measure_artifact(source, options: ExportOptions, work: Path, data: dict[str, Any],
+                      files: list[str], fp32_graphs: dict[str, Path]
+                      ) -> tuple[dict[str, Any], list[str]]:
+    """Measure the artifact in ``work`` against the source through an Engine, as users will
+    load it; an fp16 tower below its gates is converted again with more fp32 weight operators
+    (the manifest rewritten). Returns ``(figures, failures)``, the golden self-check included."""
+    from clipfast.export.verify import images_from_dir, measure
+
+    gates = data["gates"]
+    images = images_from_dir(options.images) if options.images else None
+    measure_images = [str(p) for p in images] if images else None
+    engine = clipfast.Engine(work, backend="onnxruntime", self_check=False)
+    figures = measure(source, engine, images=measure_images)
+    failures = check_gates(figures, gates)
+    retry = [w for w in ("image", "text") if check_gates(figures, embedding_gates(gates, w))]
+    if failures and retry and options.precision == "fp16" and options.gate:
+        del engine  # its sessions hold the graphs about to be rewritten
+        _fp16_retry(source, options, work, data, retry, fp32_graphs, measure_images)
         write_manifest(work, data, files)
-        stages.start("measure fidelity")
-        images = images_from_dir(options.images) if options.images else None
         engine = clipfast.Engine(work, backend="onnxruntime", self_check=False)
-        measure_images = [str(p) for p in images] if images else None
         figures = measure(source, engine, images=measure_images)
         failures = check_gates(figures, gates)
-        retry = [w for w in ("image", "text") if check_gates(figures, _embedding_gates(gates, w))]
-        if failures and retry and options.precision == "fp16" and options.gate:
-            del engine  # its sessions hold the graphs about to be rewritten
-            fidelity = TowerFidelity(source, measure_images)
-            try:
-                for which in retry:
-                    graph[which]["fp16"] = _fp16_fallback(
-                        which, fp32_graphs[which], work / TOWER_FILES[which], options.io, gates,
-                        fidelity)
-            except FidelityError as e:
-                raise FidelityError(f"{options.model} fp16: {e}; nothing written to {out}"
-                                    ) from e
-            write_manifest(work, data, files)
-            engine = clipfast.Engine(work, backend="onnxruntime", self_check=False)
-            figures = measure(source, engine, images=measure_images)
-            failures = check_gates(figures, gates)
-        # The check every Engine will run at load, run here first: an artifact that would refuse
-        # itself on the exporting host is not written.
-        try:
-            golden["figures_at_export"] = engine.check_golden()
-        except FidelityError as e:
-            golden["figures_at_export"] = getattr(e, "figures", None)
-            failures.append(f"golden self-check: {e}")
+    # The check every Engine will run at load, run here first: an artifact that would refuse
+    # itself on the exporting host is not written.
+    golden = data["golden"]
+    try:
+        golden["figures_at_export"] = engine.check_golden()
+    except FidelityError as e:
+        golden["figures_at_export"] = getattr(e, "figures", None)
+        failures.append(f"golden self-check: {e}")
+    return figures, failures
+
+
+def _fp16_retry(source, options: ExportOptions, work: Path, data: dict[str, Any],
+                towers: list[str], fp32_graphs: dict[str, Path],
+                images: list[str] | None) -> None:
+    """``_fp16_fallback`` for each tower of ``towers``, recorded in the manifest data."""
+    graph = data["graph"]
+    fidelity = TowerFidelity(source, images)
+    try:
+        for which in towers:
+            graph[which]["fp16"] = _fp16_fallback(
+                which, fp32_graphs[which], work / TOWER_FILES[which], options.io, data["gates"],
+                fidelity)
+    except FidelityError as e:
+        raise FidelityError(f"{options.model} fp16: {e}; nothing written to {options.out}"
+                            ) from e
+    _record_contrib_ops(work, graph)
+
+
+def _run_export(options: ExportOptions, workspace) -> Path:
+    """The export's stages inside ``workspace`` (locked, with its work directory)."""
+    out, work = workspace.out, workspace.work
+    build = work / ".build"
+    build.mkdir()
+    stages = _Stages(_stage_names(options), options.progress)
+    try:
+        source, fp32_graphs, graph = _fp32_graphs(options, stages, build)
+        gates = GATES[options.precision]
+        quantization = _convert_precision(source, options, stages, build, work, fp32_graphs,
+                                          graph, gates)
+        stages.start("write tokenizer + manifest")
+        data, files = _write_artifact(source, options, work, graph, gates, quantization)
+        stages.start("measure fidelity")
+        figures, failures = _measure_artifact(source, options, work, data, files, fp32_graphs)
         shutil.rmtree(build)
         stages.close()
         figures["passed"] = not failures

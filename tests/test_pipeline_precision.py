@@ -64,10 +64,22 @@ def test_cli_export_flags_reach_the_options(tmp_path, monkeypatch):
         main(["export", "--model", "M", "--precision", "fp8", "--out", "x"])
 
 
+def _graph_contrib_ops(path: Path) -> list[str]:
+    """Op types of the graph at ``path`` outside the standard ONNX domain, read with onnx."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+
+
 def test_fp32_manifest_records_precision_graph_and_session(vitb32_artifact):
     m = json.loads((vitb32_artifact / "manifest.json").read_text())
     assert m["precision"] == "fp32" and m["io_dtype"] == "fp32" and m["gates"] == GATES["fp32"]
     assert set(m["graph"]) == {"image", "text"} and "quantization" not in m
+    # the fused graphs' contrib operators, recorded so TensorRT's builder needs no onnx
+    for tower in ("image", "text"):
+        ops = m["graph"][tower]["contrib_ops"]
+        assert "Attention" in ops and ops == _graph_contrib_ops(vitb32_artifact / f"{tower}.onnx")
     assert m["fidelity"]["retrieval_pairs"] == 24
     from clipfast.backends.onnxruntime import physical_cores
 
@@ -174,6 +186,10 @@ def test_int8_pipeline_follows_the_quantizer_contract(clip_small, tmp_path, monk
     assert image["figures"]["image_centred_rel_error"] < 1e-4  # an fp32 copy: ~round-off
     assert text["figures"]["top1_agreement"] == 1.0
     assert m["fidelity"]["passed"] and m["fidelity"]["retrieval_pairs"] == 24
+    for tower, kind in (("image", q["image_graph"]), ("text", q["text_graph"])):
+        ops = m["graph"][tower]["contrib_ops"]
+        assert ops == _graph_contrib_ops(art / f"{tower}.onnx")
+        assert ("Attention" in ops) == (kind == "fused"), (tower, ops)
 
 
 def test_int8_refusal_names_the_tower_and_leaves_nothing(clip_small, tmp_path, monkeypatch):
