@@ -164,10 +164,10 @@ def _qoperator(fp32: Path, out: Path, calibration: list[dict[str, np.ndarray]]) 
         quantize_static,
     )
 
-    from clipfast.export.quantize import _prepare
+    from clipfast.export.quantize import prepare_graph
 
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        prep = _prepare(fp32, calibration, Path(tmp))
+        prep = prepare_graph(fp32, calibration, Path(tmp))
         keep = set(prep.patch_embedding) | set(prep.final_projection)
         targets = [n for n, op in prep.candidates.items() if op in ("MatMul", "Gemm")
                    and n not in keep]

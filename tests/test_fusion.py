@@ -181,4 +181,5 @@ def test_incomplete_fusion_keeps_the_unfused_graph_and_says_why(hf_dirs, tmp_pat
         assert clip["graph"][tower]["fused"] is None
         assert "differs from the source tower" in clip["graph"][tower]["fusion"]
     off = _export(hf_dirs["clip"], tmp_path / "clip-off", fuse=False)
-    assert off["graph"]["image"] == {"fused": None, "fusion": "off (--no-fuse)"}
+    assert off["graph"]["image"] == {"fused": None, "fusion": "off (--no-fuse)",
+                                     "contrib_ops": []}
