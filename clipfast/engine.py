@@ -55,14 +55,31 @@ def _check_errors_mode(errors: str) -> None:
 
 
 def _as_list(items: Any, what: str) -> list:
+    # A 2-D or 3-D array is one image (whatever its dtype: a float (H, W, 3) or (3, H, W) array
+    # would otherwise be iterated as rows); a 4-D array is a batch of images.
     if isinstance(items, (str, bytes, os.PathLike)) or isinstance(items, np.ndarray) and (
-        items.dtype == np.uint8 and items.ndim in (2, 3)
+        items.ndim in (0, 2, 3)
     ):
-        raise InputError(f"{what}: expected a list of items, got a single {type(items).__name__}; "
-                         "wrap it in a list")
+        shape = f" of shape {items.shape}" if isinstance(items, np.ndarray) else ""
+        raise InputError(f"{what}: expected a list of items, got a single {type(items).__name__}"
+                         f"{shape}; wrap it in a list")
     if not isinstance(items, Iterable):
         raise InputError(f"{what}: expected a list, got {type(items).__name__}")
     return list(items)
+
+
+def _map_interruptible(fn, args: list, workers: int) -> list:
+    """``list(pool.map(fn, args))`` on a thread pool that, when the caller is interrupted
+    (Ctrl-C) or an item raises, cancels the items not started yet and returns at once instead
+    of waiting for the whole chunk; items already running finish in the background."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        results = list(pool.map(fn, args))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
 
 
 class Engine:
@@ -83,6 +100,8 @@ class Engine:
         ``{"profile": {"min": 1, "opt": 64, "max": 256}, "build": "never"}`` for tensorrt,
         ``{"dtype": "fp16", "cuda_graphs": True, "compile": False}`` for torch.
     exif_transpose / alpha_background: image loading policy (see ``clipfast.preprocess``).
+    max_image_bytes: the most bytes read from one image path or file object; None (default)
+        follows ``clipfast.preprocess.MAX_IMAGE_BYTES`` (256 MiB).
     self_check: run the artifact's golden inputs through the chosen backend and compare with the
         fp32 source's outputs stored at export, with the artifact's gates (``clipfast.selfcheck``;
         about 0.5 s for ViT-B-32 on 2 cores). Below the gate, "auto" moves on to the next
@@ -102,6 +121,7 @@ class Engine:
         verify_checksums: bool = True,
         exif_transpose: bool = True,
         alpha_background: tuple[int, int, int] = (255, 255, 255),
+        max_image_bytes: int | None = None,
         prompt_template: str = DEFAULT_TEMPLATE,
         backend_options: dict[str, Any] | None = None,
         self_check: bool = True,
@@ -123,11 +143,16 @@ class Engine:
             raise ClipfastError(f"device={device!r}: expected 'cpu' or 'cuda'")
         if batch_size < 1:
             raise ClipfastError(f"batch_size={batch_size}: must be at least 1")
+        if max_image_bytes is not None and (isinstance(max_image_bytes, bool) or not isinstance(
+                max_image_bytes, (int, np.integer)) or max_image_bytes < 0):
+            raise ClipfastError(f"max_image_bytes={max_image_bytes!r}: expected a number of "
+                                "bytes (a non-negative int) or None")
         self.manifest: Manifest = load_manifest(artifact, verify_checksums=verify_checksums)
         self.device = device
         self.batch_size = int(batch_size)
         self.exif_transpose = exif_transpose
         self.alpha_background = tuple(alpha_background)
+        self.max_image_bytes = None if max_image_bytes is None else int(max_image_bytes)
         self.prompt_template = prompt_template
         self.preprocess_config = self.manifest.preprocess
         tok_cfg = self.manifest.tokenizer
@@ -159,7 +184,7 @@ class Engine:
             try:
                 self._gpu_preprocess = GpuPreprocessor(
                     self.preprocess_config, device, exif_transpose=exif_transpose,
-                    alpha_background=self.alpha_background)
+                    alpha_background=self.alpha_background, max_bytes=self.max_image_bytes)
             except BackendUnavailable as e:
                 self.fallbacks.append(("gpu-preprocess", str(e)))
         for name, reason in self.fallbacks:
@@ -207,29 +232,41 @@ class Engine:
 
     # -- images ------------------------------------------------------------------------------
     def _load_and_preprocess(self, item: Any, index: int) -> np.ndarray:
-        from clipfast.preprocess import load_image, preprocess_image
+        from clipfast.preprocess import preprocess_image
 
-        img = load_image(item, index=index, exif_transpose=self.exif_transpose,
-                         alpha_background=self.alpha_background)
-        return preprocess_image(img, self.preprocess_config)
+        # Loaded once, with this engine's policy (EXIF, alpha, size limit).
+        return preprocess_image(item, self.preprocess_config, index=index,
+                                exif_transpose=self.exif_transpose,
+                                alpha_background=self.alpha_background,
+                                max_bytes=self.max_image_bytes)
 
     def _pixels(self, items: list, offset: int, errors: str
                 ) -> tuple[np.ndarray, list[int], list[Failure]]:
         """Preprocess ``items`` (positions ``offset..``) in parallel threads; Pillow's decode and
-        resize release the GIL. Returns float32 (M, 3, H, W), good positions, failures."""
+        resize release the GIL. Returns float32 (M, 3, H, W), good positions, failures.
+
+        Every fault of one item (decode, resize, normalise, or one nobody foresaw) is that
+        item's: a Failure, or with ``errors="raise"`` an ImageLoadError naming its index.
+        KeyboardInterrupt and SystemExit are not items' faults: they cancel the rest at once.
+        """
+        from clipfast.preprocess import item_failure
+
         def work(pair):
             i, item = pair
             try:
                 return i, self._load_and_preprocess(item, i), None
-            except InputError as e:
+            except Exception as e:
+                err = e if isinstance(e, InputError) else item_failure(e, i, item)
                 if errors == "raise":
-                    raise
-                return i, None, Failure(i, e.item or type(item).__name__, str(e))
+                    if err is e:
+                        raise
+                    raise err from e
+                desc = err.item if err.item is not None else type(item).__name__
+                return i, None, Failure(i, desc, str(err))
 
         pairs = list(enumerate(items, start=offset))
         if len(pairs) > 1 and self._threads > 1:
-            with ThreadPoolExecutor(max_workers=min(self._threads, len(pairs))) as pool:
-                results = list(pool.map(work, pairs))
+            results = _map_interruptible(work, pairs, min(self._threads, len(pairs)))
         else:
             results = [work(p) for p in pairs]
         h, w = self.preprocess_config.image_size
@@ -294,6 +331,7 @@ class Engine:
         # one runs; on the CPU both would compete for the same cores, so there it is sequential.
         prefetch = (ThreadPoolExecutor(max_workers=1) if self.backend_device == "cuda"
                     and len(starts) > 1 else None)
+        interrupted = False
         try:
             pending = (prefetch.submit(pixel_fn, items[0:size], 0, errors)
                        if prefetch is not None else None)
@@ -311,9 +349,13 @@ class Engine:
                     indices.extend(idx)
                 if bar is not None:
                     bar.update(min(size, len(items) - s))
+        except BaseException:
+            interrupted = True
+            raise
         finally:
             if prefetch is not None:
-                prefetch.shutdown(wait=True, cancel_futures=True)
+                # On an error or Ctrl-C, do not wait for the chunk being prefetched.
+                prefetch.shutdown(wait=not interrupted, cancel_futures=True)
         if bar is not None:
             bar.close()
         emb = (np.concatenate(chunks) if chunks

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from clipfast.errors import BackendUnavailable, InputError
+from clipfast.preprocess import item_failure, load_image, read_image_bytes
 
 log = logging.getLogger("clipfast")
 
@@ -26,37 +27,61 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _EXIF_ORIENTATION = 0x0112
 
 
-def jpeg_bytes_for_gpu(item: Any, exif_transpose: bool) -> bytes | None:
+def jpeg_bytes_for_gpu(item: Any, exif_transpose: bool,
+                       max_bytes: int | None = None) -> bytes | None:
     """The encoded bytes of ``item`` if nvJPEG can decode it to exactly what the CPU loader
-    would produce, else None (then the CPU loader handles it). Reads headers only."""
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        data = bytes(item)
-    elif isinstance(item, (str, os.PathLike)) and os.path.isfile(item):
-        with open(item, "rb") as f:
-            data = f.read()
-    else:
-        return None
-    if not data.startswith(_JPEG_MAGIC):
-        return None
+    would produce, else None (then the CPU loader handles it, and names any problem: a
+    missing, special, unreadable or too large file, bad data). Reads headers only; never
+    raises for a bad item."""
     try:
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            data = bytes(item)
+        elif isinstance(item, (str, os.PathLike)) and os.path.isfile(item):
+            # Same rules as the CPU loader: regular files only, at most max_bytes.
+            data = read_image_bytes(item, max_bytes=max_bytes)
+        else:
+            return None
+        if not data.startswith(_JPEG_MAGIC):
+            return None
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG" or im.mode not in ("RGB", "L"):
                 return None  # CMYK / YCCK JPEGs: Pillow's conversion is the reference
             w, h = im.size
+            if w < 1 or h < 1:
+                return None
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                 return None  # the CPU loader refuses it with the decompression-bomb message
             if exif_transpose and im.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):
                 return None
     except Exception:
-        return None  # unreadable header: let the CPU loader name the problem
+        return None  # unreadable file or header: let the CPU loader name the problem
     return data
+
+
+def load_host_image(item: Any, index: int, *, exif_transpose: bool,
+                    alpha_background: tuple[int, int, int],
+                    max_bytes: int | None = None) -> np.ndarray:
+    """One item through the CPU loader: uint8 (H, W, 3) RGB, at least 1 x 1. Every fault of
+    the item is an ImageLoadError naming ``index`` (chained from the cause)."""
+    try:
+        img = load_image(item, index=index, exif_transpose=exif_transpose,
+                         alpha_background=alpha_background, max_bytes=max_bytes)
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise item_failure(ValueError(f"loader returned shape {arr.shape}"), index, item)
+        return arr
+    except InputError:
+        raise
+    except Exception as e:
+        raise item_failure(e, index, item) from e
 
 
 class GpuPreprocessor:
     """``items -> (torch float32 (M, 3, H, W) on device, good indices, failures)``."""
 
     def __init__(self, cfg, device: str, *, exif_transpose: bool = True,
-                 alpha_background: tuple[int, int, int] = (255, 255, 255)):
+                 alpha_background: tuple[int, int, int] = (255, 255, 255),
+                 max_bytes: int | None = None):
         from clipfast.kernels import kernels_available
         from clipfast.kernels.preprocess import _SUPPORT
 
@@ -76,6 +101,7 @@ class GpuPreprocessor:
         self.device = torch.device(device)
         self.exif_transpose = exif_transpose
         self.alpha_background = alpha_background
+        self.max_bytes = max_bytes
         self.jpeg_reason = None
         try:
             from clipfast.kernels import JpegDecoder
@@ -86,30 +112,38 @@ class GpuPreprocessor:
             self.jpeg_reason = f"nvJPEG unavailable, JPEGs decoded on CPU: {e}"
             log.warning("clipfast: %s", self.jpeg_reason)
 
+    def _host(self, item: Any, i: int, errors: str, failures: list) -> np.ndarray | None:
+        """The CPU loader on one item; its fault becomes a Failure (or raises, errors="raise")."""
+        from clipfast.engine import Failure
+
+        try:
+            return load_host_image(item, i, exif_transpose=self.exif_transpose,
+                                   alpha_background=self.alpha_background,
+                                   max_bytes=self.max_bytes)
+        except InputError as e:
+            if errors == "raise":
+                raise
+            failures.append(Failure(i, e.item if e.item is not None else type(item).__name__,
+                                    str(e)))
+            return None
+
     def __call__(self, items: list, offset: int, errors: str):
         import torch
 
-        from clipfast.engine import Failure
         from clipfast.kernels import preprocess_gpu, preprocess_packed_gpu
-        from clipfast.preprocess import load_image
 
         jpeg_idx, jpeg_data, host_idx, host_arrays, failures = [], [], [], [], []
         for i, item in enumerate(items, start=offset):
-            data = (jpeg_bytes_for_gpu(item, self.exif_transpose)
+            data = (jpeg_bytes_for_gpu(item, self.exif_transpose, self.max_bytes)
                     if self._jpeg is not None else None)
             if data is not None:
                 jpeg_idx.append(i)
                 jpeg_data.append(data)
                 continue
-            try:
-                img = load_image(item, index=i, exif_transpose=self.exif_transpose,
-                                 alpha_background=self.alpha_background)
+            arr = self._host(item, i, errors, failures)
+            if arr is not None:
                 host_idx.append(i)
-                host_arrays.append(np.asarray(img))
-            except InputError as e:
-                if errors == "raise":
-                    raise
-                failures.append(Failure(i, e.item or type(item).__name__, str(e)))
+                host_arrays.append(arr)
         parts: dict[int, Any] = {}
         if jpeg_data:
             try:
@@ -118,16 +152,11 @@ class GpuPreprocessor:
                 parts.update({i: out[k] for k, i in enumerate(jpeg_idx)})
             except Exception as e:  # one bad stream fails the nvJPEG batch: redo it on CPU
                 log.info("clipfast: nvJPEG batch failed (%s); decoding it on CPU", e)
-                for i, data in zip(jpeg_idx, jpeg_data):
-                    try:
-                        host_arrays.append(np.asarray(load_image(
-                            data, index=i, exif_transpose=self.exif_transpose,
-                            alpha_background=self.alpha_background)))
+                for i in jpeg_idx:
+                    arr = self._host(items[i - offset], i, errors, failures)
+                    if arr is not None:
                         host_idx.append(i)
-                    except InputError as err:
-                        if errors == "raise":
-                            raise
-                        failures.append(Failure(i, err.item or "bytes", str(err)))
+                        host_arrays.append(arr)
         if host_arrays:
             out = preprocess_gpu(host_arrays, self.cfg, device=self.device)
             parts.update({i: out[k] for k, i in enumerate(host_idx)})

@@ -158,8 +158,9 @@ class TokenizerConfig:
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def _basic_clean(text: str) -> str:
-    text = ftfy.fix_text(text)
+def _basic_clean(text: str, unescape_html: str | bool = "auto") -> str:
+    text = ftfy.fix_text(text) if unescape_html == "auto" else ftfy.fix_text(
+        text, unescape_html=unescape_html)
     text = html.unescape(html.unescape(text))
     return text.strip()
 
@@ -177,17 +178,37 @@ def _canonicalize(text: str) -> str:
     return text.strip()
 
 
-def clean_text(text: str, mode: str) -> str:
-    """Apply open_clip's clean function ``mode`` ("lower", "whitespace", "canonicalize", "none")."""
+def clean_text(text: str, mode: str, *, unescape_html: str | bool = "auto") -> str:
+    """Apply open_clip's clean function ``mode`` ("lower", "whitespace", "canonicalize", "none").
+
+    unescape_html: ftfy's setting ("auto": unescape unless the text contains "<"); only for
+    cleaning a text piece by piece (``Tokenizer``), as ftfy carries it from line to line.
+    """
     if mode == "lower":
-        return _whitespace_clean(_basic_clean(text)).lower()
+        return _whitespace_clean(_basic_clean(text, unescape_html)).lower()
     if mode == "whitespace":
-        return _whitespace_clean(_basic_clean(text))
+        return _whitespace_clean(_basic_clean(text, unescape_html))
     if mode == "canonicalize":
-        return _canonicalize(_basic_clean(text))
+        return _canonicalize(_basic_clean(text, unescape_html))
     if mode == "none":
         return text
     raise ValueError(f"unknown clean mode {mode!r}; expected one of {CLEAN_MODES}")
+
+
+# Long texts are cleaned and split into words piece by piece, a piece being at least this many
+# characters per context token (then up to the end of its line), until enough words are found.
+_PIECE_CHARS_PER_TOKEN = 16
+
+
+def _line_pieces(text: str, size: int):
+    """Consecutive pieces of ``text``, each at least ``size`` characters and ending just after a
+    newline (the last one at the end of the text)."""
+    pos = 0
+    while pos < len(text):
+        nl = text.find("\n", pos + size - 1)
+        end = len(text) if nl < 0 else nl + 1
+        yield text[pos:end]
+        pos = end
 
 
 def library_versions(config_kind: str, clean: str) -> dict[str, str]:
@@ -328,15 +349,18 @@ class Tokenizer:
         L = self.config.context_length
         if not texts:
             return {name: np.zeros((0, L), dtype=np.int64) for name in self.config.outputs}
-        cleaned = [clean_text(t, self.config.clean) for t in texts]
+        if self._pattern is not None:
+            words = [self._words(t) for t in texts]
+            shown = [" ".join(w) for w in words]
+        else:
+            shown = [clean_text(t, self.config.clean) for t in texts]
         try:
             if self._pattern is not None:
-                words = [self._pattern.findall(t) for t in cleaned]
                 encodings = self._backend.encode_batch(words, is_pretokenized=True)
             else:
-                encodings = self._backend.encode_batch(cleaned)
+                encodings = self._backend.encode_batch(shown)
         except Exception as e:
-            raise self._explain_failure(cleaned, e) from e
+            raise self._explain_failure(shown, e) from e
         if not self.config.truncation:
             for i, enc in enumerate(encodings):
                 if len(enc.ids) > L:
@@ -357,6 +381,52 @@ class Tokenizer:
                 arr = np.array([e.type_ids for e in encodings], dtype=np.int64)
             out[name] = arr.reshape(len(texts), L)
         return out
+
+    def _words(self, text: str) -> list[str]:
+        """open_clip's words of ``clean_text(text)`` (open_clip_bpe), stopping at the first
+        ``context_length`` of them; long texts are cleaned only as far as that needs.
+
+        The ids equal those of cleaning and splitting the whole text:
+
+        - Every word is at least one BPE token and truncation keeps ``context_length - 2``
+          tokens, so words past the first ``context_length`` never reach the model.
+        - The text is cleaned in pieces that end just after a newline, and the words of the
+          pieces, in order, are the words of the whole text, because every step treats a
+          newline as a boundary: ftfy fixes each line on its own (``fix_text`` works per line,
+          "segment"; a line longer than its 1M-character limit is split by ftfy itself, the
+          same way in a piece, since a piece starts at a line start) and keeps the newline; its
+          one setting carried across lines, not unescaping HTML from the first line with a "<"
+          on, is carried here too; no HTML entity contains a newline; the whitespace steps turn
+          the newline into a word break; the other steps are per character (str.lower's final
+          sigma looks no further than the next non-letter); and open_clip's regex matches
+          never contain whitespace.
+        - So there is no character budget to get wrong: cleaning can shrink a text without
+          bound (runs of spaces, punctuation under "canonicalize", control characters, HTML
+          entities) or lengthen it (an entity or ligature becomes several characters, a mojibake
+          fix changes lengths), and neither matters, since the words are counted after cleaning
+          and the pieces go on until there are enough of them or the text ends.
+
+        The cost is that of cleaning the first piece (``16 * context_length`` characters, up to
+        the next newline) and BPE-encoding the kept words. Two cases stay linear in the input:
+        a piece always ends at a newline, so a very long first line is cleaned whole (ftfy's
+        mojibake decision looks at the whole line), and a word is never cut (BPE merges at a
+        word's start can depend on its end), so a single enormous word is encoded whole.
+        """
+        keep = self.config.context_length
+        size = _PIECE_CHARS_PER_TOKEN * keep
+        if len(text) <= size:
+            return self._pattern.findall(clean_text(text, self.config.clean))[:keep]
+        words: list[str] = []
+        unescape_html: str | bool = "auto"
+        for piece in _line_pieces(text, size):
+            cleaned = clean_text(piece, self.config.clean, unescape_html=unescape_html)
+            for match in self._pattern.finditer(cleaned):
+                words.append(match.group())
+                if len(words) >= keep:
+                    return words
+            if unescape_html == "auto" and "<" in piece:
+                unescape_html = False
+        return words
 
     def _explain_failure(self, cleaned: list[str], error: Exception) -> Exception:
         # tokenizers rejects strings that are not valid Unicode (lone surrogates) without saying
