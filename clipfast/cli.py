@@ -95,7 +95,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from clipfast.cpu import host_cpu
 
     print(f"  host CPU: {host_cpu().describe()}")
-    exported_on = engine.manifest.get("exported_on")
+    exported_on = engine.manifest.exported_on
     if isinstance(exported_on, dict):
         print(f"  exported on: {exported_on.get('model')} ({exported_on.get('isa')})")
     failed = False
@@ -119,10 +119,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"comparison against the PyTorch source skipped: {e} (pip install "
               "'clipfast[export]' for it)")
         return 1 if failed else 0
-    source = load_source_from_spec(engine.manifest["source"])
+    source = load_source_from_spec(engine.manifest.source)
     images = [str(p) for p in images_from_dir(args.images)] if args.images else None
     figures = measure(source, engine, images=images)
-    gates = engine.manifest.get("gates") or {}
+    gates = engine.manifest.gates
     failures = check_gates(figures, gates)
     print("against the PyTorch source:")
     for key, value in figures.items():

@@ -209,7 +209,7 @@ class Engine:
         return {
             **self._backend.describe(),
             "artifact": str(self.manifest.directory),
-            "family": self.manifest["family"],
+            "family": self.manifest.family,
             "precision": self.manifest.precision,
             "requested_device": self.device,
             "batch_size": self._chunk,
@@ -404,10 +404,10 @@ class Engine:
     def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         """L2-normalised ``(N, D)`` and ``(L, D)`` -> logits ``(N, L)`` with the model's scale
         (and bias for sigmoid models)."""
-        cfg = self.manifest["logits"]
-        out = float(cfg["scale"]) * (l2_normalize(image_embeds) @ l2_normalize(text_embeds).T)
-        if cfg.get("bias") is not None:
-            out = out + float(cfg["bias"])
+        cfg = self.manifest.logits
+        out = cfg.scale * (l2_normalize(image_embeds) @ l2_normalize(text_embeds).T)
+        if cfg.bias is not None:
+            out = out + cfg.bias
         return out.astype(np.float32)
 
     def classify(self, images: Sequence[Any], labels: Sequence[str], *,
@@ -424,7 +424,7 @@ class Engine:
         text = self.encode_texts([template.format(label) for label in labels])
         img = self.encode_images(images)
         logits = self.logits(img, text).astype(np.float64)
-        if self.manifest["logits"]["kind"] == "sigmoid":
+        if self.manifest.logits.kind == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
         else:
             logits -= logits.max(axis=1, keepdims=True)

@@ -16,9 +16,21 @@ import mmap
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from clipfast.artifact import (
+    TOWERS,
+    ArtifactSpec,
+    GoldenSection,
+    ImageTower,
+    LogitsConfig,
+    TextTower,
+    parse_golden,
+    parse_image,
+    parse_text,
+)
 from clipfast.errors import ArtifactError
 
 FORMAT = "clipfast-artifact"
@@ -26,7 +38,6 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-TOWERS = ("image", "text")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -47,29 +58,31 @@ def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]
     return out
 
 
-def tower_input_dims(manifest, tower: str) -> dict[str, tuple[int, ...]]:
+def tower_input_dims(manifest: Manifest, tower: str) -> dict[str, tuple[int, ...]]:
     """``{input name: dims after the batch}`` of a tower, from the manifest: the image input's
     ``(C, H, W)``, every text input's ``(context_length,)``. What a backend that builds for
     fixed shapes (TensorRT optimization profiles) needs beyond the batch range."""
     if tower == "image":
-        return {manifest["image"]["input"]: tuple(int(d) for d in manifest["image"]["shape"])}
-    length = int(manifest["tokenizer"]["context_length"])
-    return {name: (length,) for name in manifest["text"]["inputs"]}
+        return {manifest.image.input: tuple(manifest.image.shape)}
+    length = int(manifest.tokenizer.context_length)
+    return {name: (length,) for name in manifest.text.inputs}
 
 
 def artifact_digest(manifest) -> str:
     """16 hex digits identifying an artifact's content (its files' checksums): the name of its
     cache folders (TensorRT engines, ONNX Runtime's TensorRT provider) outside the artifact."""
     h = hashlib.sha256()
-    for name, entry in sorted((manifest.get("files") or {}).items()):
+    for name, entry in sorted(manifest.files.items()):
         h.update(f"{name}:{entry['sha256']}\n".encode())
     return h.hexdigest()[:16]
 
 
-def write_manifest(directory: str | os.PathLike, data: dict[str, Any], files: list[str]) -> Path:
-    """Write ``manifest.json`` into ``directory`` with checksums of ``files`` (relative names)."""
+def write_manifest(directory: str | os.PathLike, data: ArtifactSpec | dict[str, Any],
+                   files: list[str]) -> Path:
+    """Write ``manifest.json`` into ``directory`` from an ArtifactSpec (or its dict form), with
+    checksums of ``files`` (relative names)."""
     directory = Path(directory)
-    data = dict(data)
+    data = data.to_dict() if isinstance(data, ArtifactSpec) else dict(data)
     data["format"] = FORMAT
     data["format_version"] = FORMAT_VERSION
     data["files"] = file_entries(directory, files)
@@ -260,13 +273,77 @@ class Manifest:
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 
+    # -- typed views (clipfast.artifact), parsed from ``data`` when first asked for --------------
+    @property
+    def where(self) -> str:
+        return str(self.directory / MANIFEST_NAME)
+
+    @cached_property
+    def spec(self) -> ArtifactSpec:
+        """The whole manifest, typed (what ``write_manifest`` takes back)."""
+        return ArtifactSpec.from_dict(self.data, self.where)
+
     @property
     def embed_dim(self) -> int:
         return int(self.data["embed_dim"])
 
     @property
     def precision(self) -> str:
-        return str(self.data["precision"])
+        return str(self.data.get("precision") or "")
+
+    @property
+    def family(self) -> str:
+        return str(self.data.get("family", ""))
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return dict(self.data.get("source") or {})
+
+    @property
+    def io_dtype(self) -> str:
+        return str(self.data.get("io_dtype") or "fp32")
+
+    @cached_property
+    def image(self) -> ImageTower:
+        return parse_image(self.data.get("image"), self.where)
+
+    @cached_property
+    def text(self) -> TextTower:
+        return parse_text(self.data.get("text"), self.where)
+
+    def tower(self, name: str) -> ImageTower | TextTower:
+        """The ``image`` or ``text`` tower's section."""
+        if name not in TOWERS:
+            raise ValueError(f"tower {name!r}: expected one of {TOWERS}")
+        return self.image if name == "image" else self.text
+
+    @cached_property
+    def logits(self) -> LogitsConfig:
+        return LogitsConfig.from_dict(self.data.get("logits"), self.where)
+
+    @cached_property
+    def golden(self) -> GoldenSection | None:
+        return parse_golden(self.data.get("golden"), self.where)
+
+    @property
+    def gates(self) -> dict[str, Any]:
+        return dict(self.data.get("gates") or {})
+
+    @property
+    def graph(self) -> dict[str, Any]:
+        return dict(self.data.get("graph") or {})
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return self.data.get("quantization")
+
+    @property
+    def exported_on(self) -> dict[str, Any] | None:
+        return self.data.get("exported_on")
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return dict(self.data.get("files") or {})
 
     @property
     def preprocess(self):
@@ -482,4 +559,6 @@ def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True
     for tower in TOWERS:
         onnx_path = _check_listed(directory, files, data[tower]["file"], f"{tower}.file", path)
         _check_external_data(directory, files, tower, onnx_path, path)
-    return Manifest(directory=directory, data=data)
+    manifest = Manifest(directory=directory, data=data)
+    manifest.spec  # noqa: B018 - every typed section parses, or ArtifactError now
+    return manifest

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.artifact import GoldenSection
 from clipfast.errors import ArtifactError, FidelityError
 from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine, l2_normalize
 
@@ -54,7 +55,7 @@ class Golden:
     text_embeds: np.ndarray
 
 
-def write_golden(directory: str | Path, golden: Golden) -> dict[str, Any]:
+def write_golden(directory: str | Path, golden: Golden) -> GoldenSection:
     """Write ``golden.npz`` into ``directory``; return the manifest's ``golden`` section."""
     arrays = {"pixel_values": np.ascontiguousarray(golden.pixel_values, dtype=np.float32),
               "image_embeds": np.ascontiguousarray(golden.image_embeds, dtype=np.float32),
@@ -62,26 +63,23 @@ def write_golden(directory: str | Path, golden: Golden) -> dict[str, Any]:
     for name, ids in golden.text.items():
         arrays[f"text.{name}"] = np.ascontiguousarray(ids, dtype=np.int32)
     np.savez(Path(directory) / GOLDEN_FILE, **arrays)
-    return {"file": GOLDEN_FILE, "images": int(golden.pixel_values.shape[0]),
-            "texts": int(golden.text_embeds.shape[0]),
-            "reference": "fp32 PyTorch source towers on these exact inputs"}
+    return GoldenSection(file=GOLDEN_FILE, images=int(golden.pixel_values.shape[0]),
+                         texts=int(golden.text_embeds.shape[0]),
+                         reference="fp32 PyTorch source towers on these exact inputs")
 
 
 def load_golden(manifest) -> Golden | None:
     """The artifact's golden data, or None for an artifact exported without it."""
-    section = manifest.get("golden")
-    if not section:
+    section = manifest.golden
+    if section is None:
         return None
-    if not isinstance(section, dict) or not isinstance(section.get("file"), str):
-        raise ArtifactError(f"{manifest.directory}: manifest 'golden' section is malformed: "
-                            f"{section!r}")
-    path = manifest.path(section["file"])
+    path = manifest.path(section.file)
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}: cannot read the golden outputs ({e})") from e
-    names = list(manifest["text"]["inputs"])
+    names = list(manifest.text.inputs)
     missing = [k for k in ("pixel_values", "image_embeds", "text_embeds",
                            *(f"text.{n}" for n in names)) if k not in data]
     if missing:
@@ -100,7 +98,7 @@ def self_check_gates(manifest, backend_precision: str | None = None) -> dict[str
     """The embedding gates a self-check applies: the artifact's own, or those of the backend's
     arithmetic where it is looser (see _PRECISION_ORDER)."""
     precision = manifest.precision
-    gates = dict(manifest.get("gates") or GATES.get(precision, {}))
+    gates = manifest.gates or dict(GATES.get(precision, {}))
     if backend_precision in _PRECISION_ORDER and precision in _PRECISION_ORDER and \
             _PRECISION_ORDER.index(backend_precision) > _PRECISION_ORDER.index(precision):
         gates = dict(GATES[backend_precision])

@@ -146,8 +146,7 @@ def recorded_contrib_ops(manifest, tower: str) -> list[str] | None:
     """``manifest["graph"][tower]["contrib_ops"]``, the export's record of the op types of the
     tower graph outside the standard ONNX domain (sorted), or None when the manifest predates
     that record. ArtifactError when the record is not a list of names."""
-    graph = manifest.get("graph") or {}
-    record = graph.get(tower) if isinstance(graph, dict) else None
+    record = manifest.graph.get(tower)
     if not isinstance(record, dict) or "contrib_ops" not in record:
         return None
     ops = record["contrib_ops"]
@@ -174,7 +173,7 @@ def tower_contrib_ops(manifest, tower: str) -> list[str]:
             "older clipfast), and the onnx package that could read them from the graph is not "
             "installed; re-export the artifact with this clipfast (`clipfast export ... "
             "--tensorrt`), or `pip install onnx`") from None
-    return contrib_ops(manifest.path(manifest[tower]["file"]))
+    return contrib_ops(manifest.path(manifest.tower(tower).file))
 
 
 def contrib_ops_message(tower: str, path: Path, ops: list[str]) -> str:
@@ -262,9 +261,9 @@ class EngineKey:
 
 def tower_sha256(manifest, tower: str) -> str:
     """The tower graph's sha256 as recorded in the manifest's file list."""
-    name = manifest[tower]["file"]
+    name = manifest.tower(tower).file
     try:
-        return str(manifest["files"][name]["sha256"])
+        return str(manifest.files[name]["sha256"])
     except KeyError as e:
         raise ArtifactError(f"{manifest.directory}: manifest has no checksum for {name}") from e
 
@@ -273,7 +272,7 @@ def engine_key(manifest, tower: str, profile: BatchProfile, trt_version: str,
                compute_capability: tuple[int, int]) -> EngineKey:
     return EngineKey(tower=tower, onnx_sha256=tower_sha256(manifest, tower),
                      precision=manifest.precision,
-                     io_dtype=str(manifest.get("io_dtype") or "fp32"), profile=profile,
+                     io_dtype=manifest.io_dtype, profile=profile,
                      trt_version=str(trt_version),
                      compute_capability=(int(compute_capability[0]), int(compute_capability[1])))
 
@@ -532,7 +531,7 @@ def ensure_engine(manifest, tower: str, profile: BatchProfile, cache_dir: Path, 
     lookup = find_engine(cache_dir, key)
     if lookup.path is not None and not rebuild:
         return lookup.path, key, False
-    onnx_path = manifest.path(manifest[tower]["file"])
+    onnx_path = manifest.path(manifest.tower(tower).file)
     ops = tower_contrib_ops(manifest, tower)
     if ops:
         raise BackendUnavailable(contrib_ops_message(tower, onnx_path, ops))
@@ -575,9 +574,9 @@ def record_in_manifest(artifact_dir: Path, section: dict[str, Any]) -> bool:
                                                                              os.W_OK):
         return False
     manifest = load_manifest(artifact_dir, verify_checksums=False)
-    data = dict(manifest.data)
-    data["tensorrt"] = section
-    write_manifest(artifact_dir, data, list(manifest["files"]))
+    spec = manifest.spec
+    spec.tensorrt = section
+    write_manifest(artifact_dir, spec, list(manifest.files))
     return True
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import clipfast
+from clipfast.artifact import ArtifactSpec, GoldenSection, ImageTower, TextTower
 from clipfast.batching import BatchProfile
 from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError, FidelityError
@@ -414,45 +415,30 @@ def _record_contrib_ops(work: Path, graph: dict[str, dict[str, Any]]) -> None:
 
 
 def _manifest_data(source, options: ExportOptions, graph: dict[str, dict[str, Any]],
-                   gates: dict[str, Any], golden: dict[str, Any],
-                   quantization: dict[str, Any] | None) -> dict[str, Any]:
+                   gates: dict[str, Any], golden: GoldenSection,
+                   quantization: dict[str, Any] | None) -> ArtifactSpec:
     io_dtype = _NP_DTYPE[options.io]
-    data: dict[str, Any] = {
-        "clipfast_version": clipfast.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": source.spec,
-        "family": source.family,
-        "architecture": source.architecture,
-        "random_weights": source.random_weights,
-        "embed_dim": source.embed_dim,
-        "precision": options.precision,
-        "io_dtype": options.io,
-        "opset": options.opset,
-        "image": {"file": IMAGE_FILE, "input": "pixel_values", "output": "image_embeds",
-                  "shape": [3, *source.preprocess.image_size], "dtype": io_dtype,
-                  "output_dtype": io_dtype},
-        "text": {"file": TEXT_FILE, "inputs": list(source.text_inputs),
-                 "output": "text_embeds", "dtype": "int32", "output_dtype": io_dtype},
-        "preprocess": source.preprocess.to_dict(),
-        "tokenizer": source.tokenizer.to_dict(),
-        "logits": source.logits.to_dict(),
-        "graph": graph,
-        "gates": gates,
-        "fidelity": None,
-        "golden": golden,
+    return ArtifactSpec(
+        clipfast_version=clipfast.__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source=source.spec, family=source.family, architecture=source.architecture,
+        random_weights=source.random_weights, embed_dim=source.embed_dim,
+        precision=options.precision, io_dtype=options.io, opset=options.opset,
+        image=ImageTower(file=IMAGE_FILE, shape=(3, *source.preprocess.image_size),
+                         dtype=io_dtype, output_dtype=io_dtype),
+        text=TextTower(file=TEXT_FILE, inputs=tuple(source.text_inputs),
+                       output_dtype=io_dtype),
+        preprocess=source.preprocess, tokenizer=source.tokenizer, logits=source.logits,
+        graph=graph, gates=gates, golden=golden, quantization=quantization,
         # Where the gates were measured: int8 kernels (and so results) differ by CPU family
         # (clipfast.cpu); every Engine re-checks the golden outputs on its own host.
-        "exported_on": host_cpu().to_dict(),
-    }
-    if quantization is not None:
-        data["quantization"] = quantization
-    return data
+        exported_on=host_cpu().to_dict())
 
 
 def _write_artifact(source, options: ExportOptions, work: Path,
                     graph: dict[str, dict[str, Any]], gates: dict[str, Any],
-                    quantization: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
-    """Tokenizer, golden data and manifest into ``work``: ``(manifest data, listed files)``."""
+                    quantization: dict[str, Any] | None) -> tuple[ArtifactSpec, list[str]]:
+    """Tokenizer, golden data and manifest into ``work``: ``(manifest spec, listed files)``."""
     from clipfast.selfcheck import write_golden
 
     (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
@@ -460,13 +446,13 @@ def _write_artifact(source, options: ExportOptions, work: Path,
     _record_contrib_ops(work, graph)
     data = _manifest_data(source, options, graph, gates, golden, quantization)
     # towers over 2 GiB carry their weights in "<tower>.onnx.data" files beside them
-    files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, golden["file"], *sorted(
+    files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, golden.file, *sorted(
         p.name for p in work.iterdir() if p.name.endswith(".onnx.data"))]
     write_manifest(work, data, files)
     return data, files
 
 
-def _measure_artifact(source, options: ExportOptions, work: Path, data: dict[str, Any],
+def _measure_artifact(source, options: ExportOptions, work: Path, data: ArtifactSpec,
                       files: list[str], fp32_graphs: dict[str, Path]
                       ) -> tuple[dict[str, Any], list[str]]:
     """Measure the artifact in ``work`` against the source through an Engine, as users will
@@ -474,7 +460,7 @@ def _measure_artifact(source, options: ExportOptions, work: Path, data: dict[str
     (the manifest rewritten). Returns ``(figures, failures)``, the golden self-check included."""
     from clipfast.export.verify import images_from_dir, measure
 
-    gates = data["gates"]
+    gates = data.gates
     images = images_from_dir(options.images) if options.images else None
     measure_images = [str(p) for p in images] if images else None
     engine = clipfast.Engine(work, backend="onnxruntime", self_check=False)
@@ -490,25 +476,25 @@ def _measure_artifact(source, options: ExportOptions, work: Path, data: dict[str
         failures = check_gates(figures, gates)
     # The check every Engine will run at load, run here first: an artifact that would refuse
     # itself on the exporting host is not written.
-    golden = data["golden"]
+    golden = data.golden
     try:
-        golden["figures_at_export"] = engine.check_golden()
+        golden.figures_at_export = engine.check_golden()
     except FidelityError as e:
-        golden["figures_at_export"] = getattr(e, "figures", None)
+        golden.figures_at_export = getattr(e, "figures", None)
         failures.append(f"golden self-check: {e}")
     return figures, failures
 
 
-def _fp16_retry(source, options: ExportOptions, work: Path, data: dict[str, Any],
+def _fp16_retry(source, options: ExportOptions, work: Path, data: ArtifactSpec,
                 towers: list[str], fp32_graphs: dict[str, Path],
                 images: list[str] | None) -> None:
     """``_fp16_fallback`` for each tower of ``towers``, recorded in the manifest data."""
-    graph = data["graph"]
+    graph = data.graph
     fidelity = TowerFidelity(source, images)
     try:
         for which in towers:
             graph[which]["fp16"] = _fp16_fallback(
-                which, fp32_graphs[which], work / TOWER_FILES[which], options.io, data["gates"],
+                which, fp32_graphs[which], work / TOWER_FILES[which], options.io, data.gates,
                 fidelity)
     except FidelityError as e:
         raise FidelityError(f"{options.model} fp16: {e}; nothing written to {options.out}"
@@ -534,9 +520,9 @@ def _run_export(options: ExportOptions, workspace) -> Path:
         shutil.rmtree(build)
         stages.close()
         figures["passed"] = not failures
-        data["fidelity"] = figures
-        data["export_seconds"] = round(time.perf_counter() - stages.t0, 2)
-        data["stage_seconds"] = stages.times
+        data.fidelity = figures
+        data.export_seconds = round(time.perf_counter() - stages.t0, 2)
+        data.stage_seconds = stages.times
         write_manifest(work, data, files)
         if failures and options.gate:
             workspace.keep_for_inspection()

@@ -11,27 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipfast.artifact import LogitsConfig
 from clipfast.preprocess import PreprocessConfig
 from clipfast.tokenizer import TokenizerConfig
-
-
-@dataclass
-class LogitsConfig:
-    """How similarities become logits: ``kind`` is "softmax" (CLIP, ALIGN) or "sigmoid" (SigLIP).
-
-    logits = scale * cos_sim + bias  (bias only for sigmoid models).
-    """
-
-    kind: str
-    scale: float
-    bias: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "scale": self.scale, "bias": self.bias}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LogitsConfig:
-        return cls(kind=d["kind"], scale=float(d["scale"]), bias=d.get("bias"))
 
 
 @dataclass

@@ -407,8 +407,9 @@ def load_transformers_source(
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
+    from clipfast.artifact import LogitsConfig
     from clipfast.export.preprocessing import hf_preprocess
-    from clipfast.export.source import LogitsConfig, SourceModel
+    from clipfast.export.source import SourceModel
     from clipfast.export.tokenization import hf_tokenizer
 
     towers = load_transformers_towers(id_or_dir, device=device, revision=revision)

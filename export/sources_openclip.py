@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from clipfast.artifact import LogitsConfig
 from clipfast.errors import ExportError
-from clipfast.export.source import LogitsConfig, SourceModel
+from clipfast.export.source import SourceModel
 
 log = logging.getLogger("clipfast.export")
 

@@ -260,7 +260,7 @@ def tiny_onnx(tmp_path_factory):
         onnx.save(model, str(d / name))
     data = {"image": {"file": "image.onnx", "input": "pixel_values", "shape": [3, 4, 4]},
             "text": {"file": "text.onnx", "inputs": ["input_ids"]},
-            "tokenizer": {"context_length": 6},
+            "tokenizer": {"kind": "hf", "context_length": 6},
             "files": {"image.onnx": {"sha256": "a" * 64}, "text.onnx": {"sha256": "b" * 64}}}
     return Manifest(d, data), (w, b, v)
 
@@ -351,7 +351,7 @@ def vits32_manifest(tmp_path_factory):
     d = tmp_path_factory.mktemp("vits32-src")
     return Manifest(d, {"source": {"loader": "open_clip", "model": "ViT-S-32",
                                    "pretrained": "none", "seed": 0},
-                        "text": {"inputs": ["input_ids"]}})
+                        "text": {"file": "text.onnx", "inputs": ["input_ids"]}})
 
 
 def test_torch_backend_cpu_is_the_fp32_reference(vits32_manifest):

@@ -329,14 +329,19 @@ else:
     raise AssertionError("count_flops ran without onnx")
 
 
-class Manifest(dict):
-    def path(self, name):
-        return name
+from pathlib import Path
+from clipfast.manifest import Manifest
 
-
+manifest = Manifest(Path("."), {"image": {"file": "image.onnx", "input": "pixel_values",
+                                          "output": "e", "shape": [3, 8, 8]},
+                                "text": {"file": "text.onnx", "inputs": ["input_ids"],
+                                         "output": "t"},
+                                "tokenizer": {"context_length": 8},
+                                "files": {"image.onnx": {}, "text.onnx": {}}})
+manifest.path = lambda name: name
 run = _Run(BenchConfig(artifacts=[]), lambda msg: None)
 into = {}
-got = run._count_flops(Manifest(image={"file": "image.onnx", "shape": [3, 8, 8]}), "m", into)
+got = run._count_flops(manifest, "m", into)
 assert got == {"image": None, "text": None} and into == {}, (got, into)
 assert len(run.notes) == 1 and "needs the onnx package" in run.notes[0], run.notes
 assert "GFLOP/item and utilisation columns are empty" in run.notes[0], run.notes

@@ -118,13 +118,11 @@ def test_portable_weights_fit_int16_pair_sums(graphs):
 
 def test_int8_plan_per_cpu():
     from clipfast.backends.onnxruntime import int8_plan
-
-    class M(dict):
-        pass
+    from clipfast.manifest import Manifest
 
     def manifest(method, safe):
-        return M(precision="int8", quantization={"image": {
-            "method": method, "int8_format": {"saturation_safe": safe}}})
+        return Manifest(Path("/nowhere"), {"precision": "int8", "quantization": {"image": {
+            "method": method, "int8_format": {"saturation_safe": safe}}}})
 
     assert int8_plan(manifest("static_qdq", True), "image", "cpu", AVX2)[0] is None
     how, why = int8_plan(manifest("static_qdq", False), "image", "cpu", AVX2)
@@ -135,7 +133,8 @@ def test_int8_plan_per_cpu():
     how, why = int8_plan(manifest("dynamic", False), "image", "cpu", AVX2)
     assert how == "refuse" and "portable" in why
     assert int8_plan(manifest("static_qdq", False), "image", "cuda", AVX2)[0] is None
-    assert int8_plan(M(precision="fp32"), "image", "cpu", AVX2)[0] is None
+    assert int8_plan(Manifest(Path("/nowhere"), {"precision": "fp32"}), "image", "cpu",
+                     AVX2)[0] is None
 
 
 # -- on an emulated AVX2-only CPU ---------------------------------------------------------------

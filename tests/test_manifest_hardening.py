@@ -52,9 +52,10 @@ def base_data() -> dict:
             "image": {"file": "image.onnx", "input": "x", "output": "y", "shape": [4],
                       "dtype": "float32"},
             "text": {"file": "text.onnx", "inputs": ["x"], "output": "y", "dtype": "int32"},
-            "preprocess": {}, "tokenizer": {"kind": "hf", "context_length": 4,
-                                            "file": "tokenizer.json"},
-            "logits": {"scale": 1.0}, "graph": {}, "golden": {"file": "golden.npz"}}
+            "preprocess": {"image_size": [2, 2]},
+            "tokenizer": {"kind": "hf", "context_length": 4, "file": "tokenizer.json"},
+            "logits": {"kind": "softmax", "scale": 1.0}, "graph": {},
+            "golden": {"file": "golden.npz"}}
 
 
 def make_artifact(directory: Path) -> Path:

@@ -56,7 +56,8 @@ def test_key_differs_by_each_field(change):
 
 def test_engine_key_from_manifest_uses_tower_checksum():
     m = Manifest(Path("/nonexistent"), {
-        "precision": "int8", "io_dtype": "fp32", "image": {"file": "image.onnx"},
+        "precision": "int8", "io_dtype": "fp32",
+        "image": {"file": "image.onnx", "shape": [3, 8, 8]},
         "files": {"image.onnx": {"sha256": SHA, "bytes": 1}}})
     key = tb.engine_key(m, "image", BatchProfile(1, 8, 16), "11.1.0", (12, 0))
     assert key.onnx_sha256 == SHA and key.precision == "int8"
@@ -141,7 +142,9 @@ def _fake_artifact(directory: Path, *, contrib: bool = False,
             "image": {"file": "image.onnx", "input": "x", "output": "y", "shape": [4],
                       "dtype": "float32"},
             "text": {"file": "text.onnx", "inputs": ["x"], "output": "y", "dtype": "int32"},
-            "preprocess": {}, "tokenizer": {"context_length": 4}, "logits": {"scale": 1.0},
+            "preprocess": {"image_size": [2, 2]},
+            "tokenizer": {"kind": "hf", "context_length": 4},
+            "logits": {"kind": "softmax", "scale": 1.0},
             "graph": graph or {}}
     write_manifest(directory, data, ["image.onnx", "text.onnx", "tokenizer.json"])
     return directory

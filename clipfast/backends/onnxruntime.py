@@ -234,8 +234,7 @@ def _gpu_first(providers: list[tuple[str, dict[str, Any]]]) -> bool:
 def int8_plan(manifest, tower: str, device: str, cpu=None) -> tuple[str | None, str]:
     """``(how, why)`` for one tower of an int8 artifact on this host: how is None (not int8, or
     integer kernels are exact here), "float-qdq" (run the Q/DQ pairs as float), or "refuse"."""
-    quant = (manifest.get("quantization") or {}).get(tower) if manifest.get(
-        "precision") == "int8" else None
+    quant = (manifest.quantization or {}).get(tower) if manifest.precision == "int8" else None
     if not isinstance(quant, dict):
         return None, "not int8"
     record = quant.get("int8_format") or {}
@@ -277,7 +276,7 @@ class OnnxRuntimeBackend:
                  ort_arena_extend_strategy: str = "kSameAsRequested", profile: Any = None):
         # Options are checked before anything is loaded: a typo fails fast, naming the option.
         tensorrt = option_bool("ort_tensorrt", ort_tensorrt)
-        precision = manifest.get("precision")
+        precision = manifest.precision
         trt_fp16 = (precision == "fp16" if ort_trt_fp16 is None
                     else option_bool("ort_trt_fp16", ort_trt_fp16))
         device_id = option_device_id(device_id)
@@ -317,12 +316,12 @@ class OnnxRuntimeBackend:
             how, why = int8_plan(manifest, tower, run_device)
             if how == "refuse":
                 raise BackendUnavailable(why)
-            if manifest.get("precision") == "int8":
+            if precision == "int8":
                 self.int8[tower] = why
             so = _session_options(ort, threads)
             if how == "float-qdq":
                 so.add_session_config_entry("session.disable_quant_qdq", "1")
-            path = manifest.path(manifest[tower]["file"])
+            path = manifest.path(manifest.tower(tower).file)
             tower_providers = [(n, {**o, **(shapes[tower] if shapes and n == TRT_EP else {})})
                                for n, o in providers]
             try:

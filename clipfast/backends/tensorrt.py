@@ -381,8 +381,7 @@ class TensorRTBackend:
         except BaseException:
             self.close()
             raise
-        text = manifest["text"]
-        self._text_inputs = list(text["inputs"])
+        self._text_inputs = list(manifest.text.inputs)
 
     def _load_tower(self, tb, cudart, tower: str, build: str, cuda_graphs: bool) -> TowerRunner:
         m = self._manifest

@@ -238,9 +238,9 @@ class TorchBackend:
         # The arithmetic the towers run in, for the self-check's gates (clipfast.selfcheck):
         # fp16 and bf16 are held to the fp16 gates.
         self.precision = "fp32" if opts.dtype == "fp32" else "fp16"
-        self.text_inputs = tuple(manifest["text"]["inputs"])
+        self.text_inputs = tuple(manifest.text.inputs)
         try:
-            self._source = load_source_from_spec(manifest["source"], device=str(self._tdevice))
+            self._source = load_source_from_spec(manifest.source, device=str(self._tdevice))
         except ClipfastError as e:
             raise BackendUnavailable(f"torch backend cannot load the source model: {e}") from e
         self._towers: dict[str, Any] = {"image": self._source.image_tower,

@@ -134,9 +134,9 @@ class _Run:
         manifest = load_manifest(art, verify_checksums=False)
         label = model_label(manifest)
         info: dict[str, Any] = {
-            "path": str(Path(art)), "model": label, "family": manifest["family"],
+            "path": str(Path(art)), "model": label, "family": manifest.family,
             "precision": manifest.precision,
-            "random_weights": bool(manifest.get("random_weights")),
+            "random_weights": manifest.spec.random_weights,
             "embed_dim": manifest.embed_dim, "flops": {},
         }
         self.artifacts.append(info)

@@ -18,12 +18,12 @@ from clipfast.types import IMAGE_SUFFIXES
 def model_label(manifest) -> str:
     """A short, stable name for an artifact's source model (rows of one source share the torch
     baseline): the open_clip name (with its tag unless random), or the transformers id / dir."""
-    src = manifest["source"]
+    src = manifest.source
     model = str(src.get("model", "?"))
     if model.startswith("transformers:"):
         ref = model[len("transformers:"):]
         if os.path.isabs(ref) or os.path.exists(ref):
-            arch = manifest.get("architecture") or {}
+            arch = manifest.spec.architecture or {}
             ref = arch.get("name") or Path(ref).name
         return f"transformers:{ref}"
     tag = src.get("pretrained")
