@@ -12,15 +12,18 @@ from clipfast.errors import (
     InputError,
     TextInputError,
 )
+from clipfast.types import BatchResult, Failure
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",
     "BackendUnavailable",
+    "BatchResult",
     "ClipfastError",
     "Engine",
     "ExportError",
+    "Failure",
     "FidelityError",
     "ImageLoadError",
     "InputError",

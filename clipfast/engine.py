@@ -6,7 +6,6 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,38 +14,14 @@ from clipfast.backends import resolve_backend
 from clipfast.errors import ClipfastError, InputError
 from clipfast.fidelity import l2_normalize
 from clipfast.manifest import Manifest, load_manifest
+from clipfast.types import BatchResult, Failure
 
 log = logging.getLogger("clipfast")
 
+__all__ = ["DEFAULT_TEMPLATE", "BatchResult", "Engine", "Failure"]
+
 _ERROR_MODES = ("raise", "skip")
 DEFAULT_TEMPLATE = "a photo of a {}."
-
-
-@dataclass
-class Failure:
-    """One input that could not be used: its batch position, a short description, the reason."""
-
-    index: int
-    item: str
-    error: str
-
-
-@dataclass
-class BatchResult:
-    """What ``errors="skip"`` returns: the rows that worked and the inputs that did not.
-
-    embeddings: float32 ``(M, D)`` for the M good inputs, in input order.
-    indices: int64 ``(M,)`` position of each row in the input batch.
-    failures: one Failure per bad input.
-    """
-
-    embeddings: np.ndarray
-    indices: np.ndarray
-    failures: list[Failure] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
 
 def _check_errors_mode(errors: str) -> None:

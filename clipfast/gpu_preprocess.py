@@ -20,6 +20,7 @@ from PIL import Image
 
 from clipfast.errors import BackendUnavailable, InputError
 from clipfast.preprocess import item_failure, load_image, read_image_bytes
+from clipfast.types import Failure
 
 log = logging.getLogger("clipfast")
 
@@ -114,8 +115,6 @@ class GpuPreprocessor:
 
     def _host(self, item: Any, i: int, errors: str, failures: list) -> np.ndarray | None:
         """The CPU loader on one item; its fault becomes a Failure (or raises, errors="raise")."""
-        from clipfast.engine import Failure
-
         try:
             return load_host_image(item, i, exif_transpose=self.exif_transpose,
                                    alpha_background=self.alpha_background,

@@ -622,7 +622,7 @@ def resized_size(height: int, width: int, cfg: PreprocessConfig) -> tuple[int, i
     return max(1, round(height * 1.0 / ratio)), max(1, round(width * 1.0 / ratio))
 
 
-def _offset(size: int, target: int, rounding: str) -> int:
+def crop_offset(size: int, target: int, rounding: str) -> int:
     """Start of the target window in image coordinates (negative: padding before the image)."""
     d = size - target
     if rounding == "floor":
@@ -685,8 +685,8 @@ def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     new_h, new_w = resized_size(h, w, cfg)
     out_h, out_w = cfg.image_size
     resample = INTERPOLATIONS[cfg.interpolation]
-    top = _offset(new_h, out_h, cfg.crop_rounding) if cfg.crop else 0
-    left = _offset(new_w, out_w, cfg.crop_rounding) if cfg.crop else 0
+    top = crop_offset(new_h, out_h, cfg.crop_rounding) if cfg.crop else 0
+    left = crop_offset(new_w, out_w, cfg.crop_rounding) if cfg.crop else 0
 
     if new_h * new_w > MAX_INTERMEDIATE_PIXELS:
         # Compute only the visible window [y0, y1) x [x0, x1) of the intermediate.

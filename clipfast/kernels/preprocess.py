@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from clipfast.kernels import _lib
-from clipfast.preprocess import PreprocessConfig, _offset, resized_size
+from clipfast.preprocess import PreprocessConfig, crop_offset, resized_size
 
 logger = logging.getLogger("clipfast.kernels")
 
@@ -56,8 +56,8 @@ def plan_geometry(height: int, width: int, cfg: PreprocessConfig) -> tuple[int, 
     """
     new_h, new_w = resized_size(height, width, cfg)
     out_h, out_w = cfg.image_size
-    top = _offset(new_h, out_h, cfg.crop_rounding) if cfg.crop else 0
-    left = _offset(new_w, out_w, cfg.crop_rounding) if cfg.crop else 0
+    top = crop_offset(new_h, out_h, cfg.crop_rounding) if cfg.crop else 0
+    left = crop_offset(new_w, out_w, cfg.crop_rounding) if cfg.crop else 0
     return int(new_h), int(new_w), int(top), int(left)
 
 
