@@ -69,6 +69,10 @@ class Engine:
         skipped one is listed with its reason in ``fallbacks``. ``fallback=False`` makes "auto"
         raise at the first backend that cannot run instead of trying the next.
     device: "cpu" (default) or "cuda". ``backend_device`` says where the towers really run.
+        With the towers on CUDA, images are preprocessed on the GPU (the csrc kernel, driven
+        through PyTorch: torch is imported whatever the backend) when the kernel library and
+        torch with CUDA are there, else on the CPU with Pillow; ``describe()["preprocess"]``
+        names the path taken and ``fallbacks`` why the GPU one was skipped.
     batch_size: inputs per tower call; any number of inputs is accepted and chunked (to the
         backend's largest batch too, e.g. a TensorRT profile's max).
     backend_options: passed to the backend (see each backend module), e.g.
@@ -152,16 +156,20 @@ class Engine:
         self._chunk = min(self.batch_size, max_batch) if max_batch else self.batch_size
         self._threads = threads or os.cpu_count() or 1
         self._gpu_preprocess = None
+        self._preprocess_path = "cpu (Pillow): the towers run on the CPU"
         if self.backend_device == "cuda":
             from clipfast.errors import BackendUnavailable
             from clipfast.gpu_preprocess import GpuPreprocessor
 
+            # GPU preprocessing runs the csrc kernel through torch, whatever the backend.
             try:
                 self._gpu_preprocess = GpuPreprocessor(
                     self.preprocess_config, device, exif_transpose=exif_transpose,
                     alpha_background=self.alpha_background, max_bytes=self.max_image_bytes)
+                self._preprocess_path = self._gpu_preprocess.describe()
             except BackendUnavailable as e:
                 self.fallbacks.append(("gpu-preprocess", str(e)))
+                self._preprocess_path = f"cpu (Pillow): {e}"
         for name, reason in self.fallbacks:
             log.info("clipfast: %s skipped: %s", name, reason)
 
@@ -188,6 +196,7 @@ class Engine:
             "precision": self.manifest.precision,
             "requested_device": self.device,
             "batch_size": self._chunk,
+            "preprocess": self._preprocess_path,
             "embed_dim": self.embed_dim,
             "fallbacks": list(self.fallbacks),
             "self_check": self.self_check_figures,
@@ -290,10 +299,18 @@ class Engine:
 
         ``errors="raise"`` (default): the first bad image raises ImageLoadError naming its index.
         ``errors="skip"``: returns a BatchResult with the good rows and a Failure per bad image.
+
+        Images are preprocessed and run chunk by chunk. On a GPU backend the next chunk is
+        decoded and resized (CPU threads, or the GPU preprocessing) while the tower runs the
+        current one, and a backend that overlaps copies and compute across batches
+        (``run_image_batches``) receives the chunks as a lazy stream; at most about two chunks
+        of pixels are alive at a time. On the CPU both would compete for the same cores, so
+        there it is sequential.
         """
         _check_errors_mode(errors)
         items = _as_list(images, "images")
-        chunks, indices, failures = [], [], []
+        indices: list[int] = []
+        failures: list[Failure] = []
         size = self._chunk
         starts = range(0, len(items), size)
         bar = None
@@ -302,12 +319,13 @@ class Engine:
 
             bar = tqdm(total=len(items), unit="img", desc="encode images")
         pixel_fn = self._gpu_preprocess or self._pixels
-        # On a GPU backend the next chunk is decoded and resized (CPU threads) while the current
-        # one runs; on the CPU both would compete for the same cores, so there it is sequential.
         prefetch = (ThreadPoolExecutor(max_workers=1) if self.backend_device == "cuda"
                     and len(starts) > 1 else None)
-        interrupted = False
-        try:
+
+        def pixel_chunks():
+            """Pixels of each chunk with at least one good image, in order; their positions and
+            the chunk's failures are recorded as each is produced. With ``prefetch``, chunk k+1
+            is being preprocessed while the consumer runs chunk k."""
             pending = (prefetch.submit(pixel_fn, items[0:size], 0, errors)
                        if prefetch is not None else None)
             for s in starts:
@@ -320,10 +338,20 @@ class Engine:
                     pixels, idx, fails = pixel_fn(items[s:s + size], s, errors)
                 failures.extend(fails)
                 if len(idx):
-                    chunks.append(self._backend.run_image(pixels).astype(np.float32, copy=False))
                     indices.extend(idx)
+                    yield pixels
+                pixels = None  # the consumer holds this chunk as long as it needs it
                 if bar is not None:
                     bar.update(min(size, len(items) - s))
+
+        many = getattr(self._backend, "run_image_batches", None)
+        interrupted = False
+        try:
+            if many is not None and len(starts) > 1:
+                outs = many(pixel_chunks())
+            else:
+                one = self._backend.run_image
+                outs = [one(pixels) for pixels in pixel_chunks()]
         except BaseException:
             interrupted = True
             raise
@@ -331,10 +359,13 @@ class Engine:
             if prefetch is not None:
                 # On an error or Ctrl-C, do not wait for the chunk being prefetched.
                 prefetch.shutdown(wait=not interrupted, cancel_futures=True)
-        if bar is not None:
-            bar.close()
-        emb = (np.concatenate(chunks) if chunks
+            if bar is not None:
+                bar.close()
+        emb = (np.concatenate([o.astype(np.float32, copy=False) for o in outs]) if len(outs)
                else np.zeros((0, self.embed_dim), dtype=np.float32))
+        if emb.shape[0] != len(indices):
+            raise ClipfastError(f"backend {self.backend} returned {emb.shape[0]} image rows for "
+                                f"{len(indices)} images")
         if normalize:
             emb = l2_normalize(emb)
         if errors == "skip":

@@ -1,5 +1,10 @@
 """Image preprocessing on a CUDA device: nvJPEG decode + the fused resize/normalise kernel.
 
+It needs PyTorch with CUDA whatever the Engine's backend: the kernels are called on torch
+tensors and torch's current stream, so ``Engine(device="cuda")`` imports torch even with the
+TensorRT or ONNX Runtime backend. Without torch (or the kernel library) the Engine preprocesses
+on the CPU with Pillow and says why in ``engine.fallbacks`` and ``engine.describe()["preprocess"]``.
+
 Plain JPEGs (baseline or progressive, RGB or gray, no EXIF rotation to apply, within Pillow's
 pixel limit) are decoded on the GPU in one batched nvJPEG call; every other input goes through the
 CPU loader (``clipfast.preprocess.load_image``: same mode and alpha policy as the CPU path) and is
@@ -78,28 +83,27 @@ def load_host_image(item: Any, index: int, *, exif_transpose: bool,
 
 
 class GpuPreprocessor:
-    """``items -> (torch float32 (M, 3, H, W) on device, good indices, failures)``."""
+    """``items -> (torch float32 (M, 3, H, W) on device, good indices, failures)``.
+
+    Whether the kernel runs is decided by ``clipfast.kernels.preprocess.preprocess_path`` (the
+    same choice ``clipfast.kernels.preprocess`` makes); when it says "reference",
+    construction raises BackendUnavailable with its reason and the Engine preprocesses on the
+    CPU with Pillow instead (the numpy reference is a test oracle, not a fast path).
+    """
 
     def __init__(self, cfg, device: str, *, exif_transpose: bool = True,
                  alpha_background: tuple[int, int, int] = (255, 255, 255),
                  max_bytes: int | None = None):
-        from clipfast.kernels import kernels_available
-        from clipfast.kernels.preprocess import _SUPPORT
+        from clipfast.kernels.preprocess import preprocess_path
 
-        ok, reason = kernels_available()
-        if not ok:
-            raise BackendUnavailable(f"GPU preprocessing off, CPU path used: {reason}")
-        if cfg.interpolation not in _SUPPORT:
-            raise BackendUnavailable(
-                f"GPU preprocessing off: no kernel for interpolation {cfg.interpolation!r}")
-        try:
-            import torch
-        except ImportError as e:
-            raise BackendUnavailable(f"GPU preprocessing needs PyTorch with CUDA ({e})") from e
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("GPU preprocessing off: no CUDA device visible to PyTorch")
+        path, how = preprocess_path(cfg, device)
+        if path != "kernel":
+            raise BackendUnavailable(f"GPU preprocessing off: {how}")
+        import torch
+
         self.cfg = cfg
         self.device = torch.device(device)
+        self.path = how
         self.exif_transpose = exif_transpose
         self.alpha_background = alpha_background
         self.max_bytes = max_bytes
@@ -112,6 +116,13 @@ class GpuPreprocessor:
             self._jpeg = None
             self.jpeg_reason = f"nvJPEG unavailable, JPEGs decoded on CPU: {e}"
             log.warning("clipfast: %s", self.jpeg_reason)
+
+    def describe(self) -> str:
+        """The path in words: "gpu (csrc kernel via torch, nvJPEG decode)", or with the reason
+        JPEGs are decoded on the CPU."""
+        if self._jpeg is not None:
+            return f"gpu ({self.path}, nvJPEG decode)"
+        return f"gpu ({self.path}; {self.jpeg_reason or 'JPEGs decoded on CPU'})"
 
     def _host(self, item: Any, i: int, errors: str, failures: list) -> np.ndarray | None:
         """The CPU loader on one item; its fault becomes a Failure (or raises, errors="raise")."""

@@ -470,12 +470,52 @@ class TensorRTBackend:
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self._towers["text"].run([self._text_feed(inputs)])[0]
 
-    def run_image_batches(self, batches: list[Any]) -> list[np.ndarray]:
+    def run_image_batches(self, batches: Any) -> list[np.ndarray]:
         """Several pixel batches through one pipeline (copies of one overlap compute of the
-        previous): one float32 ``(N_i, D)`` per batch."""
-        return self._towers["image"].run([self._image_feed(b) for b in batches])
+        previous): one float32 ``(N_i, D)`` per batch.
 
-    def run_text_batches(self, batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        ``batches``: any iterable (a list, a generator), consumed lazily: batch k+1 is taken
+        from it only once batch k's chunks are enqueued, so producing it (the Engine's
+        preprocessing) overlaps their copies and compute. A host batch is released once
+        staged; a CUDA tensor stays referenced until its slot's device-to-device copy is waited
+        for, so at most ``SLOTS`` batches are held here. Same chunks, slots and order as
+        ``run`` with the batches as a list.
+        """
+        runner = self._towers["image"]
+        outs: list[np.ndarray] = []
+        held: list[Any] = [None] * SLOTS  # the CUDA feed each slot's pending copy reads
+        k = 0
+        with runner.lock:
+            try:
+                for batch in batches:
+                    feed = self._image_feed(batch)
+                    on_device = any(is_torch_tensor(v, "cuda") for v in feed.values())
+                    n = len(next(iter(feed.values())))
+                    out = np.empty((n, *runner.output[2]), dtype=np.float32)
+                    outs.append(out)
+                    for chunk in plan_chunks(n, runner.profile):
+                        slot = runner.slots[k % SLOTS]
+                        runner._collect(slot)
+                        held[k % SLOTS] = feed if on_device else None
+                        runner._submit(slot, feed, chunk, out)
+                        k += 1
+                    batch = feed = None  # not kept alive while the next batch is produced
+                for i in range(k, k + SLOTS):
+                    runner._collect(runner.slots[i % SLOTS])
+            except BaseException:
+                for slot in runner.slots:  # leave no stale pending chunk behind
+                    slot.pending = None
+                    try:
+                        slot.stream.synchronize()
+                    except ClipfastError as e:  # keep the first error; note the second
+                        log.warning("clipfast tensorrt %s: stream sync after an error: %s",
+                                    runner.name, e)
+                raise
+        return outs
+
+    def run_text_batches(self, batches: Any) -> list[np.ndarray]:
+        """Token batches (an iterable of ``{name: (N_i, L)}``) through one pipeline: one
+        float32 ``(N_i, D)`` per batch."""
         return self._towers["text"].run([self._text_feed(b) for b in batches])
 
     def describe(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """clipfast's CUDA kernels (csrc/) and the references they are checked against.
 
 Every kernel has a pure reference next to its binding and one dispatcher that takes the kernel
-only on CUDA inputs with the library loaded::
+only on CUDA inputs with the library loaded (for preprocessing, ``preprocess_path`` makes that
+choice and says why)::
 
     from clipfast.kernels import kernels_available, preprocess, attention
     ok, reason = kernels_available()   # loads libclipfast_kernels.so once, logs the reason
@@ -26,6 +27,7 @@ from clipfast.kernels.preprocess import (
     preprocess,
     preprocess_gpu,
     preprocess_packed_gpu,
+    preprocess_path,
     preprocess_reference,
     resize_reference,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "preprocess",
     "preprocess_gpu",
     "preprocess_packed_gpu",
+    "preprocess_path",
     "preprocess_reference",
     "resize_reference",
 ]

@@ -6,7 +6,8 @@ weights normalised per output pixel, quantised to int32 with 22 fractional bits,
 rounded and clamped to uint8, then the vertical pass), the crop / pad window of
 ``clipfast.preprocess`` (one definition of the geometry for CPU and GPU), gray -> RGB, and the
 float32 normalisation table. ``preprocess_gpu`` runs the kernel on torch CUDA tensors (or CuPy
-arrays, through ``__cuda_array_interface__``); ``preprocess`` picks one of them.
+arrays, through ``__cuda_array_interface__``). ``preprocess_path`` is the one place that chooses
+between them (``preprocess`` and the Engine's GPU preprocessing both ask it).
 
 No torch import at module level: torch is imported inside the GPU functions only.
 """
@@ -39,6 +40,7 @@ __all__ = [
     "preprocess",
     "preprocess_gpu",
     "preprocess_packed_gpu",
+    "preprocess_path",
     "preprocess_reference",
     "resize_reference",
     "vertical_first",
@@ -452,20 +454,45 @@ def _host_array(img: Any) -> np.ndarray:
     return np.asarray(img)
 
 
+def preprocess_path(cfg: PreprocessConfig, device: Any) -> tuple[str, str]:
+    """The one choice between the kernel and the numpy reference, for every caller (the
+    ``preprocess`` function below and the Engine's ``clipfast.gpu_preprocess.GpuPreprocessor``).
+
+    Returns ``("kernel", how)`` when ``device`` is CUDA, the interpolation has a kernel, the
+    library is loaded and PyTorch sees a CUDA device (the kernel is driven through torch
+    tensors and streams), else ``("reference", why not)``. Imports torch only once the library
+    has loaded for a CUDA device.
+    """
+    if not str(device).startswith("cuda"):
+        return "reference", f"device {str(device)!r} is not a CUDA device"
+    if cfg.interpolation not in _SUPPORT:
+        return "reference", (f"no preprocessing kernel for interpolation "
+                             f"{cfg.interpolation!r} (kernels: {sorted(_SUPPORT)})")
+    ok, reason = _lib.kernels_available()
+    if not ok:
+        return "reference", reason
+    try:
+        import torch
+    except ImportError as e:
+        return "reference", f"the kernel runs through PyTorch, which is not installed ({e})"
+    if not torch.cuda.is_available():
+        return "reference", "no CUDA device visible to PyTorch"
+    return "kernel", "csrc kernel via torch"
+
+
 def preprocess(images: Sequence[Any], cfg: PreprocessConfig, device: Any = "cpu", *,
                dtype: str = "float32") -> Any:
-    """One dispatcher: the kernel when ``device`` is CUDA and the library loaded, else the
-    numpy reference (Pillow's own path for "nearest", which has no kernel). CPU: numpy float32
-    (N, 3, H, W); CUDA: a torch tensor of ``dtype`` on ``device``."""
+    """Images through the path ``preprocess_path`` picks: the kernel, else the numpy reference
+    (Pillow's own path for "nearest", which has no kernel). CPU: numpy float32 (N, 3, H, W);
+    CUDA: a torch tensor of ``dtype`` on ``device``."""
     global _fallback_logged
+    path, reason = preprocess_path(cfg, device)
+    if path == "kernel":
+        return preprocess_gpu(images, cfg, device=device, dtype=dtype)
     on_cuda = str(device).startswith("cuda")
-    if on_cuda and cfg.interpolation in _SUPPORT:
-        ok, reason = _lib.kernels_available()
-        if ok:
-            return preprocess_gpu(images, cfg, device=device, dtype=dtype)
-        if not _fallback_logged:
-            logger.warning("preprocess on %s runs the numpy reference: %s", device, reason)
-            _fallback_logged = True
+    if on_cuda and not _fallback_logged:
+        logger.warning("preprocess on %s runs the numpy reference: %s", device, reason)
+        _fallback_logged = True
     host = [_host_array(img) for img in images]
     if cfg.interpolation in _SUPPORT:
         ref = preprocess_reference(host, cfg)
