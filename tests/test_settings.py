@@ -185,5 +185,5 @@ def test_every_variable_used_anywhere_is_declared():
     constants = _all_constants(files)
     used = {name for path in files for _, name in env_uses(path.read_text(), constants)
             if name.startswith("CLIPFAST_")}
-    assert "CLIPFAST_BENCH_DEVICE" in used and "CLIPFAST_REQUIRE_QEMU" in used
+    assert "CLIPFAST_BENCH_DEVICE" in used  # the scan sees reads outside the source tree
     assert used - {"CLIPFAST_"} <= set(settings.SETTINGS), used - set(settings.SETTINGS)
