@@ -164,7 +164,7 @@ class Engine:
             # GPU preprocessing runs the csrc kernel through torch, whatever the backend.
             try:
                 self._gpu_preprocess = GpuPreprocessor(
-                    self.preprocess_config, device, exif_transpose=exif_transpose,
+                    self.preprocess_config, self.backend_device, exif_transpose=exif_transpose,
                     alpha_background=self.alpha_background, max_bytes=self.max_image_bytes)
                 self._preprocess_path = self._gpu_preprocess.describe()
             except BackendUnavailable as e:
@@ -345,17 +345,21 @@ class Engine:
                     bar.update(min(size, len(items) - s))
 
         many = getattr(self._backend, "run_image_batches", None)
+        stream = pixel_chunks()
         interrupted = False
         try:
             if many is not None and len(starts) > 1:
-                outs = many(pixel_chunks())
+                outs = many(stream)
             else:
-                one = self._backend.run_image
-                outs = [one(pixels) for pixels in pixel_chunks()]
+                outs = []
+                for pixels in stream:
+                    outs.append(self._backend.run_image(pixels))
+                    pixels = None  # not kept while the next chunk is produced
         except BaseException:
             interrupted = True
             raise
         finally:
+            stream.close()  # a backend that stopped early leaves it suspended
             if prefetch is not None:
                 # On an error or Ctrl-C, do not wait for the chunk being prefetched.
                 prefetch.shutdown(wait=not interrupted, cancel_futures=True)
