@@ -80,7 +80,7 @@ class Engine:
         ``{"dtype": "fp16", "cuda_graphs": True, "compile": False}`` for torch.
     exif_transpose / alpha_background: image loading policy (see ``clipfast.preprocess``).
     max_image_bytes: the most bytes read from one image path or file object; None (default)
-        follows ``clipfast.preprocess.MAX_IMAGE_BYTES`` (256 MiB).
+        follows ``clipfast.image_io.MAX_IMAGE_BYTES`` (256 MiB).
     self_check: run the artifact's golden inputs through the chosen backend and compare with the
         fp32 source's outputs stored at export, with the artifact's gates (``clipfast.selfcheck``;
         about 0.5 s for ViT-B-32 on 2 cores). Below the gate, "auto" moves on to the next

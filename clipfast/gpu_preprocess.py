@@ -24,13 +24,12 @@ import numpy as np
 from PIL import Image
 
 from clipfast.errors import BackendUnavailable, InputError
-from clipfast.preprocess import item_failure, load_image, read_image_bytes
+from clipfast.image_io import EXIF_ORIENTATION, item_failure, load_image, read_image_bytes
 from clipfast.types import Failure
 
 log = logging.getLogger("clipfast")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
-_EXIF_ORIENTATION = 0x0112
 
 
 def jpeg_bytes_for_gpu(item: Any, exif_transpose: bool,
@@ -57,7 +56,7 @@ def jpeg_bytes_for_gpu(item: Any, exif_transpose: bool,
                 return None
             if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
                 return None  # the CPU loader refuses it with the decompression-bomb message
-            if exif_transpose and im.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):
+            if exif_transpose and im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):
                 return None
     except Exception:
         return None  # unreadable file or header: let the CPU loader name the problem

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import clipfast
+import clipfast.image_io as image_io
 import clipfast.preprocess as pre
 import clipfast.tokenizer as tokmod
 from clipfast.errors import ImageLoadError, InputError
@@ -255,14 +256,14 @@ def test_file_objects_and_paths_are_read_up_to_the_limit(tmp_path, monkeypatch):
     with pytest.raises(ImageLoadError, match=f"file is {len(data)} bytes, above the limit of "
                                              f"{len(data) - 1} bytes"):
         load_image(path, max_bytes=len(data) - 1)
-    monkeypatch.setattr(pre, "MAX_IMAGE_BYTES", len(data) - 1)  # the module-wide default
+    monkeypatch.setattr(image_io, "MAX_IMAGE_BYTES", len(data) - 1)  # the module-wide default
     with pytest.raises(ImageLoadError, match="MAX_IMAGE_BYTES"):
         load_image(path)
     with pytest.raises(ImageLoadError, match="above the limit"):
         load_image(io.BytesIO(data))
-    monkeypatch.setattr(pre, "MAX_IMAGE_BYTES", None)
+    monkeypatch.setattr(image_io, "MAX_IMAGE_BYTES", None)
     assert load_image(path).size == (64, 64)
-    assert pre.MAX_IMAGE_BYTES is None or pre.MAX_IMAGE_BYTES >= 1 << 20
+    assert image_io.MAX_IMAGE_BYTES is None or image_io.MAX_IMAGE_BYTES >= 1 << 20
 
 
 def test_engine_refuses_special_and_oversized_files(vitb32_artifact, vitb32_engine, tmp_path):

@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 
 from clipfast.kernels import _lib
-from clipfast.preprocess import PreprocessConfig, crop_offset, resized_size
+from clipfast.preprocess import FILTER_SUPPORT, PreprocessConfig, crop_offset, resized_size
 
 logger = logging.getLogger("clipfast.kernels")
 
 _PRECISION_BITS = 22  # Pillow's PRECISION_BITS = 32 - 8 - 2
-_SUPPORT = {"box": 0.5, "bilinear": 1.0, "hamming": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+# The resampling filters the kernel implements (Pillow's radii); "nearest" takes Pillow's
+# separate non-resampling path, which the kernel does not.
+_SUPPORT = {k: v for k, v in FILTER_SUPPORT.items() if k != "nearest"}
 _HAMMING_A = float(np.float32(0.54))  # Pillow writes 0.54f / 0.46f: float constants
 _HAMMING_B = float(np.float32(0.46))
 
