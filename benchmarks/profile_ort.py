@@ -24,11 +24,11 @@ def profile(artifact: Path, tower: str, batch: int, calls: int, threads: int | N
             ) -> dict:
     import onnxruntime as ort
 
-    from clipfast.backends.onnxruntime import CPU_DISABLED_OPTIMIZERS, _session_options
+    from clipfast.backends.onnxruntime import CPU_DISABLED_OPTIMIZERS, session_options
     from clipfast.manifest import load_manifest
 
     manifest = load_manifest(artifact, verify_checksums=False)
-    so = _session_options(ort, threads)
+    so = session_options(ort, threads)
     tmp = tempfile.mkdtemp(prefix="clipfast-prof-")
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tmp) / tower)

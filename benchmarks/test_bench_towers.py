@@ -38,10 +38,10 @@ def _engine(artifact, backend: str):
 def flops(bench_artifact, manifest):
     """GFLOP per item of each tower, or None without onnx."""
     try:
-        from clipfast.bench import _tower_shapes, count_flops
+        from clipfast.bench import count_flops, tower_shapes
 
         return {t: count_flops(manifest.path(manifest[t]["file"]),
-                               _tower_shapes(manifest, t)).total / 1e9 for t in ("image", "text")}
+                               tower_shapes(manifest, t)).total / 1e9 for t in ("image", "text")}
     except ImportError:
         return {"image": None, "text": None}
 

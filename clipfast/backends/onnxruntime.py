@@ -255,7 +255,7 @@ def int8_plan(manifest, tower: str, device: str, cpu=None) -> tuple[str | None, 
                       "portable int8 format (the default) or use --precision fp32")
 
 
-def _session_options(ort, threads: int | None):
+def session_options(ort, threads: int | None):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or physical_cores()
@@ -318,7 +318,7 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable(why)
             if precision == "int8":
                 self.int8[tower] = why
-            so = _session_options(ort, threads)
+            so = session_options(ort, threads)
             if how == "float-qdq":
                 so.add_session_config_entry("session.disable_quant_qdq", "1")
             path = manifest.path(manifest.tower(tower).file)

@@ -51,10 +51,10 @@ from clipfast.bench.config import (
 from clipfast.bench.flops import (
     COMPUTE_OPS,
     FlopCount,
-    _tower_shapes,
     count_flops,
     count_tower_flops,
     node_flops,
+    tower_shapes,
 )
 from clipfast.bench.machine import load_average, machine_info, machine_isa, machine_line
 from clipfast.bench.memory import MemoryProbe, current_rss_mb, peak_rss_mb, reset_peak_rss
@@ -73,7 +73,7 @@ from clipfast.bench.workload import model_label
 __all__ = [
     "BASELINE", "BUSY_LOAD", "COMPUTE_OPS", "DEFAULT_BACKENDS", "DEFAULT_BATCH_SIZES", "MODES",
     "SCHEMA", "SCHEMA_VERSION", "TOWERS", "BenchConfig", "FlopCount", "MemoryProbe",
-    "_tower_shapes", "add_parser", "add_speedups", "count_flops", "count_tower_flops",
+    "tower_shapes", "add_parser", "add_speedups", "count_flops", "count_tower_flops",
     "current_rss_mb", "headline_table", "load_average", "machine_info", "machine_isa",
     "machine_line", "markdown_report", "markdown_table", "measure_cpu_peak", "measure_gpu_peak",
     "model_label", "node_flops", "peak_for", "peak_rss_mb", "plot_latency", "reset_peak_rss",

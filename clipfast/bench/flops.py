@@ -325,7 +325,7 @@ def count_flops(
                      method=method)
 
 
-def _tower_shapes(manifest, tower: str) -> dict[str, list[int]]:
+def tower_shapes(manifest, tower: str) -> dict[str, list[int]]:
     """Batch-1 input shapes of a tower from the manifest (the text length is the context
     length even where the graph leaves it symbolic)."""
     if tower == "image":
@@ -336,4 +336,4 @@ def _tower_shapes(manifest, tower: str) -> dict[str, list[int]]:
 
 def count_tower_flops(manifest, tower: str) -> FlopCount:
     """FLOPs per item of one tower of a loaded artifact manifest."""
-    return count_flops(manifest.path(manifest.tower(tower).file), _tower_shapes(manifest, tower))
+    return count_flops(manifest.path(manifest.tower(tower).file), tower_shapes(manifest, tower))
