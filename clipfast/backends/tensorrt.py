@@ -297,21 +297,33 @@ class TowerRunner:
         out[chunk.start:chunk.stop] = slot.host[self.output[0]][:chunk.rows]
         slot.pending = None
 
-    def run(self, feeds: list[dict[str, Any]]) -> list[np.ndarray]:
-        """``feeds``: one ``{input name: (N_i, ...)}`` per request -> float32 ``(N_i, D)`` each.
-        Every request's chunks go through the same two-slot pipeline."""
-        outs, work = [], []
-        for feed in feeds:
-            n = len(next(iter(feed.values())))
-            outs.append(np.empty((n, *self.output[2]), dtype=np.float32))
-            work.extend((feed, c, outs[-1]) for c in plan_chunks(n, self.profile))
+    def run(self, feeds: Any) -> list[np.ndarray]:
+        """``feeds``: an iterable of ``{input name: (N_i, ...)}``, one per request -> float32
+        ``(N_i, D)`` each, every request's chunks through the same two-slot pipeline.
+
+        Consumed lazily: feed k+1 is taken only once feed k's chunks are enqueued, so producing
+        it (the Engine's preprocessing, from a generator) overlaps their copies and compute. A
+        host feed is released once staged; a CUDA tensor feed stays referenced until its slot's
+        device-to-device copy is waited for, so at most ``SLOTS`` feeds are held here.
+        """
+        outs: list[np.ndarray] = []
+        held: list[Any] = [None] * SLOTS  # the CUDA feed each slot's pending copy reads
+        k = 0
         with self.lock:
             try:
-                for i, (feed, chunk, out) in enumerate(work):
-                    slot = self.slots[i % SLOTS]
-                    self._collect(slot)
-                    self._submit(slot, feed, chunk, out)
-                for i in range(len(work), len(work) + SLOTS):
+                for feed in feeds:
+                    on_device = any(is_torch_tensor(v, "cuda") for v in feed.values())
+                    n = len(next(iter(feed.values())))
+                    out = np.empty((n, *self.output[2]), dtype=np.float32)
+                    outs.append(out)
+                    for chunk in plan_chunks(n, self.profile):
+                        slot = self.slots[k % SLOTS]
+                        self._collect(slot)
+                        held[k % SLOTS] = feed if on_device else None
+                        self._submit(slot, feed, chunk, out)
+                        k += 1
+                    feed = None  # not kept alive while the next feed is produced
+                for i in range(k, k + SLOTS):
                     self._collect(self.slots[i % SLOTS])
             except BaseException:
                 for slot in self.slots:  # leave no stale pending chunk behind
@@ -471,52 +483,14 @@ class TensorRTBackend:
         return self._towers["text"].run([self._text_feed(inputs)])[0]
 
     def run_image_batches(self, batches: Any) -> list[np.ndarray]:
-        """Several pixel batches through one pipeline (copies of one overlap compute of the
-        previous): one float32 ``(N_i, D)`` per batch.
-
-        ``batches``: any iterable (a list, a generator), consumed lazily: batch k+1 is taken
-        from it only once batch k's chunks are enqueued, so producing it (the Engine's
-        preprocessing) overlaps their copies and compute. A host batch is released once
-        staged; a CUDA tensor stays referenced until its slot's device-to-device copy is waited
-        for, so at most ``SLOTS`` batches are held here. Same chunks, slots and order as
-        ``run`` with the batches as a list.
-        """
-        runner = self._towers["image"]
-        outs: list[np.ndarray] = []
-        held: list[Any] = [None] * SLOTS  # the CUDA feed each slot's pending copy reads
-        k = 0
-        with runner.lock:
-            try:
-                for batch in batches:
-                    feed = self._image_feed(batch)
-                    on_device = any(is_torch_tensor(v, "cuda") for v in feed.values())
-                    n = len(next(iter(feed.values())))
-                    out = np.empty((n, *runner.output[2]), dtype=np.float32)
-                    outs.append(out)
-                    for chunk in plan_chunks(n, runner.profile):
-                        slot = runner.slots[k % SLOTS]
-                        runner._collect(slot)
-                        held[k % SLOTS] = feed if on_device else None
-                        runner._submit(slot, feed, chunk, out)
-                        k += 1
-                    batch = feed = None  # not kept alive while the next batch is produced
-                for i in range(k, k + SLOTS):
-                    runner._collect(runner.slots[i % SLOTS])
-            except BaseException:
-                for slot in runner.slots:  # leave no stale pending chunk behind
-                    slot.pending = None
-                    try:
-                        slot.stream.synchronize()
-                    except ClipfastError as e:  # keep the first error; note the second
-                        log.warning("clipfast tensorrt %s: stream sync after an error: %s",
-                                    runner.name, e)
-                raise
-        return outs
+        """Several pixel batches (any iterable, a generator included, consumed lazily: see
+        ``TowerRunner.run``) through one pipeline: one float32 ``(N_i, D)`` per batch."""
+        return self._towers["image"].run(self._image_feed(b) for b in batches)
 
     def run_text_batches(self, batches: Any) -> list[np.ndarray]:
         """Token batches (an iterable of ``{name: (N_i, L)}``) through one pipeline: one
         float32 ``(N_i, D)`` per batch."""
-        return self._towers["text"].run([self._text_feed(b) for b in batches])
+        return self._towers["text"].run(self._text_feed(b) for b in batches)
 
     def describe(self) -> dict[str, Any]:
         graphs = {}
