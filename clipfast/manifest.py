@@ -96,19 +96,27 @@ def write_manifest(directory: str | os.PathLike, data: ArtifactSpec | dict[str, 
 # --------------------------------------------------------------------------- file names
 
 
+def _path_syntax(name: str) -> str | None:
+    """What makes ``name`` unusable as a relative '/'-separated file name (NUL or backslash
+    characters, an absolute path or drive), or None."""
+    if "\x00" in name or "\\" in name:
+        return "uses NUL or backslash characters (file names use '/')"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "is an absolute path"
+    return None
+
+
 def _plain_name(name: Any, field: str, where: Path) -> str:
     """``name`` as a normalised relative POSIX name, or ArtifactError naming ``field``: absolute
     paths, drive letters, backslashes, NUL bytes and ``..`` components are refused."""
     if not isinstance(name, str) or not name.strip():
         raise ArtifactError(f"{where}: {field} must be a file name (a non-empty string), "
                             f"got {name!r}")
-    if "\x00" in name or "\\" in name:
-        raise ArtifactError(f"{where}: {field} {name!r}: file names use '/' and no NUL or "
-                            "backslash characters")
+    problem = _path_syntax(name)
+    if problem:
+        raise ArtifactError(f"{where}: {field} {name!r} {problem}; artifact files are named "
+                            "relative to the artifact directory")
     p = PurePosixPath(name)
-    if p.is_absolute() or PureWindowsPath(name).drive:
-        raise ArtifactError(f"{where}: {field} {name!r} is an absolute path; artifact files are "
-                            "named relative to the artifact directory")
     if ".." in p.parts:
         raise ArtifactError(f"{where}: {field} {name!r} leaves the artifact directory ('..')")
     norm = str(p)
@@ -473,14 +481,12 @@ def _check_external_data(directory: Path, files: dict, tower: str, onnx_path: Pa
     listed = {Path(os.path.realpath(root / name)) for name in files}
     for location in onnx_external_data(onnx_path):
         field = f"{tower} graph external data"
-        if not location or "\x00" in location or "\\" in location:
-            raise ArtifactError(f"{onnx_path}: {field} location {location!r} is not a plain "
-                                "file name ('/' separators, no NUL or backslash)")
-        loc = PurePosixPath(location)
-        if loc.is_absolute() or PureWindowsPath(location).drive:
-            raise ArtifactError(f"{onnx_path}: {field} {location!r} is an absolute path; "
-                                "external data must lie beside the graph in the artifact")
-        target = _contained(root, onnx_path.parent / loc, field, location, onnx_path)
+        problem = _path_syntax(location) if location else "is empty"
+        if problem:
+            raise ArtifactError(f"{onnx_path}: {field} {location!r} {problem}; external data "
+                                "must lie beside the graph in the artifact")
+        target = _contained(root, onnx_path.parent / PurePosixPath(location), field, location,
+                            onnx_path)
         if target not in listed:
             raise ArtifactError(f"{onnx_path}: {field} {location!r} is not listed in the "
                                 f"'files' of {where} (every file the runtime opens must be "
