@@ -44,3 +44,15 @@ def photos() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def export_fn():
     return _export
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """The kernel library loader re-reads the environment; the real outcome is restored
+    afterwards."""
+    from clipfast.kernels import _lib
+
+    _lib._reset_for_tests()
+    yield monkeypatch
+    monkeypatch.undo()
+    _lib._reset_for_tests()

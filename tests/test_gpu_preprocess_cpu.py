@@ -27,15 +27,6 @@ torch = pytest.importorskip("torch")
 CFG = PreprocessConfig(image_size=(32, 32), resize_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
-@pytest.fixture
-def fresh_loader(monkeypatch):
-    """The kernel loader re-reads the environment; the real outcome is restored afterwards."""
-    _lib._reset_for_tests()
-    yield monkeypatch
-    monkeypatch.undo()
-    _lib._reset_for_tests()
-
-
 # --------------------------------------------------------------------------- saying why
 
 

@@ -243,15 +243,6 @@ def test_attention_dispatcher_cpu_and_strided():
 # --------------------------------------------------------------------------- CPU: loader
 
 
-@pytest.fixture
-def fresh_loader(monkeypatch):
-    """The loader re-reads the environment; the real outcome is restored afterwards."""
-    _lib._reset_for_tests()
-    yield monkeypatch
-    monkeypatch.undo()
-    _lib._reset_for_tests()
-
-
 def test_loader_respects_disable(fresh_loader, caplog):
     fresh_loader.setenv("CLIPFAST_DISABLE_KERNELS", "1")
     with caplog.at_level(logging.INFO, logger="clipfast.kernels"):
