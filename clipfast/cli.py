@@ -422,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     from clipfast.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from clipfast.embed.cli import add_parser as add_embed_parser
+
+    add_embed_parser(sub)
+    from clipfast.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

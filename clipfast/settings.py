@@ -110,6 +110,11 @@ _DECLARED = (
         "(the csrc fused kernel) or auto (the kernel when its self-check passes).",
         _choice(ATTENTION_MODES)),
     Setting(
+        "CLIPFAST_API_KEY", "text", None,
+        "The key `clipfast serve` requires (Authorization: Bearer KEY) on /v1/* and /metrics "
+        "when --api-key is not given; unset: no key.",
+        _text),
+    Setting(
         "CLIPFAST_REQUIRE_QEMU", "flag (1)", False,
         "1: the int8 tests that emulate an AVX2-only CPU fail without qemu-x86_64 instead of "
         "skipping (CI sets it).",
