@@ -1,0 +1,403 @@
+"""``clipfast embed``: stream a source through an Engine into resumable parquet shards.
+
+Work is cut by input ordinal: batch ``b`` holds ordinals ``[b * B, (b + 1) * B)`` and shard
+``s`` ordinals ``[s * S, (s + 1) * S)`` with S a multiple of B. Failures leave holes in a batch
+instead of pulling later inputs in, so a resumed job (which starts at a shard boundary) forms
+exactly the batches an uninterrupted one would, and its rows are bitwise the same.
+
+Overlap: decode threads prepare the next batches while the calling thread runs the tower
+(ONNX Runtime releases the GIL; so do Pillow's decode and resize). At most ``prefetch``
+batches are in flight, so memory is bounded by ``prefetch * batch_size`` inputs whatever the
+dataset's size.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipfast.embed import output as out_mod
+from clipfast.embed.decode import (
+    ImagePolicy,
+    Prepared,
+    measure_fast_decode,
+    prepare_images,
+    prepare_texts,
+    sample_values,
+)
+from clipfast.embed.sources import Item, Plan, iter_items, plan, resolve_sources
+from clipfast.errors import ClipfastError
+from clipfast.fidelity import l2_normalize
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class EmbedOptions:
+    """Everything ``clipfast embed`` takes (CLI flags map one to one)."""
+
+    artifact: str
+    sources: list[str]
+    out: str
+    text_column: str | None = None
+    image_column: str | None = None
+    key_column: str | None = None
+    dtype: str = "float32"
+    batch_size: int = 32
+    shard_size: int = 4096
+    workers: int | None = None
+    threads: int | None = None
+    prefetch: int | None = None
+    backend: str = "auto"
+    device: str = "cpu"
+    fast_decode: bool = False
+    fidelity_sample: int = 16
+    overwrite: bool = False
+    progress: bool = True
+    ray: bool = False
+    ray_address: str | None = None
+    ray_concurrency: int = 1
+    # Test hook: stop (as if killed) after this many shards are committed in this run.
+    stop_after_shards: int | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.text_column else "image"
+
+
+@dataclass
+class EmbedSummary:
+    out: str
+    items: int
+    embedded: int
+    failed: int
+    shards: int
+    resumed_from: int
+    seconds: float
+    complete: bool
+
+
+def _identity(opts: EmbedOptions, engine, specs, the_plan: Plan) -> dict[str, Any]:
+    """The parts of the manifest that must match for a resume to continue this job."""
+    from clipfast.manifest import artifact_digest
+
+    return {
+        "artifact": {"digest": artifact_digest(engine.manifest),
+                     "path": str(Path(opts.artifact).resolve()),
+                     "family": engine.manifest.family,
+                     "precision": engine.manifest.precision},
+        "source": {"specs": [s.to_dict() for s in specs], "items": the_plan.items,
+                   "keys_sha256": the_plan.keys_sha256},
+        "output": {"kind": opts.kind, "dtype": opts.dtype, "fast_decode": opts.fast_decode},
+    }
+
+
+def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    if old.get("artifact", {}).get("digest") != new["artifact"]["digest"]:
+        return (f"it was made with artifact {old.get('artifact', {}).get('path')} (digest "
+                f"{old.get('artifact', {}).get('digest')}), this run uses "
+                f"{new['artifact']['path']} (digest {new['artifact']['digest']})")
+    os_, ns = old.get("source", {}), new["source"]
+    if os_.get("specs") != ns["specs"]:
+        return (f"it was made from {[s['path'] for s in os_.get('specs', [])]}, this run reads "
+                f"{[s['path'] for s in ns['specs']]}")
+    if (os_.get("items"), os_.get("keys_sha256")) != (ns["items"], ns["keys_sha256"]):
+        return (f"the source changed since the job started ({os_.get('items')} inputs then, "
+                f"{ns['items']} now, or different names)")
+    if old.get("output") != new["output"]:
+        return f"it was made with {old.get('output')}, this run asks for {new['output']}"
+    return None
+
+
+def _covered(records) -> tuple[list[int], list[int]]:
+    spans = sorted((r.start, r.end) for r in records)
+    return [a for a, _ in spans], [b for _, b in spans]
+
+
+def _is_covered(starts: list[int], ends: list[int], o: int) -> bool:
+    i = bisect.bisect_right(starts, o) - 1
+    return i >= 0 and o < ends[i]
+
+
+def _batches(items: Iterator[Item], batch_size: int) -> Iterator[list[Item]]:
+    """Pending items grouped by their ordinal's batch window."""
+    batch: list[Item] = []
+    window = -1
+    for item in items:
+        w = item.ordinal // batch_size
+        if batch and w != window:
+            yield batch
+            batch = []
+        window = w
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+class _ShardWriter:
+    """Collects finished batches and commits a shard when its ordinal window is done."""
+
+    def __init__(self, outdir: out_mod.OutputDir, records: list, shard_size: int, total: int,
+                 dtype: str, dim: int):
+        self.outdir, self.records = outdir, records
+        self.shard_size, self.total, self.dtype, self.dim = shard_size, total, dtype, dim
+        self.window: int | None = None
+        self._reset()
+        self.committed_now = 0
+
+    def _reset(self) -> None:
+        self.keys: list[str] = []
+        self.ordinals: list[int] = []
+        self.parts: list[np.ndarray] = []
+        self.failures: list[dict[str, Any]] = []
+
+    def add(self, first_ordinal: int, good: list[Item], emb: np.ndarray | None,
+            failures: list[tuple[Item, str]]) -> None:
+        w = first_ordinal // self.shard_size
+        if self.window is not None and w != self.window:
+            self.flush()
+        self.window = w
+        self.keys.extend(it.key for it in good)
+        self.ordinals.extend(it.ordinal for it in good)
+        if emb is not None and len(emb):
+            self.parts.append(emb)
+        self.failures.extend({"key": it.key, "ordinal": it.ordinal, "reason": why}
+                             for it, why in failures)
+        self.failures.sort(key=lambda r: r["ordinal"])
+
+    def flush(self) -> None:
+        if self.window is None:
+            return
+        start = self.window * self.shard_size
+        end = min(start + self.shard_size, self.total)
+        emb = (np.concatenate(self.parts) if self.parts
+               else np.zeros((0, self.dim), dtype=self.dtype))
+        rec = self.outdir.commit(len(self.records), start, end, self.keys, self.ordinals,
+                                 emb.astype(self.dtype, copy=False), self.failures)
+        self.records.append(rec)
+        self.committed_now += 1
+        self.window = None
+        self._reset()
+
+
+class _Stop(Exception):
+    """The stop_after_shards test hook fired."""
+
+
+def _engine(opts: EmbedOptions):
+    import clipfast
+
+    return clipfast.Engine(opts.artifact, backend=opts.backend, device=opts.device,
+                           batch_size=opts.batch_size, threads=opts.threads)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def run_embed(opts: EmbedOptions) -> EmbedSummary:
+    """Run (or resume) one embed job; returns its summary. ClipfastError on a refused output
+    folder, bad options or sources."""
+    t0 = time.perf_counter()
+    out_mod._pyarrow()  # fail now, with the extra's name, not after the first shard
+    if opts.dtype not in DTYPES:
+        raise ClipfastError(f"embed: --dtype {opts.dtype!r}: expected one of {DTYPES}")
+    if opts.batch_size < 1 or opts.shard_size < 1:
+        raise ClipfastError("embed: --batch-size and --shard-size must be at least 1")
+    if opts.fast_decode and opts.kind == "text":
+        raise ClipfastError("embed: --fast-decode applies to images, not --text-column")
+    shard_size = -(-opts.shard_size // opts.batch_size) * opts.batch_size
+    specs = resolve_sources(opts.sources, text_column=opts.text_column,
+                            image_column=opts.image_column, key_column=opts.key_column)
+    outdir = out_mod.OutputDir(opts.out)
+    if outdir.root.exists() and not outdir.root.is_dir():
+        raise ClipfastError(f"embed: --out {opts.out} exists and is not a folder")
+    if opts.overwrite:
+        outdir.clear()
+    foreign = outdir.foreign_entries()
+    existing = outdir.manifest()
+    if foreign and existing is None:
+        raise ClipfastError(f"embed: --out {opts.out} holds files that are not a clipfast embed "
+                            f"output ({', '.join(foreign[:5])}); choose an empty or new folder")
+
+    engine = _Handle(opts)
+    the_plan = plan(specs)
+    ident = _identity(opts, engine, specs, the_plan)
+    if existing is not None:
+        why = _mismatch(existing, ident)
+        if why is not None:
+            raise ClipfastError(f"embed: --out {opts.out} already holds another job's output: "
+                                f"{why}. Pass --overwrite to replace it, or choose another --out")
+        batch_size = int(existing["options"]["batch_size"])
+        shard_size = int(existing["options"]["shard_size"])
+        manifest = existing
+    else:
+        batch_size = opts.batch_size
+        manifest = {
+            "format": out_mod.FORMAT, "format_version": out_mod.FORMAT_VERSION,
+            "status": "running", **ident, "embed_dim": engine.embed_dim,
+            "options": {"dtype": opts.dtype, "batch_size": batch_size, "shard_size": shard_size,
+                        "fast_decode": opts.fast_decode, "text_column": opts.text_column,
+                        "image_column": opts.image_column, "key_column": opts.key_column},
+            "fast_decode_fidelity": None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        outdir.root.mkdir(parents=True, exist_ok=True)
+    records = outdir.recover()
+    if existing is None:
+        outdir.write_manifest(manifest)
+    done_before = sum(r.end - r.start for r in records)
+    if manifest.get("status") == "complete" and done_before == the_plan.items:
+        return _summary(opts, manifest, records, done_before, t0, complete=True)
+    if opts.fast_decode and manifest.get("fast_decode_fidelity") is None:
+        policy = ImagePolicy.of(engine.loaded(opts), fast=True)
+        manifest["fast_decode_fidelity"] = measure_fast_decode(
+            engine.loaded(opts), sample_values(iter_items(specs), opts.fidelity_sample), policy)
+        outdir.write_manifest(manifest)
+
+    starts, ends = _covered(records)
+    writer = _ShardWriter(outdir, records, shard_size, the_plan.items, opts.dtype,
+                          engine.embed_dim)
+    stream = (it for it in iter_items(specs, want=lambda o: not _is_covered(starts, ends, o))
+              if not _is_covered(starts, ends, it.ordinal))
+    bar = None
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=the_plan.items, initial=done_before, unit="item", desc="embed",
+                   dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+        bar.set_postfix(failed=sum(r.failed for r in records), refresh=False)
+    try:
+        if opts.ray:
+            from clipfast.ray.data import run_ray_batches
+
+            results = run_ray_batches(opts, _batches(stream, batch_size), batch_size)
+        else:
+            results = _run_local(opts, engine.loaded(opts), _batches(stream, batch_size))
+        failed_total = sum(r.failed for r in records)
+        for first, good, emb, failures in results:
+            writer.add(first, good, emb, failures)
+            if bar is not None:
+                failed_total += len(failures)
+                bar.update(len(good) + len(failures))
+                bar.set_postfix(failed=failed_total, refresh=False)
+            if opts.stop_after_shards is not None and (
+                    writer.committed_now >= opts.stop_after_shards):
+                raise _Stop
+        writer.flush()
+    except _Stop:
+        return _summary(opts, manifest, records, done_before, t0, complete=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    covered = sum(r.end - r.start for r in records)
+    if covered != the_plan.items:
+        raise ClipfastError(f"embed: the source changed while the job ran ({the_plan.items} "
+                            f"inputs planned, {covered} seen); run the command again")
+    failed = outdir.write_failures_table(records)
+    manifest.update({
+        "status": "complete",
+        "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "counts": {"items": the_plan.items, "embedded": sum(r.rows for r in records),
+                   "failed": failed, "shards": len(records)},
+        "shards": [r.to_dict() for r in records],
+        "engine": engine.facts(opts),
+    })
+    outdir.write_manifest(manifest)
+    return _summary(opts, manifest, records, done_before, t0, complete=True)
+
+
+def _summary(opts, manifest, records, done_before, t0, complete) -> EmbedSummary:
+    return EmbedSummary(out=opts.out, items=int(manifest["source"]["items"]),
+                        embedded=sum(r.rows for r in records),
+                        failed=sum(r.failed for r in records), shards=len(records),
+                        resumed_from=done_before, seconds=time.perf_counter() - t0,
+                        complete=complete)
+
+
+class _Handle:
+    """The artifact's facts, and the Engine: loaded at once for a local job; on demand only
+    (to measure --fast-decode) on a Ray driver, whose actors load their own."""
+
+    def __init__(self, opts: EmbedOptions):
+        from clipfast.manifest import load_manifest
+
+        self._engine = None if opts.ray else _engine(opts)
+        self.manifest = (self._engine.manifest if self._engine is not None
+                         else load_manifest(opts.artifact))
+        self.embed_dim = self.manifest.embed_dim
+
+    def loaded(self, opts: EmbedOptions):
+        if self._engine is None:
+            self._engine = _engine(opts)
+        return self._engine
+
+    def facts(self, opts: EmbedOptions) -> dict[str, Any]:
+        if opts.ray:
+            return {"ray": True, "address": opts.ray_address,
+                    "concurrency": opts.ray_concurrency, "batch_size": opts.batch_size}
+        d = self._engine.describe()
+        return {"backend": d.get("backend"), "device": self._engine.backend_device,
+                "intra_op_threads": (d.get("session") or {}).get("intra_op_threads"),
+                "decode_workers": opts.workers or default_workers(),
+                "prefetch_batches": opts.prefetch or (opts.workers or default_workers()) + 1,
+                "batch_size": opts.batch_size}
+
+
+def _run_local(opts: EmbedOptions, engine, batches: Iterator[list[Item]]
+               ) -> Iterator[tuple[int, list[Item], np.ndarray | None, list]]:
+    """(first ordinal, good items, embeddings, failures) per batch, in order; decode threads
+    run ahead of the tower by at most ``prefetch`` batches."""
+    workers = opts.workers or default_workers()
+    prefetch = opts.prefetch or workers + 1
+    if opts.kind == "text":
+        tok = engine.tokenizer
+
+        def prepare(items):
+            return prepare_texts(items, tok)
+
+        def run(p: Prepared):
+            return engine.run_text_tower(p.inputs)
+    else:
+        policy = ImagePolicy.of(engine, fast=opts.fast_decode)
+
+        def prepare(items):
+            return prepare_images(items, policy)
+
+        def run(p: Prepared):
+            return engine.run_image_tower(p.inputs)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipfast-decode")
+    inflight: deque = deque()
+    interrupted = False
+    try:
+        for batch in batches:
+            inflight.append((batch[0].ordinal, pool.submit(prepare, batch)))
+            if len(inflight) >= prefetch:
+                yield _finish(*inflight.popleft(), run)
+        while inflight:
+            yield _finish(*inflight.popleft(), run)
+    except BaseException:
+        interrupted = True
+        raise
+    finally:
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
+
+
+def _finish(first: int, fut, run):
+    p: Prepared = fut.result()
+    emb = l2_normalize(run(p)) if p.good else None
+    return first, p.good, emb, p.failures
+
+
+__all__ = ["DTYPES", "EmbedOptions", "EmbedSummary", "run_embed"]
