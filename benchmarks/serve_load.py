@@ -1,0 +1,432 @@
+"""Load benchmark of ``clipfast serve`` on loopback: throughput and p50/p99 latency at several
+client concurrencies, for texts and images, batched against an unbatched baseline
+(``--max-batch 1``: one request, one forward pass), beside the offline Engine batch rate
+measured in the same run; then p99/p50 at half the best throughput (open loop) and an
+overload at 4x it (open loop: status counts, server memory).
+
+Every level is bounded in requests and seconds. Clients are asyncio + httpx in this process,
+on the same machine: they take CPU from the server, as any loopback test does.
+
+    python benchmarks/serve_load.py --artifact /tmp/serve-vitb32 \
+        --out benchmarks/results/serve-load-vit-b-32
+
+writes ``OUT.json`` (every figure, the machine, the command) and ``OUT.md`` (tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- payloads ---------------------------------------------------------------------------------
+def make_texts(n: int) -> list[str]:
+    words = ("cat dog car tree house river mountain city street beach bird flower person "
+             "bicycle boat train table chair window sky cloud night morning red blue green "
+             "small large old new happy").split()
+    rng = random.Random(0)
+    return [f"a photo of {' '.join(rng.choice(words) for _ in range(rng.randint(2, 12)))}"
+            for _ in range(n)]
+
+
+def make_images() -> list[bytes]:
+    """JPEGs of the scikit-image photos (about 300x450 to 512x512), as a client would send."""
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat"):
+        arr = getattr(data, name)()
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert("RGB").save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def data_url(b: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(b).decode()
+
+
+# -- the server -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifact: str, args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "clipfast.cli", "serve", artifact, "--port", str(port),
+           "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url, cmd
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server not ready after 180 s")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return -9
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    def __init__(self, pid: int, every: float = 0.2):
+        self.pid, self.every, self.samples = pid, every, []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            v = rss_mb(self.pid)
+            if v is not None:
+                self.samples.append(v)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+# -- clients ----------------------------------------------------------------------------------
+def payload(kind: str, i: int, texts: list[str], images: list[str], items: int) -> dict:
+    if kind == "texts":
+        inp = [texts[(i * items + k) % len(texts)] for k in range(items)]
+        return {"model": "bench", "input": inp, "encoding_format": "base64"}
+    inp = [images[(i * items + k) % len(images)] for k in range(items)]
+    return {"model": "bench", "input": inp, "modality": "image", "encoding_format": "base64"}
+
+
+def summarise(lat: list[float], statuses: dict[int, int], elapsed: float, items: int,
+              retry_after: int) -> dict[str, Any]:
+    ok = statuses.get(200, 0)
+    arr = np.asarray(lat) if lat else np.asarray([np.nan])
+    return {"requests": sum(statuses.values()), "ok": ok, "statuses": statuses,
+            "seconds": round(elapsed, 3), "items_per_s": round(ok * items / elapsed, 2),
+            "p50_ms": round(float(np.percentile(arr, 50)) * 1e3, 1),
+            "p99_ms": round(float(np.percentile(arr, 99)) * 1e3, 1),
+            "503_with_retry_after": retry_after}
+
+
+async def _one(client, url, body, lat, statuses, counters) -> None:
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(url + "/v1/embeddings", json=body)
+        code = r.status_code
+        if code == 503 and r.headers.get("retry-after"):
+            counters["retry_after"] += 1
+    except Exception:
+        code = -1  # connection error
+    statuses[code] = statuses.get(code, 0) + 1
+    if code == 200:
+        lat.append(time.perf_counter() - t0)
+
+
+async def closed_loop(url: str, kind: str, concurrency: int, max_requests: int,
+                      max_seconds: float, texts, images, items: int = 1) -> dict[str, Any]:
+    import httpx
+
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    counters = {"retry_after": 0, "next": 0}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        for w in range(min(concurrency, 4)):  # warm-up
+            await client.post(url + "/v1/embeddings", json=payload(kind, w, texts, images, items))
+        start = time.perf_counter()
+        stop_at = start + max_seconds
+
+        async def worker():
+            while time.perf_counter() < stop_at:
+                i = counters["next"]
+                if i >= max_requests:
+                    return
+                counters["next"] += 1
+                await _one(client, url, payload(kind, i, texts, images, items), lat, statuses,
+                           counters)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return summarise(lat, statuses, elapsed, items, counters["retry_after"])
+
+
+async def open_loop(url: str, kind: str, rate: float, max_requests: int, max_seconds: float,
+                    texts, images, items: int = 1) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` requests/s, whatever the answers (an open-loop load)."""
+    import httpx
+
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    counters = {"retry_after": 0}
+    rng = np.random.default_rng(1)
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        start = time.perf_counter()
+        tasks, t, i = [], start, 0
+        while i < max_requests and t - start < max_seconds:
+            t += rng.exponential(1.0 / rate)
+            delay = t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(client, url, payload(kind, i, texts, images,
+                                                                       items), lat, statuses,
+                                                  counters)))
+            i += 1
+        offered = i / max(1e-9, time.perf_counter() - start)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    out = summarise(lat, statuses, elapsed, items, counters["retry_after"])
+    out["offered_requests_per_s"] = round(offered, 2)
+    return out
+
+
+# -- offline ----------------------------------------------------------------------------------
+def offline_rates(artifact: str, texts: list[str], jpegs: list[bytes], batch: int,
+                  seconds: float) -> dict[str, Any]:
+    """The Engine's own batch rate: encode_texts / encode_images (from JPEG bytes, decode
+    included, as the server does) on batches of ``batch``; the median of the calls' rates."""
+    import clipfast
+
+    engine = clipfast.Engine(artifact, backend="onnxruntime", batch_size=batch)
+    out = {}
+    for kind in ("texts", "images"):
+        items = ([texts[i % len(texts)] for i in range(batch)] if kind == "texts"
+                 else [jpegs[i % len(jpegs)] for i in range(batch)])
+        fn = engine.encode_texts if kind == "texts" else engine.encode_images
+        fn(items)
+        rates, t_end = [], time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(rates) < 3:
+            t0 = time.perf_counter()
+            fn(items)
+            rates.append(batch / (time.perf_counter() - t0))
+        out[kind] = {"batch": batch, "calls": len(rates),
+                     "items_per_s_median": round(float(np.median(rates)), 2),
+                     "items_per_s_min": round(float(np.min(rates)), 2),
+                     "items_per_s_max": round(float(np.max(rates)), 2)}
+    del engine
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    from clipfast.bench.machine import machine_info
+
+    info = machine_info("cpu")
+    info["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return info
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"# `clipfast serve` under load: {res['model']}", "",
+             f"Command: `{res['command']}`", "",
+             f"CPU: {m['cpu']}, ISA level {m['isa']}, {m['cores']} cores "
+             f"(flags: {', '.join(f for f in m['cpu_features'])}).",
+             f"Load before: `{res['uptime_before']}`; after: `{res['uptime_after']}`.", "",
+             "Servers: " + "; ".join(f"{k}: `{' '.join(v['command'][3:])}`"
+                                     for k, v in res["servers"].items()), "",
+             "## Offline Engine batch rate (same run, no server running)", "",
+             "| kind | batch | items/s (median) | min | max |", "|---|---|---|---|---|"]
+    for kind, r in res["offline"].items():
+        lines.append(f"| {kind} | {r['batch']} | {r['items_per_s_median']} | "
+                     f"{r['items_per_s_min']} | {r['items_per_s_max']} |")
+    lines += ["", "## Closed loop: one item per request", "",
+              "| kind | server | concurrency | requests | items/s | p50 ms | p99 ms | statuses |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in res["closed_loop"]:
+        lines.append(f"| {row['kind']} | {row['server']} | {row['concurrency']} | "
+                     f"{row['requests']} | {row['items_per_s']} | {row['p50_ms']} | "
+                     f"{row['p99_ms']} | {row['statuses']} |")
+    lines += ["", "## Goals", "", "| goal | kind | measured | target | met |",
+              "|---|---|---|---|---|"]
+    for g in res["goals"]:
+        lines.append(f"| {g['goal']} | {g['kind']} | {g['measured']} | {g['target']} | "
+                     f"{'yes' if g['met'] else 'NO'} |")
+    lines += ["", "## Open loop at half the best throughput", "",
+              "| kind | offered req/s | items/s | p50 ms | p99 ms | p99/p50 |",
+              "|---|---|---|---|---|---|"]
+    for kind, r in res["half_load"].items():
+        lines.append(f"| {kind} | {r['offered_requests_per_s']} | {r['items_per_s']} | "
+                     f"{r['p50_ms']} | {r['p99_ms']} | {r['p99_over_p50']} |")
+    lines += ["", "## Overload: open loop at 4x the best throughput", "",
+              "| kind | offered items/s | statuses | 503 with Retry-After | server RSS MB "
+              "before / max / after | healthy after |", "|---|---|---|---|---|---|"]
+    for kind, r in res["overload"].items():
+        lines.append(f"| {kind} | {r['offered_items_per_s']} | {r['statuses']} | "
+                     f"{r['503_with_retry_after']} | {r['rss_mb_before']} / {r['rss_mb_max']} / "
+                     f"{r['rss_mb_after']} | {r['healthy_after']} |")
+    if res.get("notes"):
+        lines += ["", "## Notes", "", *res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--out", required=True, help="OUT: writes OUT.json and OUT.md")
+    p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--kinds", default="texts,images")
+    p.add_argument("--max-requests", type=int, default=400, help="per level")
+    p.add_argument("--max-seconds", type=float, default=15.0, help="per level")
+    p.add_argument("--offline-seconds", type=float, default=8.0)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-queue", type=int, default=128)
+    p.add_argument("--overload-seconds", type=float, default=10.0)
+    p.add_argument("--overload-items", type=int, default=4, help="items per overload request")
+    p.add_argument("--no-baseline", action="store_true")
+    args = p.parse_args(argv)
+
+    script = Path(sys.argv[0]).resolve()
+    script_name = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0]
+    command = "python " + " ".join(shlex.quote(a) for a in [
+        script_name, *(argv if argv is not None else sys.argv[1:])])
+    kinds = args.kinds.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    texts = make_texts(512)
+    jpegs = make_images()
+    images = [data_url(b) for b in jpegs]
+    res: dict[str, Any] = {"model": Path(args.artifact).name, "command": command,
+                           "machine": machine(), "uptime_before":
+                           subprocess.run(["uptime"], capture_output=True, text=True
+                                          ).stdout.strip(),
+                           "args": vars(args), "servers": {}, "closed_loop": []}
+    print("offline Engine rates ...", flush=True)
+    res["offline"] = offline_rates(args.artifact, texts, jpegs, args.max_batch,
+                                   args.offline_seconds)
+    print(json.dumps(res["offline"]), flush=True)
+
+    configs = {"batched": ["--max-batch", str(args.max_batch), "--max-wait-ms",
+                           str(args.max_wait_ms), "--max-queue", str(args.max_queue),
+                           "--model-name", "bench"]}
+    if not args.no_baseline:
+        configs["unbatched"] = ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue",
+                                str(args.max_queue), "--model-name", "bench"]
+    best: dict[str, float] = {}
+    for name, extra in configs.items():
+        proc, url, cmd = start_server(args.artifact, extra)
+        res["servers"][name] = {"command": cmd[1:2] + ["-m", "clipfast.cli"] + cmd[3:]}
+        try:
+            for kind in kinds:
+                for c in levels:
+                    r = asyncio.run(closed_loop(url, kind, c, args.max_requests,
+                                                args.max_seconds, texts, images))
+                    row = {"kind": kind, "server": name, "concurrency": c, **r}
+                    res["closed_loop"].append(row)
+                    print(json.dumps(row), flush=True)
+                    if name == "batched":
+                        best[kind] = max(best.get(kind, 0.0), r["items_per_s"])
+            if name == "batched":
+                res["half_load"], res["overload"] = {}, {}
+                for kind in kinds:
+                    rate = best[kind] / 2
+                    r = asyncio.run(open_loop(url, kind, rate, int(rate * args.max_seconds) + 1,
+                                              args.max_seconds, texts, images))
+                    r["p99_over_p50"] = round(r["p99_ms"] / r["p50_ms"], 2)
+                    res["half_load"][kind] = r
+                    print("half", kind, json.dumps(r), flush=True)
+                for kind in kinds:
+                    k = args.overload_items
+                    rate = 4 * best[kind] / k
+                    before = rss_mb(proc.pid)
+                    with RssSampler(proc.pid) as s:
+                        r = asyncio.run(open_loop(url, kind, rate,
+                                                  int(rate * args.overload_seconds) + 1,
+                                                  args.overload_seconds, texts, images, k))
+                    import httpx
+
+                    healthy = httpx.get(url + "/health", timeout=10).status_code == 200
+                    r.update({"items_per_request": k,
+                              "offered_items_per_s": round(r["offered_requests_per_s"] * k, 1),
+                              "rss_mb_before": round(before or 0, 1),
+                              "rss_mb_max": round(max(s.samples or [0]), 1),
+                              "rss_mb_after": round(rss_mb(proc.pid) or 0, 1),
+                              "healthy_after": healthy})
+                    res["overload"][kind] = r
+                    print("overload", kind, json.dumps(r), flush=True)
+        finally:
+            res["servers"][name]["exit_code_after_sigterm"] = stop_server(proc)
+    res["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True
+                                         ).stdout.strip()
+    goals = []
+    for kind in kinds:
+        at32 = {r["server"]: r["items_per_s"] for r in res["closed_loop"]
+                if r["kind"] == kind and r["concurrency"] == 32}
+        off = res["offline"][kind]["items_per_s_median"]
+        if "batched" in at32:
+            frac = at32["batched"] / off
+            goals.append({"goal": "c=32 throughput / offline Engine rate", "kind": kind,
+                          "measured": round(frac, 3), "target": ">= 0.85", "met": frac >= 0.85})
+        if "batched" in at32 and "unbatched" in at32 and at32["unbatched"] > 0:
+            ratio = at32["batched"] / at32["unbatched"]
+            goals.append({"goal": "c=32 batched / unbatched", "kind": kind,
+                          "measured": round(ratio, 2), "target": ">= 3", "met": ratio >= 3})
+        h = res.get("half_load", {}).get(kind)
+        if h:
+            goals.append({"goal": "p99 / p50 at half the best throughput", "kind": kind,
+                          "measured": h["p99_over_p50"], "target": "<= 3",
+                          "met": h["p99_over_p50"] <= 3})
+        o = res.get("overload", {}).get(kind)
+        if o:
+            only = set(o["statuses"]) <= {200, 503} and o["503_with_retry_after"] == o[
+                "statuses"].get(503, 0) and o["healthy_after"]
+            goals.append({"goal": "4x capacity: only 200/503 (+Retry-After), alive",
+                          "kind": kind, "measured": o["statuses"], "target": "{200, 503}",
+                          "met": bool(only)})
+    res["goals"] = goals
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    Path(f"{out}.md").write_text(markdown(res))
+    print(Path(f"{out}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
