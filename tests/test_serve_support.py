@@ -1,0 +1,135 @@
+"""Helpers shared by the serving tests (no tests here): one tiny transformers CLIP artifact per
+session, a uvicorn server in a thread, a stand-in Engine whose towers can be held, image data
+URLs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image
+
+from clipfast.types import BatchResult, Failure
+
+
+def small_artifact(tmp_path_factory, export_fn) -> Path:
+    """A tiny transformers CLIP (64x64 input, 2+2 layers, random weights), exported once per
+    session whichever serving module asks first."""
+    from hf_models import save_clip
+
+    root = tmp_path_factory.getbasetemp() / "serve-small-clip"
+    art = root / "art"
+    lock = root / ".done"
+    if not lock.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        src = save_clip(root / "src", "small")
+        export_fn(f"transformers:{src}", art, pretrained=None)
+        lock.write_text("ok")
+    return art
+
+
+def jpeg(arr: np.ndarray, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def decode_rows(body: dict) -> dict[int, np.ndarray]:
+    """index -> float32 row from an embeddings response (float or base64 encoding)."""
+    out = {}
+    for d in body["data"]:
+        e = d["embedding"]
+        out[d["index"]] = (np.frombuffer(base64.b64decode(e), "<f4") if isinstance(e, str)
+                           else np.asarray(e, np.float32))
+    return out
+
+
+class ThreadServer:
+    """``clipfast.serve``'s uvicorn server on an ephemeral loopback port, in a thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        from clipfast.serve.server import _Server
+
+        self.server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                             lifespan="on", timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class StubEngine:
+    """The part of clipfast.Engine the server uses, with 4-dim embeddings computed from the
+    inputs, and a ``gate`` the towers wait on (cleared: every tower call blocks)."""
+
+    embed_dim = 4
+    backend = "stub"
+    backend_device = "cpu"
+    prompt_template = "a photo of a {}."
+
+    def __init__(self):
+        self.manifest = SimpleNamespace(
+            directory="/stub/stub-model", family="stub", precision="fp32",
+            logits=SimpleNamespace(kind="softmax", scale=100.0, bias=None),
+            tokenizer=SimpleNamespace(pad_id=0))
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[int] = []
+        self.running = threading.Event()
+
+    def tokenize(self, texts):
+        ids = np.zeros((len(texts), 8), np.int64)
+        for i, t in enumerate(texts):
+            codes = [ord(c) % 97 + 1 for c in t[:8]]
+            ids[i, :len(codes)] = codes
+        return {"input_ids": ids}
+
+    def _tower(self, x: np.ndarray) -> np.ndarray:
+        self.running.set()
+        self.gate.wait(30)
+        self.calls.append(len(x))
+        flat = x.reshape(len(x), -1).astype(np.float64)
+        return np.stack([flat.sum(1), flat.max(1), flat.min(1) + 1, np.ones(len(x))], 1
+                        ).astype(np.float32)
+
+    def run_text_tower(self, tokens):
+        return self._tower(tokens["input_ids"])
+
+    def run_image_tower(self, pixels):
+        return self._tower(pixels)
+
+    def preprocess(self, images, errors="skip"):
+        try:
+            img = Image.open(io.BytesIO(images[0]))
+            img.load()
+            arr = np.asarray(img.convert("RGB").resize((4, 4)), np.float32)[None] / 255
+            return BatchResult(arr.transpose(0, 3, 1, 2), np.array([0]), [])
+        except Exception as e:
+            return BatchResult(np.zeros((0, 3, 4, 4), np.float32), np.array([], np.int64),
+                               [Failure(0, "<bytes>", f"image 0 (<bytes>): cannot identify "
+                                        f"image data ({type(e).__name__})")])
+
+    def logits(self, a, b):
+        return (100.0 * a @ b.T).astype(np.float32)
