@@ -1,0 +1,80 @@
+"""Ray Data: EmbedBatch in Dataset.map_batches gives the Engine's rows for image bytes, image
+paths and texts, and `clipfast embed --ray` writes the local job's output row for row. One local
+Ray instance for the module (2 CPUs, 200 MB object store)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from test_embed import make_images, small_artifact_path  # noqa: E402
+
+import clipfast  # noqa: E402
+from clipfast.embed import EmbedOptions, read_failures, run_embed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False, ignore_reinit_error=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory, export_fn):
+    return small_artifact_path(tmp_path_factory, export_fn)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray-imgs")
+    paths = make_images(d, 10, seed=7)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return d, sorted(str(p) for p in paths)
+
+
+def test_embed_batch_adds_the_engines_rows(ray_local, art, images):
+    from clipfast.ray import EmbedBatch
+
+    _, paths = images
+    engine = clipfast.Engine(art, backend="onnxruntime")
+    blobs = [open(p, "rb").read() for p in paths]
+    rows = [{"id": i, "image": b, "path": p, "text": f"thing {i}"}
+            for i, (b, p) in enumerate(zip(blobs, paths))]
+    rows.append({"id": 99, "image": b"not an image", "path": "/nope.png", "text": "x"})
+    ds = ray.data.from_items(rows)
+    ref_img = engine.encode_images(paths)
+    for column, kind in (("image", "image_bytes"), ("path", "image_path")):
+        out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={
+            "artifact": str(art), "column": column, "kind": kind, "backend": "onnxruntime"},
+            concurrency=1, batch_size=4, num_gpus=0).take_all()
+        got = np.stack([r["embedding"] for r in out[:-1]])
+        np.testing.assert_allclose(got, ref_img, atol=1e-6, err_msg=kind)
+        assert [r["error"] for r in out[:-1]] == [None] * len(paths)
+        assert out[-1]["error"] and np.isnan(out[-1]["embedding"]).all()
+        assert [r["id"] for r in out] == [r["id"] for r in rows]  # columns kept
+    out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={
+        "artifact": str(art), "column": "text", "kind": "text"},
+        concurrency=1, batch_size=4).take_all()
+    ref_txt = engine.encode_texts([r["text"] for r in rows])
+    np.testing.assert_allclose(np.stack([r["embedding"] for r in out]), ref_txt, atol=1e-6)
+
+
+def test_clipfast_embed_ray_writes_the_local_jobs_rows(ray_local, art, images, tmp_path):
+    folder, _ = images
+    common = {"artifact": str(art), "sources": [str(folder)], "batch_size": 4,
+              "shard_size": 4, "progress": False}
+    run_embed(EmbedOptions(out=str(tmp_path / "local"), **common))
+    run_embed(EmbedOptions(out=str(tmp_path / "ray"), ray=True, ray_concurrency=1, **common))
+    k_local, e_local = clipfast.read_embeddings(tmp_path / "local")
+    k_ray, e_ray = clipfast.read_embeddings(tmp_path / "ray")
+    assert k_ray == k_local and len(k_ray) == 10
+    np.testing.assert_allclose(e_ray, e_local, atol=1e-6)
+    assert read_failures(tmp_path / "ray") == read_failures(tmp_path / "local")
+    assert [f["key"] for f in read_failures(tmp_path / "ray")] == [str(folder / "broken.png")]
