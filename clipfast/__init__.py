@@ -29,6 +29,7 @@ __all__ = [
     "InputError",
     "TextInputError",
     "__version__",
+    "read_embeddings",
 ]
 
 
@@ -38,4 +39,8 @@ def __getattr__(name: str):
         from clipfast.engine import Engine
 
         return Engine
+    if name == "read_embeddings":  # needs pyarrow (the [embed] extra): imported on first use
+        from clipfast.embed.output import read_embeddings
+
+        return read_embeddings
     raise AttributeError(f"module 'clipfast' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import io
 import os
 import re
 import stat
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,9 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag Pillow's exif_transpose reads
 MAX_IMAGE_BYTES: int | None = 256 * 1024 * 1024
 
 _READ_CHUNK = 1 << 20
+
+# (stored width, stored height) -> the smallest (width, height) wanted from a JPEG decode, or None
+DraftFn = Callable[[tuple[int, int]], "tuple[int, int] | None"]
 
 
 
@@ -202,8 +206,13 @@ def read_image_bytes(item: Any, *, index: int | None = None, max_bytes: int | No
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def _decode(data: bytes, index: int | None, item: Any) -> Image.Image:
-    """Open and fully decode encoded image bytes, enforcing the decompression-bomb limit."""
+def _decode(data: bytes, index: int | None, item: Any, draft: DraftFn | None = None
+            ) -> Image.Image:
+    """Open and fully decode encoded image bytes, enforcing the decompression-bomb limit.
+
+    draft: for a JPEG, called with the stored ``(width, height)``; a size it returns is passed to
+    Pillow's ``draft`` (DCT-domain downscaling by 1/2, 1/4 or 1/8, keeping each side at least
+    that size) before decoding. None (default) decodes at full size."""
     # The pixel limit is checked here on the header's size, before decoding, instead of turning
     # Pillow's DecompressionBombWarning into an error: warning filters are process-wide, and
     # changing them from decode threads is not thread-safe. Image.open itself still raises
@@ -215,6 +224,10 @@ def _decode(data: bytes, index: int | None, item: Any) -> Image.Image:
         pixels = max(1, img.size[0]) * max(1, img.size[1])
         if limit is not None and pixels > limit:
             raise image_error(_bomb_refusal(pixels), index, item)
+        if draft is not None and img.format == "JPEG":
+            wanted = draft(img.size)
+            if wanted is not None:
+                img.draft(None, wanted)
         # Image.open only reads the header: load() decodes everything, so truncated or
         # corrupt data fails here, with the item named, and not later inside a batch.
         img.load()
@@ -299,6 +312,7 @@ def load_image(
     exif_transpose: bool = True,
     alpha_background: tuple[int, int, int] = (255, 255, 255),
     max_bytes: int | None = None,
+    draft: DraftFn | None = None,
 ) -> Image.Image:
     """Load one image input as a fully decoded PIL image in mode RGB.
 
@@ -308,11 +322,14 @@ def load_image(
         (H, W, 4).
     index: position in the caller's batch, used in error messages.
     max_bytes: the most bytes read from a path or file object; default ``MAX_IMAGE_BYTES``.
+    draft: encoded JPEGs only (path, bytes, file object): given the stored size, the smallest
+        size wanted, or None; Pillow's JPEG draft then decodes at 1/2, 1/4 or 1/8 scale (faster,
+        not pixel-exact). None (default): full-size decode.
     Raises ImageLoadError naming the item and the problem, whatever the fault. Mode policy:
     module docstring.
     """
     try:
-        return _load_image(item, index, exif_transpose, alpha_background, max_bytes)
+        return _load_image(item, index, exif_transpose, alpha_background, max_bytes, draft)
     except InputError:
         raise
     except Exception as exc:  # a fault nobody foresaw is still this item's fault
@@ -326,6 +343,7 @@ def _load_image(
     exif_transpose: bool,
     alpha_background: tuple[int, int, int],
     max_bytes: int | None,
+    draft: DraftFn | None = None,
 ) -> Image.Image:
     if isinstance(item, Image.Image):
         img = item
@@ -337,18 +355,19 @@ def _load_image(
             ) from exc
     elif isinstance(item, (str, os.PathLike)):
         # Read the bytes up front: no file handle stays open behind a lazily decoded image.
-        img = _decode(read_image_bytes(item, index=index, max_bytes=max_bytes), index, item)
+        img = _decode(read_image_bytes(item, index=index, max_bytes=max_bytes), index, item,
+                      draft)
     elif isinstance(item, (bytes, bytearray, memoryview)):
         if len(item) == 0:
             raise image_error("empty bytes", index, item)
-        img = _decode(bytes(item), index, item)
+        img = _decode(bytes(item), index, item, draft)
     elif isinstance(item, np.ndarray):
         img = _from_array(item, index)
     elif _is_stream(item):
         data = read_image_bytes(item, index=index, max_bytes=max_bytes)
         if not data:
             raise image_error("the file object is empty (at its current position)", index, item)
-        img = _decode(data, index, item)
+        img = _decode(data, index, item, draft)
     else:
         raise image_error(
             f"unsupported input type {type(item).__name__}; expected a PIL image, a path, a "

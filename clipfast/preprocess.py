@@ -323,8 +323,13 @@ def _resize_window(
     return img
 
 
-def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """Geometry only: RGB PIL image -> uint8 (H, W, 3) at ``cfg.image_size``."""
+def resize_and_crop(img: Image.Image, cfg: PreprocessConfig, *,
+                    reducing_gap: float | None = None) -> np.ndarray:
+    """Geometry only: RGB PIL image -> uint8 (H, W, 3) at ``cfg.image_size``.
+
+    reducing_gap: Pillow's ``resize(reducing_gap=)``: first shrink by an integer factor with a
+    box filter while the image stays at least ``reducing_gap`` times the target, then resample.
+    Faster on large images, not pixel-exact; None (default) is the reference resize."""
     if img.mode != "RGB":
         raise ValueError(f"resize_and_crop needs an RGB image, got mode {img.mode}")
     w, h = img.size
@@ -342,7 +347,7 @@ def resize_and_crop(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         top, left = top - y0, left - x0
         new_h, new_w = y1 - y0, x1 - x0
     elif (new_h, new_w) != (h, w):
-        resized = img.resize((new_w, new_h), resample=resample, reducing_gap=None)
+        resized = img.resize((new_w, new_h), resample=resample, reducing_gap=reducing_gap)
     else:
         resized = img
     arr = np.asarray(resized)
@@ -402,16 +407,23 @@ def preprocess_image(
     alpha_background: tuple[int, int, int] = (255, 255, 255),
     max_bytes: int | None = None,
     out: np.ndarray | None = None,
+    draft: Any = None,
+    reducing_gap: float | None = None,
 ) -> np.ndarray:
     """One image (anything ``load_image`` accepts) -> float32 (3, H, W).
 
     Loads it once with the given policy, then resizes, crops and normalises it (into ``out``
     if given). Any failure is an ImageLoadError naming ``index``, chained from the cause.
+    draft / reducing_gap: the fast, not pixel-exact decode and resize (``load_image``,
+    ``resize_and_crop``); both None (default) is the reference path.
     """
     rgb = load_image(img, index=index, exif_transpose=exif_transpose,
-                     alpha_background=alpha_background, max_bytes=max_bytes)
+                     alpha_background=alpha_background, max_bytes=max_bytes, draft=draft)
     try:
-        return normalize(resize_and_crop(rgb, cfg), cfg, out=out)
+        # The reference call stays resize_and_crop(rgb, cfg) (tests stand in for it).
+        resized = (resize_and_crop(rgb, cfg) if reducing_gap is None
+                   else resize_and_crop(rgb, cfg, reducing_gap=reducing_gap))
+        return normalize(resized, cfg, out=out)
     except Exception as exc:
         raise image_error(
             f"cannot resize or normalise it ({type(exc).__name__}: {exc})", index, img

@@ -10,7 +10,12 @@ import importlib
 from typing import Any
 
 # name -> module that defines it (clipfast.ray.data: Ray Data; clipfast.ray.serve: Ray Serve)
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "EmbedBatch": "clipfast.ray.data",
+    "run_ray_batches": "clipfast.ray.data",
+    "ClipfastDeployment": "clipfast.ray.serve",
+    "build_app": "clipfast.ray.serve",
+}
 
 
 def __getattr__(name: str) -> Any:
