@@ -129,6 +129,7 @@ class Service:
         self.batchers = {
             tower: TowerBatcher(tower, run, max_batch=config.max_batch, max_wait_s=wait,
                                 max_queue=config.max_queue, executor=self.tower_pool,
+                                deadline_s=0.8 * config.request_timeout_s,
                                 on_batch=self.metrics.batch_observer(tower),
                                 on_depth=self.metrics.depth_observer(tower))
             for tower, run in (("text", self._run_text), ("image", self._run_image))

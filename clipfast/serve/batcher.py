@@ -5,7 +5,9 @@ keeps accepting requests meanwhile).
 
 Admission is bounded: ``reserve(n)`` counts a request's rows from before its images are decoded
 until its answer, and refuses (``Overloaded``, answered 503 with Retry-After) past
-``max_queue`` rows, so the memory held by requests in the server is bounded whatever the load.
+``max_queue`` rows, so the memory held by requests in the server is bounded whatever the load;
+it also refuses a request that would, at the recent tower rate, wait past ``deadline_s`` (the
+request timeout): under overload the excess gets 503s at once, not 504s after a long wait.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class TowerBatcher:
 
     def __init__(self, name: str, run: Callable[[list[Any]], np.ndarray], *, max_batch: int,
                  max_wait_s: float, max_queue: int, executor: Executor,
+                 deadline_s: float | None = None,
                  on_batch: Callable[[int, float], None] | None = None,
                  on_depth: Callable[[int, int], None] | None = None):
         self.name = name
@@ -80,6 +83,7 @@ class TowerBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.deadline_s = deadline_s
         self._executor = executor
         self._on_batch = on_batch
         self._on_depth = on_depth
@@ -110,6 +114,16 @@ class TowerBatcher:
             raise Overloaded(
                 f"the {self.name} queue is full ({self._admitted} of {self.max_queue} rows "
                 f"admitted, --max-queue); retry later", self.retry_after())
+        # A request that would wait past its deadline at the recent rate is refused now (503)
+        # rather than timed out later (504) after taking its place in the queue.
+        if self.deadline_s is not None and self._rate > 0 and self._admitted > 0:
+            wait = (self._admitted + n) / self._rate
+            if wait > self.deadline_s:
+                raise Overloaded(
+                    f"the {self.name} queue is full for now: {self._admitted} rows admitted "
+                    f"would take about {wait:.1f} s at the recent {self._rate:.1f} rows/s, "
+                    f"more than the {self.deadline_s:g} s a request may wait "
+                    "(--request-timeout-s); retry later", self.retry_after())
         self._admitted += n
         self._gauge()
         return Reservation(self, n)

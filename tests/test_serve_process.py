@@ -1,0 +1,192 @@
+"""`clipfast serve` as a process on a loopback port: a bounded load test (correct rows for every
+request, no errors), an overload far past the queue (only 200s and 503s with Retry-After, the
+server alive and its memory bounded), and SIGTERM (in-flight requests complete, exit 0).
+Behaviour only: the timing figures are benchmarks/serve_load.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+from test_serve_support import data_url, decode_rows, jpeg, small_artifact  # noqa: E402
+
+ATOL = 1e-6  # see test_serve.py
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class Served:
+    def __init__(self, artifact, *flags: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clipfast.cli", "serve", str(artifact), "--port",
+             str(self.port), "--backend", "onnxruntime", "--model-name", "m", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: "
+                                     f"{self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("server not ready within 120 s")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, export_fn):
+    return small_artifact(tmp_path_factory, export_fn)
+
+
+@pytest.fixture(scope="module")
+def engine(artifact):
+    import clipfast
+
+    return clipfast.Engine(artifact, backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def inputs(photos):
+    texts = [f"the number {i} in words" for i in range(40)]
+    images = [jpeg(photos[k]) for k in ("astronaut", "chelsea", "coffee", "rocket")]
+    return texts, images
+
+
+@pytest.fixture(scope="module")
+def served(artifact):
+    s = Served(artifact, "--max-batch", "16", "--max-wait-ms", "5", "--max-queue", "24",
+               "--max-items", "8")
+    yield s
+    assert s.stop() == 0
+
+
+def test_bounded_loopback_load_every_answer_is_right(served, engine, inputs):
+    """120 requests (texts and images, 1 to 3 items) from 8 concurrent clients."""
+    texts, images = inputs
+    want_t = engine.encode_texts(texts)
+    want_i = engine.encode_images(images)
+    rng = np.random.default_rng(0)
+    plan = []
+    for _ in range(120):
+        kind = "image" if rng.random() < 0.3 else "text"
+        pool = images if kind == "image" else texts
+        plan.append((kind, [int(i) for i in rng.integers(0, len(pool), rng.integers(1, 4))]))
+
+    async def main():
+        sem = asyncio.Semaphore(8)
+        async with httpx.AsyncClient(base_url=served.url, timeout=120) as c:
+            async def one(kind, idx):
+                async with sem:
+                    body = ({"model": "m", "input": [texts[i] for i in idx]} if kind == "text"
+                            else {"model": "m", "modality": "image",
+                                  "input": [data_url(images[i]) for i in idx]})
+                    return await c.post("/v1/embeddings", json=body)
+            return await asyncio.gather(*(one(k, i) for k, i in plan))
+
+    responses = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200] * len(plan)
+    for (kind, idx), r in zip(plan, responses):
+        rows = decode_rows(r.json())
+        want = want_i if kind == "image" else want_t
+        got = np.stack([rows[j] for j in range(len(idx))])
+        np.testing.assert_allclose(got, want[idx], rtol=0, atol=ATOL)
+
+
+def test_overload_answers_only_503_with_retry_after_and_memory_stays_bounded(served, inputs):
+    """64 clients at once, each with 8 images, against a queue of 24 rows: the excess gets 503
+    with Retry-After; nothing else goes wrong and the server's memory does not run away."""
+    _, images = inputs
+    body = {"model": "m", "modality": "image", "input": [data_url(images[k % 4])
+                                                         for k in range(8)]}
+    rss_before = _rss_mb(served.proc.pid)
+    high = []
+
+    async def main():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=served.url, timeout=120, limits=limits) as c:
+            async def one():
+                return await c.post("/v1/embeddings", json=body)
+            tasks = [asyncio.create_task(one()) for _ in range(64)]
+            while not all(t.done() for t in tasks):
+                ready = (await c.get("/ready")).json()
+                high.append(ready["queue"]["image"]["admitted"])
+                await asyncio.sleep(0.05)
+            return [t.result() for t in tasks]
+
+    rs = asyncio.run(main())
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 32 and codes.count(200) >= 1
+    assert all(int(r.headers["retry-after"]) >= 1 for r in rs if r.status_code == 503)
+    assert max(high) <= 24
+    assert httpx.get(served.url + "/health").status_code == 200
+    # Bodies are small and admission is bounded: the server grows by far less than 64
+    # requests' worth of decoded pixels kept around would need.
+    assert _rss_mb(served.proc.pid) - rss_before < 300
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'clipfast_errors_total{endpoint="/v1/embeddings",kind="overloaded"}' in metrics
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(artifact, engine, inputs):
+    texts, _ = inputs
+    # A long batching wait keeps the requests queued (in flight) when SIGTERM comes.
+    s = Served(artifact, "--max-batch", "64", "--max-wait-ms", "1500")
+    try:
+        async def main():
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                tasks = [asyncio.create_task(c.post("/v1/embeddings", json={
+                    "model": "m", "input": [texts[i]]})) for i in range(6)]
+                while (await c.get("/ready")).json()["queue"]["text"]["admitted"] < 6:
+                    await asyncio.sleep(0.01)
+                os.kill(s.proc.pid, signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        rs = asyncio.run(main())
+        assert [r.status_code for r in rs] == [200] * 6
+        got = np.stack([decode_rows(r.json())[0] for r in rs])
+        np.testing.assert_allclose(got, engine.encode_texts(texts[:6]), rtol=0, atol=ATOL)
+        assert s.proc.wait(60) == 0
+        log = s.proc.stdout.read()
+        assert "SIGTERM received, draining" in log
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(s.url + "/health", timeout=2)
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
