@@ -23,7 +23,6 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from clipfast.errors import ExportError
+from clipfast.export.families.base import AttentionSpec
 from clipfast.export.onnx_files import PROTOBUF_LIMIT
 
 log = logging.getLogger("clipfast.export")
@@ -45,6 +45,7 @@ __all__ = [
     "fusion_plan",
     "optimize",
     "quiet_ort_tools",
+    "unsupported_mha",
 ]
 
 # Fused operators that the manifest records (a missing op type counts 0).
@@ -69,7 +70,7 @@ class EagerSelfAttention(nn.Module):
 
     def __init__(self, mha: nn.MultiheadAttention, *, causal: bool = False):
         super().__init__()
-        reason = _unsupported_mha(mha)
+        reason = unsupported_mha(mha)
         if reason:
             raise ExportError(f"cannot rewrite this nn.MultiheadAttention for fusion: {reason}")
         e, h = mha.embed_dim, mha.num_heads
@@ -126,7 +127,8 @@ def _causal_mask(n: int | torch.Tensor, length: int | torch.Tensor, dtype: torch
     return mask.expand(n, 1, length, length)
 
 
-def _unsupported_mha(mha: nn.MultiheadAttention) -> str | None:
+def unsupported_mha(mha: nn.MultiheadAttention) -> str | None:
+    """Why ``mha`` cannot be rewritten as EagerSelfAttention, or None."""
     if not mha.batch_first:
         return "batch_first=False"
     if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
@@ -140,57 +142,24 @@ def _unsupported_mha(mha: nn.MultiheadAttention) -> str | None:
     return None
 
 
-def _is_causal_mask(mask: torch.Tensor | None) -> bool:
-    """True when ``mask`` is an additive (L, L) mask: 0 on/below the diagonal, -inf (or a huge
-    negative number) above it - what open_clip's ``build_causal_mask`` makes."""
-    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
-        return False
-    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
-    m = mask.detach().float()
-    return bool((m[~above] == 0).all() and (m[above] <= -1e4).all())
-
-
 def _blocks(transformer: nn.Module) -> list[nn.Module]:
     return list(getattr(transformer, "resblocks", []))
 
 
 def fusion_plan(tower: nn.Module, which: str) -> tuple[nn.Module | None, bool, str | None]:
-    """Find the transformer to rewrite in an open_clip tower wrapper.
+    """Find the transformer to rewrite in an open_clip tower wrapper: ``(transformer, causal,
+    reason)``, ``transformer`` None and ``reason`` saying why when there is nothing to rewrite.
 
-    which: "image" or "text". Returns ``(transformer, causal, reason)``: ``transformer`` is None
-    and ``reason`` says why when the tower has no rewritable attention (timm or HF towers inside
-    open_clip, cross-attention blocks, a non-causal text mask, LayerScale between attention and
-    the residual add, ...).
+    which: "image" or "text". The rule belongs to the tower's family (open_clip families:
+    ``families._openclip.open_clip_fusion_plan``).
     """
-    model = getattr(tower, "model", None)
-    if model is None:
+    from clipfast.export import families
+
+    spec = families.for_tower(tower)
+    plan = getattr(spec, "fusion_plan", None)
+    if plan is None:
         return None, False, "not an open_clip tower wrapper"
-    if which == "image":
-        transformer = getattr(getattr(model, "visual", None), "transformer", None)
-        causal = False
-    else:
-        if not getattr(tower, "_builtin", False):
-            return None, False, "text tower is not open_clip's built-in CLIP text transformer"
-        transformer = getattr(model, "transformer", None)
-        causal = True
-        if not _is_causal_mask(getattr(model, "attn_mask", None)):
-            return None, False, "text attention mask is not a plain causal mask"
-    blocks = _blocks(transformer) if transformer is not None else []
-    if not blocks:
-        return None, False, f"{which} tower has no open_clip transformer blocks (resblocks)"
-    for i, block in enumerate(blocks):
-        attn = getattr(block, "attn", None)
-        if not isinstance(attn, nn.MultiheadAttention):
-            return None, False, f"block {i} attention is {type(attn).__name__}, not MHA"
-        if hasattr(block, "ln_1_kv"):
-            return None, False, f"block {i} is cross-attention"
-        if not isinstance(getattr(block, "ls_1", nn.Identity()), nn.Identity):
-            return None, False, (f"block {i} has LayerScale after attention (no ORT pattern "
-                                 "matches it)")
-        reason = _unsupported_mha(attn)
-        if reason:
-            return None, False, f"block {i}: {reason}"
-    return transformer, causal, None
+    return plan(tower, which)
 
 
 def fusable_tower(tower: nn.Module, which: str, attention_cls: type[nn.Module] | None = None
@@ -214,50 +183,18 @@ def fusable_tower(tower: nn.Module, which: str, attention_cls: type[nn.Module] |
     return export_copy.eval(), None
 
 
-@dataclass(frozen=True)
-class AttentionSpec:
-    """What ORT's fusion needs to know about a tower, and how many Attention nodes to expect.
-
-    model_type: ``optimize_model``'s model type ("clip" for CLIP-style ViT and text towers,
-    "bert" for BERT text towers); layers: transformer blocks (= expected fused Attention nodes).
-    """
-
-    model_type: str
-    layers: int
-    num_heads: int
-    hidden_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _hf_spec(config: Any, model_type: str) -> AttentionSpec:
-    return AttentionSpec(model_type, int(config.num_hidden_layers),
-                         int(config.num_attention_heads), int(config.hidden_size))
-
-
 def attention_spec(tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
     """``(spec, None)`` for a tower whose attention ORT can fuse, else ``(None, reason)``.
 
-    tower: a SourceModel tower (open_clip wrapper or one of ``sources_hf``'s towers);
-    which: "image" or "text".
+    tower: a SourceModel tower (open_clip wrapper or a transformers family's tower);
+    which: "image" or "text". The tower's family (``clipfast.export.families``) decides.
     """
-    from clipfast.export import sources_hf as hf
+    from clipfast.export import families
 
-    if isinstance(tower, (hf.CLIPImageTower, hf.SiglipImageTower)):
-        return _hf_spec(tower.vision_model.config, "clip"), None
-    if isinstance(tower, (hf.CLIPTextTower, hf.SiglipTextTower)):
-        return _hf_spec(tower.text_model.config, "clip"), None
-    if isinstance(tower, hf.AlignTextTower):
-        return _hf_spec(tower.text_model.config, "bert"), None
-    if isinstance(tower, hf.AlignImageTower):
-        return None, "convolutional tower (EfficientNet): no attention to fuse"
-    transformer, _, reason = fusion_plan(tower, which)
-    if transformer is None:
-        return None, reason
-    blocks = _blocks(transformer)
-    attn = blocks[0].attn
-    return AttentionSpec("clip", len(blocks), int(attn.num_heads), int(attn.embed_dim)), None
+    spec = families.for_tower(tower)
+    if spec is None:
+        return None, "not an open_clip tower wrapper"
+    return spec.attention(tower, which)
 
 
 @contextlib.contextmanager

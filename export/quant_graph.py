@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,6 @@ __all__ = ["CHANNEL_PRESERVING", "GraphIndex", "int8_weight_abs_max", "layer_of"
 # Ops that keep the channel (last) axis in place: outlier statistics and SmoothQuant scales pass
 # through them unchanged.
 CHANNEL_PRESERVING = {"Cast", "Identity"}
-# Block index in exporter node names: open_clip "resblocks.3", transformers "layers.3"/"layer.3".
-_LAYER_RE = re.compile(r"(?:resblocks|layers|layer|blocks|block)[./_]\d+(?=[./_]|$)")
 # Elementwise ops between an MLP's first and second matmul (bias, GELU variants).
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu",
                 "BiasGelu", "FastGelu", "QuickGelu", "Cast", "Identity", "Pow"}
@@ -141,7 +138,11 @@ class GraphIndex:
 def layer_of(name: str) -> str | None:
     """The block a node belongs to, from the exporter's module-path names
     ("/visual/transformer/resblocks.3/mlp/c_fc/MatMul" -> ".../resblocks.3"), or None."""
-    m = _LAYER_RE.search(name)
+    from clipfast.export.families import layer_regex
+
+    # block names come from the families: open_clip "resblocks.3", transformers "layers.3" /
+    # "layer.3", timm "blocks.3"
+    m = layer_regex().search(name)
     return name[:m.end()] if m else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,11 +24,16 @@ RANDOM_WEIGHTS_WARNING = (
 
 
 class OpenClipImageTower(torch.nn.Module):
-    """``pixel_values (batch, 3, H, W) float32 -> (batch, D)``, not normalised."""
+    """``pixel_values (batch, 3, H, W) float32 -> (batch, D)``, not normalised.
 
-    def __init__(self, model: torch.nn.Module):
+    family: the registry name of the model's family (``clipfast.export.families``), which
+    decides how the tower is fused; None for the default open_clip family.
+    """
+
+    def __init__(self, model: torch.nn.Module, family: str | None = None):
         super().__init__()
         self.model = model
+        self.family = family
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixel_values)
@@ -41,9 +47,10 @@ class OpenClipTextTower(torch.nn.Module):
     (CustomTextCLIP) are called as they are.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, family: str | None = None):
         super().__init__()
         self.model = model
+        self.family = family
         import open_clip
 
         self._builtin = isinstance(model, open_clip.CLIP) and model.text_pool_type == "argmax"
@@ -68,15 +75,20 @@ class OpenClipTextTower(torch.nn.Module):
         return x
 
 
-def _family(model_name: str, pretrained: str) -> str:
-    tag = pretrained.lower()
-    if tag.startswith("metaclip") or "metaclip" in model_name.lower():
-        return "metaclip"
-    if tag == "openai":
-        return "clip"
-    if "siglip" in model_name.lower():
-        return "siglip"
-    return "openclip"
+def _config_of(model_name: str) -> dict[str, Any] | None:
+    """open_clip config of a registry name or an ``hf-hub:`` / ``local-dir:`` repo already
+    loaded (None when it cannot be read without a download)."""
+    import open_clip
+
+    if model_name.startswith("local-dir:"):
+        path = Path(model_name[len("local-dir:"):]) / "open_clip_config.json"
+        try:
+            return json.loads(path.read_text()).get("model_cfg")
+        except (OSError, ValueError):
+            return None
+    if model_name.startswith("hf-hub:"):
+        return None
+    return open_clip.get_model_config(model_name)
 
 
 def load_open_clip_source(
@@ -88,8 +100,7 @@ def load_open_clip_source(
     """
     import open_clip
 
-    from clipfast.export.preprocessing import open_clip_preprocess
-    from clipfast.export.tokenization import open_clip_tokenizer
+    from clipfast.export import families
 
     pretrained = pretrained or "none"
     is_hub = model_name.startswith(("hf-hub:", "local-dir:"))
@@ -110,6 +121,8 @@ def load_open_clip_source(
         log.warning(RANDOM_WEIGHTS_WARNING.format(model=model_name, seed=seed))
         torch.manual_seed(seed)
         kwargs["pretrained"] = None
+        # random weights everywhere: no base text weights (HF text towers) fetched from the hub
+        kwargs["pretrained_text"] = False
         spec["pretrained"] = "none"
         spec["seed"] = seed
     elif os.path.exists(pretrained) or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
@@ -136,16 +149,17 @@ def load_open_clip_source(
     # nn.MultiheadAttention's fused fast path does not export; the plain path is the reference.
     torch.backends.mha.set_fastpath_enabled(False)
 
-    preprocess, reference_transform = open_clip_preprocess(model)
-    tok_cfg, tok_json, reference_tokenize = open_clip_tokenizer(model_name)
+    family = families.for_open_clip(model_name, _config_of(model_name))
+    preprocess, reference_transform = family.preprocess(model)
+    tok_cfg, tok_json, reference_tokenize = family.tokenizer(model_name)
     logit_bias = getattr(model, "logit_bias", None)
     logits = LogitsConfig(
         kind="sigmoid" if logit_bias is not None else "softmax",
         scale=float(model.logit_scale.detach().exp()),
         bias=float(logit_bias.detach()) if logit_bias is not None else None,
     )
-    image_tower = OpenClipImageTower(model).eval()
-    text_tower = OpenClipTextTower(model).eval()
+    image_tower = OpenClipImageTower(model, family=family.name).eval()
+    text_tower = OpenClipTextTower(model, family=family.name).eval()
     with torch.no_grad():
         embed_dim = int(
             image_tower(torch.zeros(1, 3, *preprocess.image_size, device=device)).shape[-1]
@@ -159,10 +173,11 @@ def load_open_clip_source(
         "context_length": int(getattr(model, "context_length", tok_cfg.context_length)),
         "quick_gelu": "quickgelu" in model_name.lower(),
         "parameters": int(sum(p.numel() for p in model.parameters())),
+        "family_spec": family.name,
     }
     return SourceModel(
         loader="open_clip",
-        family=_family(model_name, "hub" if is_hub else pretrained),
+        family=family.label_for(model_name, "hub" if is_hub else pretrained),
         spec=spec,
         image_tower=image_tower,
         text_tower=text_tower,

@@ -1,0 +1,449 @@
+"""Coverage sweep: every open_clip config, random weights, exported fp32 and fp16, gated.
+
+    python benchmarks/coverage.py --layers 2            # all configs, depth capped at 2 blocks
+    python benchmarks/coverage.py --layers 0 --max-params 2e8   # full depth, small configs
+    python benchmarks/coverage.py --render              # coverage.md + the README summary line
+
+Each config runs in its own child process (``--child NAME``) with a timeout; the parent reads the
+child's peak RSS from ``os.wait4`` and appends one JSON line per (config, depth) to
+``benchmarks/results/coverage.jsonl``: a rerun skips what is already there (resumable).
+
+In the child: the config is rewritten to build offline (``clipfast.export.families.offline``:
+local configs for hub text towers, stand-in tokenizers) and registered under ``NAME@L<n>`` (or
+``NAME@offline`` at full depth), then exported with the real pipeline
+(``clipfast.export.pipeline.run_export``, ``--pretrained none``), fp32 then fp16, each measured
+against the PyTorch source and checked against the project's gates (clipfast.fidelity.GATES).
+
+Depth reduction (``--layers n``): transformer blocks per tower and blocks per convolutional stage
+are capped at n; widths, heads, image size, patch size, pooling heads, activations and operators
+are those of the real config, so what fails to export or to match at depth n fails for the same
+reason at full depth. It does not show full-depth numerical drift (fp16 error grows with depth)
+nor full-size memory/time; the table says per row at which depth it ran.
+
+Parameters are counted at full depth on the meta device (no memory). At full depth
+(``--layers 0``) a config over ``--max-params`` is recorded as too large for this machine with
+that count, not built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+JSONL = RESULTS / "coverage.jsonl"
+MARKDOWN = RESULTS / "coverage.md"
+README = ROOT / "README.md"
+# A full-depth export holds the fp32 model, the traced graph, an ORT session and the fp16 copy:
+# measured ~16 bytes per parameter at peak (see coverage.md); 24 GiB / 16 B ~ 1.5e9, minus room
+# for the other processes on the machine.
+DEFAULT_MAX_PARAMS = 1.0e9
+FIGURE_KEYS = ("pixel_levels", "token_ids_identical", "image_centred_rel_error",
+               "image_cosine", "text_centred_rel_error", "text_cosine", "top1_agreement")
+
+
+# -- child ---------------------------------------------------------------------------------------
+def _short_error(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}"
+    msg = re.sub(r"/tmp/[^\s:'\"]+", "<tmp>", msg)
+    return msg if len(msg) <= 600 else msg[:600] + " ..."
+
+
+def _export_one(name: str, precision: str, work: Path, layers: int | None) -> dict[str, Any]:
+    from clipfast.export.families.offline import timm_depth
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    out = work / f"artifact-{precision}"
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"passed": False}
+    try:
+        with timm_depth(layers):
+            run_export(ExportOptions(model=name, out=out, pretrained="none", precision=precision,
+                                     progress=False, overwrite=True))
+        manifest = json.loads((out / "manifest.json").read_text())
+        fid = manifest.get("fidelity") or {}
+        rec.update(passed=bool(fid.get("passed")),
+                   figures={k: fid[k] for k in FIGURE_KEYS if k in fid},
+                   fused={w: (manifest.get("graph", {}).get(w, {}) or {}).get("fusion")
+                          for w in ("image", "text")},
+                   family=manifest.get("family"))
+    except Exception as e:  # every failure is a result, with its reason
+        rec["error"] = _short_error(e)
+        rec["stage"] = type(e).__name__
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    shutil.rmtree(out, ignore_errors=True)
+    for leftover in work.glob(f".artifact-{precision}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return rec
+
+
+def run_child(model: str, layers: int, max_params: float, result: Path) -> None:
+    """Build, count, export fp32 + fp16; write the record to ``result`` (JSON)."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("COVERAGE_THREADS", "2")))
+    from clipfast.export.families.offline import count_parameters, register_offline_config
+
+    rec: dict[str, Any] = {"model": model, "layers": layers or "full"}
+    work = Path(tempfile.mkdtemp(prefix="clipfast-coverage-"))
+    try:
+        full = register_offline_config(model, work / "cfg", None)
+        rec["assumptions"] = full.assumptions
+        try:
+            rec["params_full"] = count_parameters(full.name)
+        except Exception as e:
+            rec["params_full"] = None
+            rec["params_error"] = _short_error(e)
+        if not layers and rec["params_full"] and rec["params_full"] > max_params:
+            rec["status"] = "too_large"
+            return
+        if layers:
+            reduced = register_offline_config(model, work / "cfg", layers)
+            name = reduced.name
+            with _timm(layers):
+                try:
+                    rec["params_built"] = count_parameters(name)
+                except Exception:
+                    rec["params_built"] = None
+        else:
+            name = full.name
+            rec["params_built"] = rec["params_full"]
+        for precision in ("fp32", "fp16"):
+            rec[precision] = _export_one(name, precision, work, layers or None)
+        rec["status"] = "ok"
+    except Exception as e:
+        rec["status"] = "error"
+        rec["error"] = _short_error(e)
+        rec["traceback"] = traceback.format_exc()[-2000:]
+    finally:
+        result.write_text(json.dumps(rec))
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _timm(layers: int):
+    from clipfast.export.families.offline import timm_depth
+
+    return timm_depth(layers)
+
+
+# -- parent --------------------------------------------------------------------------------------
+def _done(path: Path) -> set[tuple[str, str]]:
+    done: set[tuple[str, str]] = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["model"], str(r["layers"])))
+    return done
+
+
+def run_parent(args: argparse.Namespace) -> None:
+    import open_clip
+
+    names = open_clip.list_models()
+    if args.match:
+        names = [n for n in names if re.search(args.match, n)]
+    if args.order_by_size:
+        sizes = _size_order()
+        names.sort(key=lambda n: sizes.get(n, float("inf")))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    layers_key = str(args.layers or "full")
+    done = _done(out)
+    for name in names:
+        if (name, layers_key) in done:
+            continue
+        if args.deadline and time.time() > args.deadline:
+            print("deadline reached", flush=True)
+            break
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            result = Path(f.name)
+        cmd = [sys.executable, __file__, "--child", name, "--layers", str(args.layers),
+               "--max-params", str(args.max_params), "--result", str(result)]
+        rec, wall = _run_child(cmd, result, args.timeout)
+        rec.setdefault("model", name)
+        rec.setdefault("layers", layers_key)
+        rec["host"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+        rec["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{name:40s} {rec['status']:9s} "
+              f"fp32={_verdict(rec.get('fp32'))} fp16={_verdict(rec.get('fp16'))} "
+              f"{wall:7.1f}s {rec['peak_rss_mib']} MiB", flush=True)
+
+
+def _run_child(cmd: list[str], result: Path, timeout: float) -> tuple[dict[str, Any], float]:
+    """Run one child to completion or ``timeout``; ``(record, wall seconds)``. The child's own
+    peak RSS comes from ``os.wait4`` (its rusage alone, not the sum over children)."""
+    t0 = time.time()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() - t0 > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                timed_out = True
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.5)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    wall = round(time.time() - t0, 1)
+    try:
+        rec = json.loads(result.read_text())
+    except (OSError, ValueError):
+        rec = {"status": "crashed", "error": stderr[-1500:] or f"exit {proc.returncode}"}
+    result.unlink(missing_ok=True)
+    if timed_out:
+        rec.update(status="timeout", error=f"no result within {timeout:.0f} s")
+    rec["returncode"] = proc.returncode
+    rec["wall_seconds"] = wall
+    rec["peak_rss_mib"] = usage.ru_maxrss // 1024  # Linux: KiB
+    return rec, wall
+
+
+def _size_order() -> dict[str, int]:
+    """Rough size key from the config (width^2 * layers) without building anything."""
+    import open_clip
+
+    key = {}
+    for n in open_clip.list_models():
+        c = open_clip.get_model_config(n)
+        v, t = c["vision_cfg"], c.get("text_cfg", {})
+        vl = v.get("layers", 12)
+        vl = sum(vl) if isinstance(vl, (list, tuple)) else vl
+        key[n] = v.get("width", 768) ** 2 * vl + t.get("width", 512) ** 2 * t.get("layers", 12)
+        if v.get("timm_model_name") or t.get("hf_model_name"):
+            key[n] *= 4
+    return key
+
+
+def _verdict(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "-"
+    return "pass" if r.get("passed") else "FAIL"
+
+
+# -- render --------------------------------------------------------------------------------------
+def load_results(path: Path = JSONL) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{model: {depth key: latest record}}`` ("2", "full", ...)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out.setdefault(r["model"], {})[str(r["layers"])] = r
+    return out
+
+
+def _cell(rec: dict[str, Any] | None, precision: str) -> str:
+    if rec is None:
+        return "not run"
+    if rec.get("status") == "too_large":
+        return "too large"
+    if rec.get("status") in ("timeout", "crashed", "error"):
+        return rec["status"]
+    r = rec.get(precision) or {}
+    return "pass" if r.get("passed") else "**fail**"
+
+
+def _err(rec: dict[str, Any] | None, precision: str) -> str:
+    figs = ((rec or {}).get(precision) or {}).get("figures") or {}
+    if "image_centred_rel_error" not in figs:
+        return ""
+    return f"{figs['image_centred_rel_error']:.1e} / {figs['text_centred_rel_error']:.1e}"
+
+
+def _reason(recs: dict[str, dict[str, Any]]) -> str:
+    notes = []
+    for depth, rec in sorted(recs.items()):
+        if rec.get("status") == "too_large":
+            notes.append(f"full depth: {rec['params_full'] / 1e9:.2f} B params > limit")
+            continue
+        if rec.get("status") in ("timeout", "crashed", "error"):
+            notes.append(f"L{depth}: {rec.get('error', '')[:200]}")
+            continue
+        for p in ("fp32", "fp16"):
+            r = rec.get(p) or {}
+            if not r.get("passed"):
+                why = r.get("error") or "below gate"
+                notes.append(f"L{depth} {p}: {why[:240]}")
+    return "; ".join(notes).replace("|", "\\|").replace("\n", " ")
+
+
+def _family(name: str) -> str:
+    from clipfast.export.families import family_for_open_clip_name
+
+    return family_for_open_clip_name(name)
+
+
+def summary(results: dict[str, dict[str, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+    s: dict[str, Any] = {"configs": len(names)}
+    for depth in sorted({d for r in results.values() for d in r}):
+        recs = [results[n][depth] for n in names if depth in results.get(n, {})]
+        ran = [r for r in recs if r.get("status") != "too_large"]
+        s[depth] = {
+            "run": len(recs),
+            "too_large": sum(r.get("status") == "too_large" for r in recs),
+            "fp32_pass": sum(bool((r.get("fp32") or {}).get("passed")) for r in ran),
+            "fp16_pass": sum(bool((r.get("fp16") or {}).get("passed")) for r in ran),
+            "both_pass": sum(bool((r.get("fp32") or {}).get("passed")
+                                  and (r.get("fp16") or {}).get("passed")) for r in ran),
+            "attempted": len(ran),
+        }
+    return s
+
+
+def summary_line(s: dict[str, Any], reduced: str) -> str:
+    r = s.get(reduced, {})
+    full = s.get("full", {})
+    line = (f"Coverage: {r.get('both_pass', 0)} of {s['configs']} open_clip configs export and "
+            f"pass the fp32 and fp16 gates at depth {reduced} (random weights; fp32 "
+            f"{r.get('fp32_pass', 0)}, fp16 {r.get('fp16_pass', 0)})")
+    if full:
+        line += (f"; at full depth {full.get('both_pass', 0)} of {full.get('attempted', 0)} "
+                 f"run pass both, {full.get('too_large', 0)} listed too large")
+    return line + " - see benchmarks/results/coverage.md."
+
+
+def render(reduced: str) -> None:
+    import open_clip
+
+    names = open_clip.list_models()
+    results = load_results()
+    s = summary(results, names)
+    lines = [
+        "# Coverage: every open_clip config, exported and gated",
+        "",
+        "Generated by `python benchmarks/coverage.py --render` from `coverage.jsonl` "
+        "(one JSON line per config and depth). Random weights (`--pretrained none`), built "
+        "offline; fp32 and fp16 exported by the real pipeline (`run_export`) and checked against "
+        "the PyTorch source with the project's gates (`clipfast.fidelity.GATES`: fp32 centred "
+        "error <= 1e-3 and cosine >= 0.99999, fp16 <= 1e-2 and >= 0.9995, identical token ids, "
+        "pixels within 1 level, top-1 agreement).",
+        "",
+        f"**{summary_line(s, reduced)}**",
+        "",
+        "## How to read it",
+        "",
+        f"- **L{reduced}**: depth capped at {reduced} transformer blocks per tower / {reduced} "
+        "blocks per convolutional stage; widths, heads, image size, patch size, pooling, "
+        "activations and operators are the real config's. This is what shows whether a "
+        "family's operators, pooling heads and attention fusions export and match. It does not "
+        "measure full-depth fp16 drift, memory or time.",
+        "- **full**: the real config, all blocks. Run smallest first while time allowed; "
+        "`not run` means no full-depth run was made (not a failure). `too large`: more "
+        "parameters than this 24 GiB, 2-core machine can export (limit in the run's command).",
+        "- Parameters are counted at full depth on the meta device.",
+        "- err: centred relative error, image / text (max over the sample rows).",
+        "- Offline assumptions (every row that needed them): hub text-tower configs "
+        "(xlm-roberta, mt5, nllb, roberta) are transformers config classes with the released "
+        "base sizes written out (`export/families/offline.py`); hub tokenizers (SigLIP, SigLIP 2, "
+        "CLIPA, worldwide, multilingual) are replaced by stand-ins with the released special-"
+        "token ids, so those artifacts' token ids are not the real model's.",
+        "",
+        "## Summary",
+        "",
+        "| depth | configs run | fp32 pass | fp16 pass | both pass | too large |",
+        "|---|---|---|---|---|---|",
+    ]
+    for depth in sorted(k for k in s if k != "configs"):
+        d = s[depth]
+        lines.append(f"| {depth} | {d['run']} | {d['fp32_pass']} | {d['fp16_pass']} | "
+                     f"{d['both_pass']} | {d['too_large']} |")
+    lines += [
+        "",
+        "## All configs",
+        "",
+        f"| config | family | params | L{reduced} fp32 | L{reduced} fp16 | "
+        f"L{reduced} err fp32 | L{reduced} err fp16 | full fp32 | full fp16 | full err fp16 | "
+        "export s (fp32+fp16) | peak RSS MiB | failure / note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        recs = results.get(n, {})
+        red, full = recs.get(reduced), recs.get("full")
+        any_rec = full or red or {}
+        params = any_rec.get("params_full")
+        secs = []
+        peaks = []
+        for tag, r in (("L" + reduced, red), ("full", full)):
+            if r and r.get("status") == "ok":
+                total = sum((r.get(p) or {}).get("seconds") or 0 for p in ("fp32", "fp16"))
+                secs.append(f"{tag}: {total:.0f}")
+            if r and r.get("peak_rss_mib") and r.get("status") != "too_large":
+                peaks.append(f"{tag}: {r['peak_rss_mib']}")
+        size = f"{params / 1e6:.0f} M" if params else "?"
+        lines.append(f"| {n} | {_family(n)} | {size} |")
+        lines[-1] += (f" {_cell(red, 'fp32')} | {_cell(red, 'fp16')} | {_err(red, 'fp32')} | "
+                      f"{_err(red, 'fp16')} | {_cell(full, 'fp32')} | {_cell(full, 'fp16')} | "
+                      f"{_err(full, 'fp16')} | {', '.join(secs)} | {', '.join(peaks)} | "
+                      f"{_reason(recs)} |")
+    MARKDOWN.write_text("\n".join(lines) + "\n")
+    (RESULTS / "coverage_summary.json").write_text(json.dumps(s, indent=1) + "\n")
+    _readme_line(summary_line(s, reduced))
+    print(summary_line(s, reduced))
+
+
+README_MARK = "<!-- coverage-summary -->"
+
+
+def _readme_line(line: str) -> None:
+    """Replace the line after the README's coverage marker (left alone if there is none)."""
+    text = README.read_text()
+    if README_MARK not in text:
+        return
+    head, _, tail = text.partition(README_MARK + "\n")
+    rest = tail.split("\n", 1)[1] if "\n" in tail else ""
+    README.write_text(head + README_MARK + "\n" + line + "\n" + rest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=2,
+                    help="cap depth at this many blocks per tower / stage; 0 = full depth")
+    ap.add_argument("--match", help="only configs whose name matches this regex")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per config")
+    ap.add_argument("--max-params", type=float, default=DEFAULT_MAX_PARAMS,
+                    help="full depth: configs with more parameters are recorded as too large")
+    ap.add_argument("--order-by-size", action="store_true", help="smallest configs first")
+    ap.add_argument("--deadline", type=float, help="unix time after which no config starts")
+    ap.add_argument("--out", default=str(JSONL))
+    ap.add_argument("--render", action="store_true",
+                    help="write coverage.md and the README summary line from the JSONL")
+    ap.add_argument("--reduced", default="2", help="--render: the reduced depth to tabulate")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        run_child(args.child, args.layers, args.max_params, Path(args.result))
+    elif args.render:
+        render(args.reduced)
+    else:
+        run_parent(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Shared by the open_clip families: which towers are theirs, the open_clip attribute probing
+that finds rewritable attention, the manifest label from the pretrained tag, and open_clip's
+preprocessing and tokenizer readers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipfast.export.families.base import AttentionSpec, FamilySpec
+
+__all__ = ["OpenClipFamily", "open_clip_fusion_plan"]
+
+
+def _is_causal_mask(mask: torch.Tensor | None) -> bool:
+    """True when ``mask`` is an additive (L, L) mask: 0 on/below the diagonal, -inf (or a huge
+    negative number) above it - what open_clip's ``build_causal_mask`` makes."""
+    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    m = mask.detach().float()
+    return bool((m[~above] == 0).all() and (m[above] <= -1e4).all())
+
+
+def resblocks(transformer: nn.Module) -> list[nn.Module]:
+    return list(getattr(transformer, "resblocks", []))
+
+
+def open_clip_fusion_plan(tower: nn.Module, which: str
+                          ) -> tuple[nn.Module | None, bool, str | None]:
+    """Find the transformer to rewrite in an open_clip tower wrapper.
+
+    which: "image" or "text". Returns ``(transformer, causal, reason)``: ``transformer`` is None
+    and ``reason`` says why when the tower has no rewritable attention (timm or HF towers inside
+    open_clip, cross-attention blocks, a non-causal text mask, LayerScale between attention and
+    the residual add, ...).
+    """
+    from clipfast.export.fusion import unsupported_mha
+
+    model = getattr(tower, "model", None)
+    if model is None:
+        return None, False, "not an open_clip tower wrapper"
+    if which == "image":
+        transformer = getattr(getattr(model, "visual", None), "transformer", None)
+        causal = False
+    else:
+        if not getattr(tower, "_builtin", False):
+            return None, False, "text tower is not open_clip's built-in CLIP text transformer"
+        transformer = getattr(model, "transformer", None)
+        causal = True
+        if not _is_causal_mask(getattr(model, "attn_mask", None)):
+            return None, False, "text attention mask is not a plain causal mask"
+    blocks = resblocks(transformer) if transformer is not None else []
+    if not blocks:
+        return None, False, f"{which} tower has no open_clip transformer blocks (resblocks)"
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention):
+            return None, False, f"block {i} attention is {type(attn).__name__}, not MHA"
+        if hasattr(block, "ln_1_kv"):
+            return None, False, f"block {i} is cross-attention"
+        if not isinstance(getattr(block, "ls_1", nn.Identity()), nn.Identity):
+            return None, False, (f"block {i} has LayerScale after attention (no ORT pattern "
+                                 "matches it)")
+        reason = unsupported_mha(attn)
+        if reason:
+            return None, False, f"block {i}: {reason}"
+    return transformer, causal, None
+
+
+class OpenClipFamily(FamilySpec):
+    """An open_clip family. Towers are ``sources_openclip``'s wrappers around open_clip's own
+    ``encode_image`` / ``encode_text``; the loader tags them with the family name.
+
+    A subclass claims configs (``claims_open_clip``) and states its towers' pooling and fusion;
+    the attention rule is open_clip's: rewritable ``resblocks`` of ``nn.MultiheadAttention``.
+    """
+
+    loader = "open_clip"
+    # open_clip transformers: "resblocks.N"; timm trunks: "blocks.N" / "stages.N.blocks.M"
+    layer_names = ("resblocks",)
+    # default text tower: open_clip's causal CLIP text transformer
+    text_pooling = "EOT token (argmax of ids), ln_final, text_projection"
+
+    def owns_tower(self, tower: Any) -> bool:
+        from clipfast.export.sources_openclip import OpenClipImageTower, OpenClipTextTower
+
+        if not isinstance(tower, (OpenClipImageTower, OpenClipTextTower)):
+            return False
+        tagged = getattr(tower, "family", None)
+        return tagged == self.name if tagged else self.priority == 0
+
+    def label_for(self, model_name: str, pretrained: str) -> str:
+        tag = pretrained.lower()
+        if tag.startswith("metaclip") or "metaclip" in model_name.lower():
+            return "metaclip"
+        if tag == "openai":
+            return "clip"
+        if "siglip" in model_name.lower():
+            return "siglip"
+        return self.label or "openclip"
+
+    def fusion_plan(self, tower: nn.Module, which: str
+                    ) -> tuple[nn.Module | None, bool, str | None]:
+        return open_clip_fusion_plan(tower, which)
+
+    def attention(self, tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
+        transformer, _, reason = self.fusion_plan(tower, which)
+        if transformer is None:
+            return None, reason
+        blocks = resblocks(transformer)
+        attn = blocks[0].attn
+        return AttentionSpec("clip", len(blocks), int(attn.num_heads), int(attn.embed_dim)), None
+
+    def preprocess(self, model: Any) -> tuple[Any, Any]:
+        from clipfast.export.preprocessing import open_clip_preprocess
+
+        return open_clip_preprocess(model)
+
+    def tokenizer(self, model_name: str, context_length: int | None = None,
+                  text_inputs: tuple[str, ...] = ("input_ids",)) -> tuple[Any, str, Any]:
+        from clipfast.export.tokenization import open_clip_tokenizer
+
+        return open_clip_tokenizer(model_name)
+
+
+def timm_name(cfg: dict[str, Any]) -> str:
+    return str((cfg.get("vision_cfg") or {}).get("timm_model_name") or "")

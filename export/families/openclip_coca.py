@@ -1,0 +1,22 @@
+"""CoCa: its contrastive embedding towers (the captioning decoder is not exported)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clipfast.export.families import register
+from clipfast.export.families._openclip import OpenClipFamily
+
+
+@register
+class OpenClipCocaFamily(OpenClipFamily):
+    name = "openclip-coca"
+    label = "openclip"
+    priority = 30
+    image_pooling = "attentional pooler: first pooled token (contrastive embedding)"
+    text_pooling = "CLS token appended after the text (non-causal to it), ln_final, projection"
+    summary = "CoCa: its contrastive embedding towers (the captioning decoder is not exported)"
+    layer_names = ("resblocks",)
+
+    def claims_open_clip(self, model_name: str, cfg: dict[str, Any]) -> bool:
+        return model_name.lower().startswith("coca")
