@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import signal
 import subprocess
@@ -272,23 +271,34 @@ def test_cli_embed_exit_code_and_summary(art, folder, tmp_path, capsys):
     assert "22 of 23 inputs embedded, 1 failed" in capsys.readouterr().err
 
 
-def _kill_resume(art, src: Path, out: Path, kills: int, seed: int, batch: int, shard: int,
-                 extra=()) -> dict:
-    """Run the CLI, SIGKILL it at random moments ``kills`` times, then let it finish."""
+def _committed(out: Path) -> int:
+    j = out / "journal.jsonl"
+    return j.read_bytes().count(b"\n") if j.exists() else 0
+
+
+def _kill_resume(art, src: Path, out: Path, kills: int, seed: int, batch: int, shard: int
+                 ) -> dict:
+    """Run the CLI and SIGKILL it ``kills`` times (once during start-up, then each time after
+    a random number of further commits and a random sliver of time), then let it finish."""
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "clipfast.cli", "embed", str(art), str(src), "--out", str(out),
-           "--quiet", "--batch-size", str(batch), "--shard-size", str(shard), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed = 0
-    for _ in range(kills):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        time.sleep(rng.uniform(1.0, 3.5))
+           "--quiet", "--batch-size", str(batch), "--shard-size", str(shard)]
+    killed = []
+    for k in range(kills):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if k == 0:
+            time.sleep(rng.uniform(0.2, 1.0))
+        else:
+            target = _committed(out) + rng.randint(1, 8)
+            while _committed(out) < target and proc.poll() is None:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.1))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            killed += 1
+            killed.append(_committed(out))
         proc.wait()
-    final = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return {"killed": killed, "rc": final.returncode, "stderr": final.stderr}
+    final = subprocess.run(cmd, capture_output=True, text=True)
+    return {"killed_at_shards": killed, "rc": final.returncode, "stderr": final.stderr}
 
 
 def test_kill_9_at_random_points_then_resume_equals_uninterrupted(art, tmp_path):
@@ -299,6 +309,8 @@ def test_kill_9_at_random_points_then_resume_equals_uninterrupted(art, tmp_path)
     ref_keys, ref = clipfast.read_embeddings(tmp_path / "ref")
     res = _kill_resume(art, src, tmp_path / "out", kills=4, seed=0, batch=2, shard=2)
     assert res["rc"] == 2, res["stderr"]
+    assert len(res["killed_at_shards"]) == 4, res  # every kill hit a running job
+    assert max(res["killed_at_shards"]) > 0, res  # and some after commits
     keys, emb = clipfast.read_embeddings(tmp_path / "out")
     assert keys == ref_keys and len(set(keys)) == len(keys) == 150
     np.testing.assert_array_equal(emb, ref)

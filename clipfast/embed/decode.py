@@ -14,6 +14,7 @@ inputs (``measure_fast_decode``) and recorded in the output manifest:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,7 @@ def measure_fast_decode(engine, values: list[Any], policy: ImagePolicy) -> dict[
     """What --fast-decode costs on ``values`` (paths or bytes of the job's own images): pixel
     difference in uint8 levels before normalisation, and the embeddings' centred relative error
     and cosine against the exact path (DESIGN.md's fidelity measures)."""
+    t0 = time.perf_counter()
     exact, fast = [], []
     for v in values:
         try:
@@ -172,6 +174,7 @@ def measure_fast_decode(engine, values: list[Any], policy: ImagePolicy) -> dict[
         "centred_rel_error_max": float(err.max()),
         "centred_rel_error_mean": float(err.mean()),
         "cosine_min": float(cos.min()),
+        "seconds": round(time.perf_counter() - t0, 3),
     })
     return doc
 

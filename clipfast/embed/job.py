@@ -205,9 +205,10 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def run_embed(opts: EmbedOptions) -> EmbedSummary:
+def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
     """Run (or resume) one embed job; returns its summary. ClipfastError on a refused output
-    folder, bad options or sources."""
+    folder, bad options or sources. ``engine``: an Engine already loaded for
+    ``opts.artifact`` (its batch size and threads then apply), else one is loaded."""
     t0 = time.perf_counter()
     out_mod._pyarrow()  # fail now, with the extra's name, not after the first shard
     if opts.dtype not in DTYPES:
@@ -230,7 +231,7 @@ def run_embed(opts: EmbedOptions) -> EmbedSummary:
         raise ClipfastError(f"embed: --out {opts.out} holds files that are not a clipfast embed "
                             f"output ({', '.join(foreign[:5])}); choose an empty or new folder")
 
-    engine = _Handle(opts)
+    engine = _Handle(opts, engine)
     the_plan = plan(specs)
     ident = _identity(opts, engine, specs, the_plan)
     if existing is not None:
@@ -329,10 +330,10 @@ class _Handle:
     """The artifact's facts, and the Engine: loaded at once for a local job; on demand only
     (to measure --fast-decode) on a Ray driver, whose actors load their own."""
 
-    def __init__(self, opts: EmbedOptions):
+    def __init__(self, opts: EmbedOptions, engine=None):
         from clipfast.manifest import load_manifest
 
-        self._engine = None if opts.ray else _engine(opts)
+        self._engine = engine if engine is not None or opts.ray else _engine(opts)
         self.manifest = (self._engine.manifest if self._engine is not None
                          else load_manifest(opts.artifact))
         self.embed_dim = self.manifest.embed_dim

@@ -197,6 +197,8 @@ class OutputDir:
                     f.truncate(good)
                     f.flush()
                     os.fsync(f.fileno())
+        for p in self.root.glob(f".{MANIFEST}.*.tmp"):  # a manifest write cut short
+            p.unlink()
         named = {r.file for r in records} | {r.failures_file for r in records if r.failures_file}
         for folder in (SHARDS, FAILURES):
             for p in (self.root / folder).iterdir():
