@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, extra in configs.items():
             proc, url, cmd = start_server(args.artifact, extra)
             servers[name] = (proc, url)
-            res["servers"][name] = {"command": cmd[1:2] + ["-m", "clipfast.cli"] + cmd[3:]}
+            res["servers"][name] = {"command": ["python", *cmd[1:]]}
         # Interleaved: for each level, the offline rate, then each server, so that all three
         # see about the same background load; rounds repeat the whole sweep.
         offline_runs: dict[str, list[float]] = {k: [] for k in kinds}
