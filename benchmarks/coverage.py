@@ -52,7 +52,10 @@ README = ROOT / "README.md"
 # measured ~16 bytes per parameter at peak (see coverage.md); 24 GiB / 16 B ~ 1.5e9, minus room
 # for the other processes on the machine.
 DEFAULT_MAX_PARAMS = 1.0e9
-FIGURE_KEYS = ("pixel_levels", "token_ids_identical", "image_centred_rel_error",
+# fidelity measured on this many of the built-in generated images (and as many captions): a
+# third of the export default (24), to fit 144 configs into the time a 2-core machine had
+MEASURE_IMAGES = 8
+FIGURE_KEYS = ("images", "pixel_levels", "token_ids_identical", "image_centred_rel_error",
                "image_cosine", "text_centred_rel_error", "text_cosine", "top1_agreement")
 
 
@@ -61,6 +64,20 @@ def _short_error(e: BaseException) -> str:
     msg = f"{type(e).__name__}: {e}"
     msg = re.sub(r"/tmp/[^\s:'\"]+", "<tmp>", msg)
     return msg if len(msg) <= 600 else msg[:600] + " ..."
+
+
+def _measure_images(work: Path) -> Path:
+    """MEASURE_IMAGES of the built-in generated images as PNG files, for ``--images``."""
+    from PIL import Image
+
+    from clipfast.samples import sample_images
+
+    d = work / "images"
+    if not d.is_dir():
+        d.mkdir(parents=True)
+        for i, a in enumerate(sample_images(MEASURE_IMAGES)):
+            Image.fromarray(a).save(d / f"{i:02d}.png")
+    return d
 
 
 def _export_one(name: str, precision: str, work: Path, layers: int | None) -> dict[str, Any]:
@@ -73,7 +90,8 @@ def _export_one(name: str, precision: str, work: Path, layers: int | None) -> di
     try:
         with timm_depth(layers):
             run_export(ExportOptions(model=name, out=out, pretrained="none", precision=precision,
-                                     progress=False, overwrite=True))
+                                     images=_measure_images(work), progress=False,
+                                     overwrite=True))
         manifest = json.loads((out / "manifest.json").read_text())
         fid = manifest.get("fidelity") or {}
         rec.update(passed=bool(fid.get("passed")),
@@ -163,10 +181,13 @@ def run_parent(args: argparse.Namespace) -> None:
     if args.order_by_size:
         sizes = _size_order()
         names.sort(key=lambda n: sizes.get(n, float("inf")))
+    if args.shard:
+        index, count = (int(x) for x in args.shard.split("/"))
+        names = names[index::count]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     layers_key = str(args.layers or "full")
-    done = _done(out)
+    done = set() if args.redo else _done(out)
     for name in names:
         if (name, layers_key) in done:
             continue
@@ -402,9 +423,27 @@ def render(reduced: str) -> None:
                       f"{_err(full, 'fp16')} | {', '.join(secs)} | {', '.join(peaks)} | "
                       f"{_reason(recs)} |")
     MARKDOWN.write_text("\n".join(lines) + "\n")
+    _write_status(results)
     (RESULTS / "coverage_summary.json").write_text(json.dumps(s, indent=1) + "\n")
     _readme_line(summary_line(s, reduced))
     print(summary_line(s, reduced))
+
+
+def _write_status(results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Per-config status for `clipfast models` (shipped in clipfast.export.families)."""
+    from clipfast.export.families.cli import COVERAGE_FILE
+
+    status: dict[str, Any] = {}
+    for name, recs in sorted(results.items()):
+        status[name] = {}
+        for depth, r in recs.items():
+            key = "full" if depth == "full" else f"L{depth}"
+            entry = {"status": r.get("status")}
+            for p in ("fp32", "fp16"):
+                if r.get(p):
+                    entry[p] = "pass" if r[p].get("passed") else "fail"
+            status[name][key] = entry
+    COVERAGE_FILE.write_text(json.dumps(status, indent=0, sort_keys=True) + "\n")
 
 
 README_MARK = "<!-- coverage-summary -->"
@@ -430,6 +469,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="full depth: configs with more parameters are recorded as too large")
     ap.add_argument("--order-by-size", action="store_true", help="smallest configs first")
     ap.add_argument("--deadline", type=float, help="unix time after which no config starts")
+    ap.add_argument("--redo", action="store_true",
+                    help="run configs already in the results again (the newest line wins)")
+    ap.add_argument("--shard", help="I/N: run every N-th config starting at I (parallel sweeps "
+                                    "appending to the same file)")
     ap.add_argument("--out", default=str(JSONL))
     ap.add_argument("--render", action="store_true",
                     help="write coverage.md and the README summary line from the JSONL")

@@ -53,8 +53,43 @@ def convert_towers_fp16(fp32_graphs: dict[str, Path], outs: dict[str, Path], io:
     to ``graph[tower]["fp16"]``."""
     from clipfast.export.fp16 import convert_to_fp16
 
-    for which, path in fp32_graphs.items():
+    for which, path in list(fp32_graphs.items()):
         graph[which]["fp16"] = convert_to_fp16(path, outs[which], io=io)
+        plain = path.with_name(path.name.replace(".fused.onnx", ".fp32.onnx"))
+        if plain == path or not plain.is_file():
+            continue
+        crash = _session_crash(outs[which])
+        if crash is None:
+            continue
+        # NOTE: seen with ONNX Runtime 1.32 on CoCa's fused image tower (fused Attention next to
+        # the attentional pooler): the fp32 fused graph and the fp16 unfused graph load, the
+        # fp16 fused one crashes the process at session creation (extended optimizations).
+        why = (f"ONNX Runtime crashed ({crash}) creating a session for the fused fp16 "
+               f"{which} tower; the unfused graph was converted instead")
+        log.warning("export: %s", why)
+        fp32_graphs[which] = plain  # later fp16 retries convert the same graph
+        graph[which].update(fused=None, fusion=f"dropped for fp16: {why}")
+        graph[which]["fp16"] = convert_to_fp16(plain, outs[which], io=io)
+
+
+def _session_crash(path: Path) -> str | None:
+    """Create an ONNX Runtime CPU session for ``path`` (all optimizations, as the runtime
+    does) in a child process: None when it loads, else how the child died. A graph that crashes
+    ORT would otherwise take the export (and every later Engine) down with it."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], "
+            "providers=['CPUExecutionProvider'])")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True)
+    if proc.returncode >= 0:  # 0: loads; > 0: a Python error the export itself reports later
+        return None
+    try:
+        return signal.Signals(-proc.returncode).name
+    except ValueError:
+        return f"signal {-proc.returncode}"
 
 
 def int8_format(options: ExportOptions) -> str:

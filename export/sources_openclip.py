@@ -151,6 +151,7 @@ def load_open_clip_source(
 
     family = families.for_open_clip(model_name, _config_of(model_name))
     preprocess, reference_transform = family.preprocess(model)
+    random_init = family.random_init(model, reference_transform) if random_weights else []
     tok_cfg, tok_json, reference_tokenize = family.tokenizer(model_name)
     logit_bias = getattr(model, "logit_bias", None)
     logits = LogitsConfig(
@@ -175,6 +176,8 @@ def load_open_clip_source(
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "family_spec": family.name,
     }
+    if random_init:
+        architecture["random_init"] = random_init
     return SourceModel(
         loader="open_clip",
         family=family.label_for(model_name, "hub" if is_hub else pretrained),

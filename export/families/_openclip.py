@@ -13,6 +13,9 @@ from clipfast.export.families.base import AttentionSpec, FamilySpec
 
 __all__ = ["OpenClipFamily", "open_clip_fusion_plan"]
 
+# --pretrained none: LayerScale gammas below 1e-2 are set to this (see random_init)
+LAYER_SCALE_RANDOM = 0.1
+
 
 def _is_causal_mask(mask: torch.Tensor | None) -> bool:
     """True when ``mask`` is an additive (L, L) mask: 0 on/below the diagonal, -inf (or a huge
@@ -101,6 +104,19 @@ class OpenClipFamily(FamilySpec):
         if "siglip" in model_name.lower():
             return "siglip"
         return self.label or "openclip"
+
+    def random_init(self, model: nn.Module, transform: Any) -> list[str]:
+        """open_clip's LayerScale init (``ls_init_value``, 1e-4 in ViT-M-16-alt) scales every
+        residual branch to ~0: the random tower's output is then its class token, the same
+        for every image. Trained LayerScale gammas are far larger; 0.1 is used."""
+        from open_clip.transformer import LayerScale
+
+        scaled = [m for m in model.modules()
+                  if isinstance(m, LayerScale) and float(m.gamma.detach().abs().max()) < 1e-2]
+        with torch.no_grad():
+            for m in scaled:
+                m.gamma.fill_(LAYER_SCALE_RANDOM)
+        return [f"{len(scaled)} LayerScale gammas set to {LAYER_SCALE_RANDOM}"] if scaled else []
 
     def fusion_plan(self, tower: nn.Module, which: str
                     ) -> tuple[nn.Module | None, bool, str | None]:

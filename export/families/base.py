@@ -134,6 +134,14 @@ class FamilySpec:
         """``(spec, None)`` when ORT can fuse ``tower``'s attention, else ``(None, reason)``."""
         return None, f"family {self.name} declares no fusable attention"
 
+    def random_init(self, model: nn.Module, transform: Any) -> list[str]:
+        """``--pretrained none``: make the freshly initialised ``model`` behave like a trained
+        one where the library's own init leaves it degenerate (all inputs -> nearly one
+        embedding, so the centred error is ill-conditioned). ``transform``: the reference image
+        transform (PIL -> (3, H, W) float32), for calibration. Returns what it changed, for the
+        manifest (default: nothing)."""
+        return []
+
     # -- readers ------------------------------------------------------------------------------
     def preprocess(self, source: Any) -> tuple[Any, Any]:
         """``(PreprocessConfig, reference transform)`` from the source's processor / model."""

@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = ["HF_TEXT_CONFIGS", "STANDIN_TOKENIZERS", "OfflineConfig", "count_parameters",
-           "offline_config", "register_offline_config", "standin_tokenizer_dir", "timm_depth"]
+           "offline_config", "register_offline_config", "standin_tokenizer_dir", "timm_depth",
+           "timm_kwargs"]
 
 # Released base-model sizes (their config.json), written out because transformers' config
 # class defaults are not those of these checkpoints.
@@ -194,8 +195,10 @@ def standin_tokenizer_dir(tokenizer_name: str, root: str | Path, *, vocab_limit:
     return directory
 
 
-def hf_text_config_dir(model_name: str, root: str | Path, layers: int | None = None) -> Path:
-    """Write ``config.json`` for hub text model ``model_name`` (depth capped at ``layers``)."""
+def hf_text_config_dir(model_name: str, root: str | Path, layers: int | None = None,
+                       overrides: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json`` for hub text model ``model_name`` (depth capped at ``layers``,
+    ``overrides`` applied last: tests shrink widths with it)."""
     import transformers
 
     cls_name, kwargs = HF_TEXT_CONFIGS[model_name]
@@ -207,7 +210,8 @@ def hf_text_config_dir(model_name: str, root: str | Path, layers: int | None = N
             kwargs["num_decoder_layers"] = min(kwargs["num_decoder_layers"], layers)
         if "decoder_layers" in kwargs:
             kwargs["decoder_layers"] = min(kwargs["decoder_layers"], layers)
-    suffix = f"-L{layers}" if layers else ""
+    kwargs.update(overrides or {})
+    suffix = (f"-L{layers}" if layers else "") + ("-custom" if overrides else "")
     directory = Path(root) / ("config-" + model_name.replace("/", "--") + suffix)
     directory.mkdir(parents=True, exist_ok=True)
     getattr(transformers, cls_name)(**kwargs).save_pretrained(directory)
@@ -230,17 +234,25 @@ class OfflineConfig:
     assumptions: list[str]
 
 
-def offline_config(model_name: str, root: str | Path, layers: int | None = None
+def offline_config(model_name: str, root: str | Path, layers: int | None = None, *,
+                   edit: Callable[[dict[str, Any]], None] | None = None,
+                   hf_overrides: dict[str, Any] | None = None, suffix: str | None = None
                    ) -> OfflineConfig:
     """open_clip config ``model_name`` rewritten so it builds without the hub, depth capped at
     ``layers`` (None: full depth). Registered under ``model_name`` + ``@L<layers>`` / ``@offline``
-    (the original name kept as the prefix, so name-based rules still read it)."""
+    (the original name kept as the prefix, so name-based rules still read it).
+
+    edit: called on the config dict before the rewrite (tests shrink widths with it);
+    hf_overrides: config values for a hub text tower; suffix: replaces the name suffix.
+    """
     import open_clip
 
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise KeyError(f"unknown open_clip model {model_name!r}")
     cfg = copy.deepcopy(cfg)
+    if edit is not None:
+        edit(cfg)
     root = Path(root)
     notes: list[str] = []
     vc, tc = cfg["vision_cfg"], cfg.setdefault("text_cfg", {})
@@ -255,7 +267,7 @@ def offline_config(model_name: str, root: str | Path, layers: int | None = None
             notes.append(f"timm tower {vc['timm_model_name']} built with depth capped at {layers}")
     hub_model = tc.get("hf_model_name")
     if hub_model:
-        tc["hf_model_name"] = str(hf_text_config_dir(hub_model, root, layers))
+        tc["hf_model_name"] = str(hf_text_config_dir(hub_model, root, layers, hf_overrides))
         tc["hf_model_pretrained"] = False
         notes.append(f"text tower config {hub_model}: transformers "
                      f"{HF_TEXT_CONFIGS[hub_model][0]} with the released base sizes "
@@ -266,23 +278,24 @@ def offline_config(model_name: str, root: str | Path, layers: int | None = None
         hub_tok = "timm/ViT-B-16-SigLIP2" if "siglip2" in model_name.lower() else \
             "timm/ViT-B-16-SigLIP"
     if hub_tok:
-        vocab = (HF_TEXT_CONFIGS[hub_model][1]["vocab_size"] if hub_model
-                 else int(tc.get("vocab_size", 49408)))
+        vocab = (int({**HF_TEXT_CONFIGS[hub_model][1], **(hf_overrides or {})}["vocab_size"])
+                 if hub_model else int(tc.get("vocab_size", 49408)))
         tc["hf_tokenizer_name"] = str(standin_tokenizer_dir(hub_tok, root, vocab_limit=vocab))
         notes.append(f"tokenizer {hub_tok}: offline stand-in with its special-token ids, not the "
                      "released vocabulary (token ids differ from the real model's)")
-    suffix = f"@L{layers}" if layers else "@offline"
+    if suffix is None:
+        suffix = f"@L{layers}" if layers else "@offline"
     return OfflineConfig(model_name + suffix, cfg, notes)
 
 
-def register_offline_config(model_name: str, root: str | Path, layers: int | None = None
-                            ) -> OfflineConfig:
+def register_offline_config(model_name: str, root: str | Path, layers: int | None = None,
+                            **kwargs: Any) -> OfflineConfig:
     """``offline_config`` written as ``<root>/<name>.json`` and added to open_clip's registry
-    (this process only)."""
+    (this process only); ``kwargs`` go to ``offline_config``."""
     import open_clip
 
     Path(root).mkdir(parents=True, exist_ok=True)
-    oc = offline_config(model_name, root, layers)
+    oc = offline_config(model_name, root, layers, **kwargs)
     path = Path(root) / f"{oc.name}.json"
     path.write_text(json.dumps(oc.config, indent=1))
     open_clip.add_model_config(path)
@@ -298,10 +311,10 @@ def _timm_depth_kwargs(model_name: str, layers: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def timm_depth(layers: int | None) -> Iterator[None]:
-    """While active, ``timm.create_model`` builds every model with depth capped at ``layers``
-    (blocks per stage for staged networks); no-op for None."""
-    if not layers:
+def timm_kwargs(extra: Callable[[str], dict[str, Any]] | None) -> Iterator[None]:
+    """While active, ``timm.create_model(name, ...)`` also gets ``extra(name)`` as keyword
+    arguments (the caller's own win); no-op for None."""
+    if extra is None:
         yield
         return
     import timm
@@ -309,14 +322,21 @@ def timm_depth(layers: int | None) -> Iterator[None]:
     original = timm.create_model
 
     def create_model(model_name: str, *args: Any, **kwargs: Any):
-        kwargs = {**_timm_depth_kwargs(model_name, layers), **kwargs}
-        return original(model_name, *args, **kwargs)
+        return original(model_name, *args, **{**extra(model_name), **kwargs})
 
     timm.create_model = create_model
     try:
         yield
     finally:
         timm.create_model = original
+
+
+def timm_depth(layers: int | None) -> contextlib.AbstractContextManager[None]:
+    """While active, ``timm.create_model`` builds every model with depth capped at ``layers``
+    (blocks per stage for staged networks); no-op for None."""
+    if not layers:
+        return timm_kwargs(None)
+    return timm_kwargs(lambda name: _timm_depth_kwargs(name, layers))
 
 
 def count_parameters(model_name: str) -> int:
