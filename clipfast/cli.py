@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clipfast.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from clipfast.export.families.cli import add_parser as add_models_parser
+
+    add_models_parser(sub)
     from clipfast.embed.cli import add_parser as add_embed_parser
 
     add_embed_parser(sub)
