@@ -184,6 +184,30 @@ def test_limits_are_413_or_422_naming_the_limit():
     assert 'clipfast_errors_total{endpoint="/v1/embeddings",kind="limit"} 3.0' in text
 
 
+
+def test_classify_takes_more_labels_than_items_per_request_in_chunks():
+    engine = StubEngine()
+    app = create_app(engine, _cfg(max_items=4, max_queue=8, max_labels=10,
+                                  max_body_bytes=100_000))
+    img = data_url(jpeg(_photo(3)))
+
+    async def fn(c):
+        labels = [f"l{i}" for i in range(10)]
+        r = await c.post("/v1/classify", json={"input": [img], "labels": labels})
+        assert r.status_code == 200, r.text
+        scores = r.json()["data"][0]["scores"]
+        assert len(scores) == 10 and abs(sum(scores) - 1) < 1e-5
+        calls = list(engine.calls)
+        r2 = await c.post("/v1/classify", json={"input": [img], "labels": labels[:3]})
+        assert r2.status_code == 200
+        r3 = await c.post("/v1/classify", json={"input": [img], "labels": labels + ["x"]})
+        assert r3.status_code == 413 and r3.json()["error"]["code"] == "max_labels"
+        return calls, list(engine.calls)
+
+    calls, after = _run(app, fn)
+    assert sorted(calls[:-1]) == [2, 4, 4]  # 10 prompts in chunks of max_items, then the image
+    assert after[len(calls):] == [1]  # the second request's prompts came from the cache
+
 def test_overload_answers_503_with_retry_after_and_admits_only_max_queue():
     engine = StubEngine()
     engine.gate.clear()

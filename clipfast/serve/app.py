@@ -12,6 +12,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -45,6 +46,8 @@ from clipfast.types import Failure
 log = logging.getLogger("clipfast.serve")
 
 _OPEN_PATHS = ("/health", "/ready")
+_ROUTES = frozenset({"/v1/embeddings", "/v1/images/embeddings", "/v1/classify", "/v1/models",
+                     "/metrics", "/health", "/ready"})
 _LABEL_CACHE = 4096  # prompt embeddings kept for /v1/classify
 
 
@@ -207,17 +210,23 @@ class Service:
         return emb, [i for i, _ in good], failures
 
     async def prompt_embeddings(self, prompts: list[str]) -> np.ndarray:
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._label_cache))
-        if missing:
-            emb, _ = await self.embed_texts(missing)
-            for p, row in zip(missing, emb):
+        """Normalised embeddings of the prompts, from the cache or embedded in chunks that each
+        fit the queue (a label set may be larger than --max-items)."""
+        # Rows are taken from the cache before any await: a concurrent request may evict them.
+        rows = {p: self._label_cache[p] for p in prompts if p in self._label_cache}
+        for p in rows:
+            self._label_cache.move_to_end(p)
+        missing = [p for p in dict.fromkeys(prompts) if p not in rows]
+        step = min(self.config.max_items, self.config.max_queue)
+        for s in range(0, len(missing), step):
+            part = missing[s:s + step]
+            emb, _ = await self.embed_texts(part)
+            for p, row in zip(part, emb):
+                rows[p] = row
                 self._label_cache[p] = row
                 while len(self._label_cache) > _LABEL_CACHE:
                     self._label_cache.popitem(last=False)
-        for p in prompts:
-            if p in self._label_cache:
-                self._label_cache.move_to_end(p)
-        return np.stack([self._label_cache[p] for p in prompts])
+        return np.stack([rows[p] for p in prompts])
 
     def probabilities(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         """What Engine.classify returns for these embeddings."""
@@ -257,7 +266,7 @@ class GuardMiddleware:
         self.app = app
         self.service = service
         key = service.config.api_key
-        self._key = key.encode() if key else None
+        self._key = hashlib.sha256(key.encode()).digest() if key else None
 
     def _authorized(self, scope) -> bool:
         if self._key is None or scope["path"] in _OPEN_PATHS:
@@ -269,13 +278,14 @@ class GuardMiddleware:
         else:
             got = headers.get(b"x-api-key", b"").strip()
         # Compare digests of equal length so neither the key nor its length leaks through time.
-        return hmac.compare_digest(got, self._key)
+        return hmac.compare_digest(hashlib.sha256(got).digest(), self._key)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         service = self.service
-        endpoint = scope["path"]
+        # Metric labels: the known routes, everything else as one (bounded cardinality).
+        endpoint = scope["path"] if scope["path"] in _ROUTES else "other"
         if not self._authorized(scope):
             service.metrics.errors.labels(endpoint, "unauthorized").inc()
             service.metrics.requests.labels(endpoint, "401").inc()
@@ -487,7 +497,13 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
             service.check_model(req.model)
             items = _as_list(req.input)
             check_items(len(items), config.max_items)
-            check_items(len(req.labels), config.max_items, "labels")
+            if not req.labels:
+                raise ApiError(422, "labels: at least one label is needed", code="invalid_request",
+                               kind="invalid", param="labels")
+            if len(req.labels) > config.max_labels:
+                raise LimitExceeded(f"labels: {len(req.labels)}, more than the limit of "
+                                    f"{config.max_labels} per request (--max-labels)",
+                                    limit="max_labels", status=413)
             template = req.template or engine.prompt_template
             if "{}" not in template:
                 raise ApiError(422, f"template {template!r} must contain '{{}}' for the label",

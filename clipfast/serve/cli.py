@@ -33,7 +33,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else settings.CLIPFAST_API_KEY
     config = ServeConfig(
         host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue, max_items=args.max_items, max_body_bytes=args.max_body_bytes,
+        max_queue=args.max_queue, max_items=args.max_items, max_labels=args.max_labels,
+        max_body_bytes=args.max_body_bytes,
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout_s,
         drain_timeout_s=args.drain_timeout_s, api_key=api_key, model_name=args.model_name,
         decode_threads=args.decode_threads, workers=args.workers,
@@ -66,6 +67,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"(default {d.max_queue})")
     p.add_argument("--max-items", type=int, default=d.max_items, metavar="N",
                    help=f"most inputs per request (413 past it; default {d.max_items})")
+    p.add_argument("--max-labels", type=int, default=d.max_labels, metavar="N",
+                   help=f"most labels per /v1/classify request (413; default "
+                        f"{d.max_labels})")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="B",
                    help=f"most bytes per request body (413; default {d.max_body_bytes})")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="P",

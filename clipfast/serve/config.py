@@ -16,6 +16,8 @@ class ServeConfig:
     max_queue: most rows admitted per tower (decoding, queued or running); past it a request
         gets 503 with Retry-After. This bounds the server's memory.
     max_items: most inputs in one request (413 past it).
+    max_labels: most labels in one /v1/classify request (413 past it); their prompts are
+        embedded in chunks of at most ``max_items`` and cached.
     max_body_bytes: most bytes in one request body (413 past it).
     max_image_pixels: most pixels (width x height, read from the header before decoding) in
         one image (422 past it).
@@ -37,6 +39,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     max_queue: int = 256
     max_items: int = 64
+    max_labels: int = 1024
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     request_timeout_s: float = 30.0
@@ -48,8 +51,9 @@ class ServeConfig:
     max_connections: int = 512
 
     def __post_init__(self) -> None:
-        positive = ("max_batch", "max_queue", "max_items", "max_body_bytes", "max_image_pixels",
-                    "request_timeout_s", "drain_timeout_s", "workers", "max_connections")
+        positive = ("max_batch", "max_queue", "max_items", "max_labels", "max_body_bytes",
+                    "max_image_pixels", "request_timeout_s", "drain_timeout_s", "workers",
+                    "max_connections")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
