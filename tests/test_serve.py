@@ -50,10 +50,20 @@ def _batcher(run, **kw):
     return TowerBatcher("text", run, executor=ThreadPoolExecutor(1), **opts)
 
 
+async def _until(condition) -> None:
+    """Yield to the loop until ``condition()`` holds (events, not elapsed time, decide)."""
+    for _ in range(100_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
 def test_batcher_merges_queued_requests_and_splits_large_ones_in_order():
-    gate, sizes = threading.Event(), []
+    gate, entered, sizes = threading.Event(), threading.Event(), []
 
     def run(rows):
+        entered.set()
         gate.wait(10)
         sizes.append(len(rows))
         return np.asarray(rows, np.float32)[:, None] * np.ones((1, 2), np.float32)
@@ -61,11 +71,10 @@ def test_batcher_merges_queued_requests_and_splits_large_ones_in_order():
     async def main():
         b = _batcher(run)
         first = asyncio.create_task(b.submit([0.0]))
-        await asyncio.sleep(0.05)  # the first batch is in the tower, held by the gate
+        await _until(entered.is_set)  # the first batch is in the tower, held by the gate
         rest = [asyncio.create_task(b.submit([float(10 * k + j) for j in range(n)]))
                 for k, n in enumerate((1, 2, 6))]
-        await asyncio.sleep(0.05)
-        assert b.queued == 9
+        await _until(lambda: b.queued == 9)
         gate.set()
         outs = await asyncio.gather(first, *rest)
         await b.close()
@@ -78,9 +87,10 @@ def test_batcher_merges_queued_requests_and_splits_large_ones_in_order():
 
 
 def test_batcher_admission_is_bounded_and_cancelled_rows_are_dropped():
-    gate, seen = threading.Event(), []
+    gate, entered, seen = threading.Event(), threading.Event(), []
 
     def run(rows):
+        entered.set()
         gate.wait(10)
         seen.extend(rows)
         return np.zeros((len(rows), 1), np.float32)
@@ -94,9 +104,9 @@ def test_batcher_admission_is_bounded_and_cancelled_rows_are_dropped():
         assert e.value.retry_after >= 1
         r2 = b.reserve(2)
         blocker = asyncio.create_task(b.submit(["a"]))
-        await asyncio.sleep(0.05)
+        await _until(entered.is_set)
         victim = asyncio.create_task(b.submit(["b", "c"]))
-        await asyncio.sleep(0.01)
+        await _until(lambda: b.queued == 2)
         victim.cancel()  # a timed-out request: its rows never reach the tower
         with pytest.raises(asyncio.CancelledError):
             await victim
