@@ -185,6 +185,9 @@ def test_limits_are_413_or_422_naming_the_limit():
             r = await c.post("/v1/embeddings", json=body)
             assert r.status_code == code, (body, r.text)
             assert set(r.json()["error"]) >= {"message", "type", "code"}
+        r = await c.post("/v1/embeddings", json={"model": "stub-model", "input": "a",
+                                                 "encoding_format": None})
+        assert r.status_code == 200 and isinstance(r.json()["data"][0]["embedding"], list)
         r = await c.post("/v1/embeddings", content=b"{not json",
                          headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"

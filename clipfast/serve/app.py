@@ -59,7 +59,7 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"  # null: float
     dimensions: int | None = None
     user: str | None = None
     modality: Literal["text", "image"] = "text"
@@ -69,7 +69,7 @@ class ImageEmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"  # null: float
 
 
 class ClassifyRequest(BaseModel):
@@ -429,14 +429,14 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 datas = inline_images(items)
                 emb, idx, failures = await service.with_timeout(service.embed_images(datas))
                 count_bad(endpoint, failures)
-                return embedding_response(emb, idx, failures, req.encoding_format, 0)
+                return embedding_response(emb, idx, failures, req.encoding_format or "float", 0)
             if not all(isinstance(t, str) for t in items):
                 raise ApiError(422, "input: token ids are not accepted; send strings (the "
                                "server tokenizes with the model's own tokenizer)",
                                code="invalid_input", kind="invalid", param="input")
             emb, n_tokens = await service.with_timeout(service.embed_texts(items))
-            return embedding_response(emb, list(range(len(items))), [], req.encoding_format,
-                                      n_tokens)
+            return embedding_response(emb, list(range(len(items))), [],
+                                      req.encoding_format or "float", n_tokens)
 
         return await handle(endpoint, request, work)
 
@@ -478,7 +478,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 service.check_model(req.model)
                 items = _as_list(req.input)
                 check_items(len(items), config.max_items)
-                fmt = req.encoding_format
+                fmt = req.encoding_format or "float"
                 datas = inline_images(items)
             emb, idx, failures = await service.with_timeout(service.embed_images(datas))
             count_bad(endpoint, failures)
