@@ -194,3 +194,20 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifact, engine, inputs
     finally:
         if s.proc.poll() is None:
             s.proc.kill()
+
+
+def test_workers_share_one_port_and_all_exit_0_on_sigterm(artifact, engine, inputs):
+    texts, _ = inputs
+    s = Served(artifact, "--workers", "2")
+    try:
+        for i in range(6):
+            r = httpx.post(s.url + "/v1/embeddings", json={"model": "m", "input": [texts[i]]},
+                           timeout=60)
+            assert r.status_code == 200
+            np.testing.assert_allclose(decode_rows(r.json())[0], engine.encode_texts(
+                [texts[i]])[0], rtol=0, atol=ATOL)
+        assert s.stop() == 0
+        assert s.proc.stdout.read().count("SIGTERM received, draining") == 2
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
