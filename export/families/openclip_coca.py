@@ -19,4 +19,5 @@ class OpenClipCocaFamily(OpenClipFamily):
     layer_names = ("resblocks",)
 
     def claims_open_clip(self, model_name: str, cfg: dict[str, Any]) -> bool:
-        return model_name.lower().startswith("coca")
+        # CoCa configs carry the captioning decoder's multimodal_cfg
+        return "multimodal_cfg" in cfg or model_name.lower().startswith("coca")
