@@ -203,9 +203,22 @@ def run_parent(args: argparse.Namespace) -> None:
     names = open_clip.list_models()
     if args.match:
         names = [n for n in names if re.search(args.match, n)]
-    if args.order_by_size:
+    if args.order_by_size or args.order_by_family:
         sizes = _size_order()
         names.sort(key=lambda n: sizes.get(n, float("inf")))
+    if args.order_by_family:
+        # round robin over the families, each smallest first: every family's small members
+        # run before any family's large ones
+        from clipfast.export.families import family_for_open_clip_name
+
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(family_for_open_clip_name(n), []).append(n)
+        names = [n for rank in range(max(map(len, groups.values())))
+                 for g in groups.values() if rank < len(g) for n in [g[rank]]]
+    if args.first:
+        first = [n for n in args.first.split(",") if n in names]
+        names = first + [n for n in names if n not in first]
     if args.shard:
         index, count = (int(x) for x in args.shard.split("/"))
         names = names[index::count]
@@ -544,6 +557,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-params", type=float, default=DEFAULT_MAX_PARAMS,
                     help="full depth: configs with more parameters are recorded as too large")
     ap.add_argument("--order-by-size", action="store_true", help="smallest configs first")
+    ap.add_argument("--first", help="comma-separated configs to run before the others")
+    ap.add_argument("--order-by-family", action="store_true",
+                    help="round robin over families, each family smallest first")
     ap.add_argument("--deadline", type=float, help="unix time after which no config starts")
     ap.add_argument("--redo", action="store_true",
                     help="run configs already in the results again (the newest line wins)")
