@@ -106,19 +106,64 @@ class OpenClipFamily(FamilySpec):
         return self.label or "openclip"
 
     def random_init(self, model: nn.Module, transform: Any) -> list[str]:
-        """open_clip's LayerScale init (``ls_init_value``, 1e-4 in ViT-M-16-alt) scales every
-        residual branch to ~0: the random tower's output is then its class token, the same
-        for every image. Gammas of 1 make the random tower behave like the same architecture
-        without LayerScale (with 0.1 the ViT-M-16-alt image embeddings still spread so little
-        that fp16 rounding gave centred error 0.047 at depth 1)."""
-        from open_clip.transformer import LayerScale
+        """Random weights that do not map every image to nearly one embedding (where the
+        centred error is ill-conditioned: fp16 rounding alone failed the gate at cosine
+        0.9999999).
 
-        scaled = [m for m in model.modules()
-                  if isinstance(m, LayerScale) and float(m.gamma.detach().abs().max()) < 1e-2]
+        - LayerScale gammas (open_clip ``ls_init_value``, timm ``init_values`` /
+          ``layer_scale_init_value``, 1e-4 to 1e-6) below 1e-2 are set to LAYER_SCALE_RANDOM:
+          at ~0 every residual branch vanishes and the tower outputs its class token or stem.
+          With 0.1 the ViT-M-16-alt image embeddings still spread so little that fp16 gave
+          centred error 0.047 at depth 1.
+        - BatchNorm layers of the image tower (ResNet, FastViT / MobileCLIP) get running
+          statistics measured on the built-in varied images, as a trained network has, instead
+          of mean 0 / var 1 (``_prepare_batchnorm`` lets a family adjust them first).
+        """
+        notes = []
+        small = [p for name, p in model.named_parameters()
+                 if name.rsplit(".", 1)[-1].startswith("gamma") and p.numel() > 1
+                 and float(p.detach().abs().max()) < 1e-2]
         with torch.no_grad():
-            for m in scaled:
-                m.gamma.fill_(LAYER_SCALE_RANDOM)
-        return [f"{len(scaled)} LayerScale gammas set to {LAYER_SCALE_RANDOM}"] if scaled else []
+            for p in small:
+                p.fill_(LAYER_SCALE_RANDOM)
+        if small:
+            notes.append(f"{len(small)} LayerScale gammas set to {LAYER_SCALE_RANDOM}")
+        visual = getattr(model, "visual", None)
+        bns = [(n, m) for n, m in (visual.named_modules() if visual is not None else [])
+               if isinstance(m, nn.BatchNorm2d)]
+        if bns:
+            notes.append(self._calibrate_batchnorm(visual, bns, transform))
+        return notes
+
+    def _prepare_batchnorm(self, bns: list[tuple[str, nn.Module]]) -> str:
+        """Adjust BatchNorm weights before calibration; returns a note (default: none)."""
+        return ""
+
+    def _calibrate_batchnorm(self, visual: nn.Module, bns: list[tuple[str, nn.Module]],
+                             transform: Any) -> str:
+        import numpy as np
+        from PIL import Image
+
+        from clipfast.samples import sample_images
+
+        momenta = [m.momentum for _, m in bns]
+        for _, m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batch
+        extra = self._prepare_batchnorm(bns)
+        batch = np.stack([np.asarray(transform(Image.fromarray(a).convert("RGB")),
+                                     dtype=np.float32) for a in sample_images(8)])
+        visual.train()
+        with torch.no_grad():
+            visual(torch.from_numpy(batch))
+        visual.eval()
+        for (_, m), momentum in zip(bns, momenta, strict=True):
+            m.momentum = momentum
+            # rounded to fp16 precision: a rebuild on another host (other thread count, other
+            # summation order) gets the same bytes, so the weights fingerprint still matches
+            m.running_mean.copy_(m.running_mean.half().float())
+            m.running_var.copy_(m.running_var.half().float())
+        return f"{len(bns)} BatchNorm layers calibrated on 8 built-in images{extra}"
 
     def fusion_plan(self, tower: nn.Module, which: str
                     ) -> tuple[nn.Module | None, bool, str | None]:
