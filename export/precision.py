@@ -50,26 +50,38 @@ INT8_FORMAT_CHOICES = ("portable", "portable-u8", "full-range")
 def convert_towers_fp16(fp32_graphs: dict[str, Path], outs: dict[str, Path], io: str,
                         graph: dict[str, dict[str, Any]]) -> None:
     """fp16 conversion of each tower's fp32 graph to ``outs[tower]``; the conversion report goes
-    to ``graph[tower]["fp16"]``."""
+    to ``graph[tower]["fp16"]``.
+
+    Each converted graph is first loaded by ONNX Runtime in a child process. NOTE: ONNX Runtime
+    1.32 crashes the process (SIGSEGV) at session creation on some fp16 graphs, in its NCHWc
+    layout transformer (ORT_ENABLE_ALL, what the runtime uses; the graphs load with that one
+    optimizer disabled): seen on CoCa ViT-B-32's fused image tower (its unfused fp16 graph
+    loads) and on ViT-M-16-alt's image tower at full depth (unfused; keeping the patch-embedding
+    Conv fp32 did not help). A fused graph that crashes is replaced by the unfused one; a graph
+    that crashes either way is refused with the reason, instead of taking the export (and every
+    later Engine) down.
+    """
     from clipfast.export.fp16 import convert_to_fp16
 
     for which, path in list(fp32_graphs.items()):
         graph[which]["fp16"] = convert_to_fp16(path, outs[which], io=io)
-        plain = path.with_name(path.name.replace(".fused.onnx", ".fp32.onnx"))
-        if plain == path or not plain.is_file():
-            continue
         crash = _session_crash(outs[which])
         if crash is None:
             continue
-        # NOTE: seen with ONNX Runtime 1.32 on CoCa's fused image tower (fused Attention next to
-        # the attentional pooler): the fp32 fused graph and the fp16 unfused graph load, the
-        # fp16 fused one crashes the process at session creation (extended optimizations).
-        why = (f"ONNX Runtime crashed ({crash}) creating a session for the fused fp16 "
-               f"{which} tower; the unfused graph was converted instead")
+        why = f"ONNX Runtime crashed ({crash}) creating a session for the fp16 {which} tower"
+        plain = path.with_name(path.name.replace(".fused.onnx", ".fp32.onnx"))
+        if plain == path or not plain.is_file():
+            raise ExportError(f"{why} (ONNX Runtime's NCHWc layout transformer; the graph loads "
+                              "with that optimizer disabled). Export --precision fp32 instead.")
+        why += "; the unfused graph was converted instead"
         log.warning("export: %s", why)
         fp32_graphs[which] = plain  # later fp16 retries convert the same graph
         graph[which].update(fused=None, fusion=f"dropped for fp16: {why}")
         graph[which]["fp16"] = convert_to_fp16(plain, outs[which], io=io)
+        crash = _session_crash(outs[which])
+        if crash is not None:
+            raise ExportError(f"{why}, which crashed too ({crash}). Export --precision fp32 "
+                              "instead.")
 
 
 def _session_crash(path: Path) -> str | None:
