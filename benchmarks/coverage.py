@@ -50,9 +50,8 @@ MARKDOWN = RESULTS / "coverage.md"
 PARAMS = RESULTS / "coverage_params.json"
 README = ROOT / "README.md"
 # A full-depth export holds the fp32 model, the traced graph, an ORT session and the fp16 copy:
-# measured ~16 bytes per parameter at peak (see coverage.md); 24 GiB / 16 B ~ 1.5e9, minus room
-# for the other processes on the machine.
-DEFAULT_MAX_PARAMS = 1.0e9
+# measured ~2.2 GiB + 28 bytes per parameter at peak (coverage.md), so ~22 GiB holds ~7.5e8.
+DEFAULT_MAX_PARAMS = 7.5e8
 # fidelity measured on this many of the built-in generated images (and as many captions): a
 # third of the export default (24), to fit 144 configs into the time a 2-core machine had
 MEASURE_IMAGES = 8
@@ -373,6 +372,25 @@ def _family(name: str) -> str:
     return family_for_open_clip_name(name)
 
 
+def _memory_fit(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Least-squares peak RSS = base + bytes x parameters over the full-depth runs."""
+    import numpy as np
+
+    pts = [(r["params_full"], r["peak_rss_mib"]) for recs in results.values()
+           for d, r in recs.items() if d == "full" and r.get("status") == "ok"
+           and r.get("params_full") and r.get("peak_rss_mib")]
+    if len(pts) < 3:
+        return "too few full-depth runs to fit the memory per parameter."
+    x = np.array([p for p, _ in pts], dtype=float)
+    y = np.array([m for _, m in pts], dtype=float) * 2**20
+    slope, base = np.polyfit(x, y, 1)
+    fits = (22 * 2**30 - base) / slope
+    return (f"the {len(pts)} full-depth runs peaked at {base / 2**30:.1f} GiB + {slope:.0f} "
+            f"bytes per parameter (fp32 + fp16 export in one process, "
+            f"{min(x) / 1e6:.0f}-{max(x) / 1e6:.0f} M parameters), so 22 GiB (24 GiB less "
+            f"the rest of the machine) holds about {fits / 1e6:.0f} M parameters.")
+
+
 def _params() -> dict[str, int | None]:
     try:
         return json.loads(PARAMS.read_text())
@@ -453,10 +471,11 @@ def render(reduced: str, max_params: float) -> None:
         "grows with depth), nor full-size memory or time.",
         "- **full**: the real config, all blocks, smallest first, while time allowed. "
         "`not run` = no run was made (time), not a failure.",
-        f"- **too large**: more than {max_params:.1e} parameters at full depth (counted on the "
-        "meta device, `--count-params`): an export holds the fp32 model, the traced graph, an "
-        "ONNX Runtime session and the fp16 copy, more than a 24 GiB machine has for these. "
-        "Their depth-capped rows are still run.",
+        f"- **too large**: more than {max_params:.2g} parameters at full depth (counted on the "
+        "meta device, `--count-params`). An export holds the fp32 model, the traced graph, an "
+        f"ONNX Runtime session and the fp16 copy; {_memory_fit(results)} So these were not "
+        "tried at full depth (an extrapolation, not a measured failure); their depth-capped "
+        "rows are run.",
         "- **Offline assumptions**: hub text-tower configs (xlm-roberta, mt5, nllb, roberta) are "
         "transformers config classes with the released base sizes written out "
         "(`export/families/offline.py` `HF_TEXT_CONFIGS`; transformers' class defaults are "
@@ -549,21 +568,28 @@ FINDINGS = [
     "- Fixed while sweeping: (1) `--pretrained none` on open_clip configs with a transformers "
     "text tower loaded the base text weights from the hub (open_clip's `pretrained_text` "
     "defaults to True): random weights now mean random everywhere. (2) ONNX Runtime 1.32 "
-    "crashes (SIGSEGV) creating a CPU session for CoCa's fused fp16 image tower; the fp16 step "
-    "now loads each fused fp16 graph in a child process first and converts the unfused graph "
-    "when it crashes (recorded in the manifest). (3) open_clip's random init of ModifiedResNet "
-    "(BatchNorm at identity, zeroed last BatchNorm per bottleneck) and of LayerScale (1e-4) maps "
-    "every image to nearly one embedding: fp16 then failed the centred-error gate at cosine "
-    "0.9999999; the ResNet and open_clip families now give random towers trained-like "
-    "statistics.",
-    "- Attention fusion applies to open_clip's own transformer blocks (ViT, ResNet text towers, "
-    "CoCa image); timm towers, transformers text towers inside open_clip, non-causal or "
-    "eos-pooled built-in text towers (SigLIP, CLIPA, worldwide) and LayerScale blocks export "
-    "unfused, with the reason in the manifest: correct, not faster.",
-    "- Full-depth RN101 fp16 misses the gate (image centred error 0.014 > 0.01 on random "
-    "weights); keeping the last 25-50% of weight operators fp32 (the export's fp16 fallback) "
-    "does not move it, so the error comes from early layers amplified over 33 random "
-    "bottlenecks. Export RN101 fp32, or measure fp16 on the real checkpoint (`--images`).",
+    "crashes the process (SIGSEGV, in its NCHWc layout transformer at ORT_ENABLE_ALL) creating "
+    "a CPU session for some fp16 graphs: CoCa ViT-B-32's fused image tower (its unfused fp16 "
+    "graph loads) and ViT-M-16-alt's image tower at full depth. The fp16 step now loads every "
+    "converted tower in a child process first, replaces a crashing fused graph by the unfused "
+    "one, and refuses (ExportError, with the reason) when both crash, instead of crashing. The "
+    "runtime could load these graphs with `disabled_optimizers=['NchwcTransformer']` "
+    "(clipfast/backends/onnxruntime.py; not changed here). (3) open_clip's and timm's random "
+    "init leave BatchNorm at identity statistics, zero ResNet's last BatchNorm per bottleneck "
+    "and start LayerScale at 1e-4..1e-6: every image then maps to nearly one embedding and fp16 "
+    "failed the centred-error gate at cosine 0.9999999. `--pretrained none` now calibrates "
+    "image-tower BatchNorm on built-in images and sets small LayerScale gammas to 1 (rows "
+    "finished before 18:51 UTC used the first version of this, ResNet BatchNorm and open_clip "
+    "LayerScale only; MobileCLIP2-B/S0/S2 and vit_relpos were rerun after it).",
+    "- Attention fusion applies to open_clip's own transformer blocks (ViT, the text towers of "
+    "ResNet/ConvNeXt/EVA/... configs, CoCa's image tower); timm image towers, transformers text "
+    "towers inside open_clip, non-causal or eos-pooled built-in text towers (SigLIP, CLIPA, "
+    "worldwide) and LayerScale blocks export unfused, with the reason in the manifest: correct, "
+    "not faster.",
+    "- Full-depth RN101 and RN50x4 fp16 miss the gate on random weights (RN101 image centred "
+    "error 0.014 > 0.01); keeping the last 25-50% of weight operators fp32 (the export's fp16 "
+    "fallback) does not move it, so the error starts in early layers and grows over the random "
+    "bottlenecks. Export these fp32, or measure fp16 on the real checkpoint (`--images`).",
 ]
 
 
