@@ -586,10 +586,21 @@ FINDINGS = [
     "towers inside open_clip, non-causal or eos-pooled built-in text towers (SigLIP, CLIPA, "
     "worldwide) and LayerScale blocks export unfused, with the reason in the manifest: correct, "
     "not faster.",
-    "- Full-depth RN101 and RN50x4 fp16 miss the gate on random weights (RN101 image centred "
-    "error 0.014 > 0.01); keeping the last 25-50% of weight operators fp32 (the export's fp16 "
-    "fallback) does not move it, so the error starts in early layers and grows over the random "
-    "bottlenecks. Export these fp32, or measure fp16 on the real checkpoint (`--images`).",
+    "- Open failures: mt5-xl-ViT-H-14 fp16 cannot be converted: its text graph is over 2 GiB "
+    "(250k x 2048 fp32 embedding) and the fp16 converter serialises it as one protobuf ('Failed "
+    "to serialize proto'); the fp16 step needs the external-data path for >2 GiB graphs. "
+    "coca_ViT-B-32 at full depth: ONNX Runtime crashes on both its fused and unfused fp16 image "
+    "graphs (refused, see above); ViT-M-16-alt at full depth likewise. MobileCLIP-S2 and "
+    "MobileCLIP2-S2 (same non-causal text tower): fp16 text centred error 0.012 (0.010005 with "
+    "half the weight operators fp32) on random weights, just over the 0.01 gate. "
+    "MobileCLIP2-S3 did not run at depth 1: the sweep's depth cap passes FastViT `layers` as 4 "
+    "stages and fastvit_mci3 has another stage layout (a sweep limitation, not an export "
+    "result).",
+    "- Full-depth ResNets from RN101 and RN50x4 up (RN101, RN50x4, RN50x16) fp16 miss the gate "
+    "on random weights (RN101 image centred error 0.014 > 0.01); keeping the last 25-50% of "
+    "weight operators fp32 (the export's fp16 fallback) does not move it, so the error starts "
+    "in early layers and grows over the random bottlenecks. Export these fp32, or measure fp16 "
+    "on the real checkpoint (`--images`).",
 ]
 
 
