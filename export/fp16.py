@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.errors import ExportError
-from clipfast.export.onnx_files import PROTOBUF_LIMIT
+from clipfast.export.onnx_files import PROTOBUF_LIMIT, graph_bytes
 
 log = logging.getLogger("clipfast.export")
 
@@ -71,6 +71,23 @@ def _dedupe_nodes(model: Any) -> int:
         del model.graph.value_info[:]
         model.graph.value_info.extend(infos)
     return dropped
+
+
+def _typed_by_path(path: Path) -> Any:
+    """The graph at ``path`` with onnx's shape inference applied through files, which works past
+    the 2 GiB protobuf limit (the typed copy sits beside ``path`` so its external data resolves)."""
+    import os
+    import tempfile
+
+    import onnx
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".typed.onnx")
+    os.close(fd)
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), tmp)
+        return onnx.load(tmp)
+    finally:
+        os.remove(tmp)
 
 
 def _add_symbolic_types(model: Any) -> None:
@@ -147,12 +164,19 @@ def convert_to_fp16(path: str | Path, out_path: str | Path, *, io: str = "fp32",
         # Symbolic shape inference types the fused contrib operators, which onnx's own inference
         # cannot, but gives up on some plain graphs (SigLIP's pooling head), which onnx's types.
         contrib = any(n.domain == "com.microsoft" for n in proto.graph.node)
+        typed = contrib
+        if not contrib and graph_bytes(Path(path)) > PROTOBUF_LIMIT:
+            # onnx's in-memory inference (what the converter runs) serialises the whole proto
+            # and fails past 2 GiB (a 250k-token multilingual embedding); the path-based one
+            # reads the external data itself.
+            proto = _typed_by_path(Path(path))
+            typed = True
         with quiet_ort_tools():
             if contrib:
                 _add_symbolic_types(proto)
             proto = convert_float_to_float16(
                 proto, keep_io_types=(io == "fp32"), op_block_list=block,
-                node_block_list=list(fp32_nodes), disable_shape_infer=contrib)
+                node_block_list=list(fp32_nodes), disable_shape_infer=typed)
             model = OnnxModel(proto)
             # fp32 -> fp16 -> fp32 between two fp32 operators: keep the value fp32 (the residual
             # stream between SkipLayerNormalizations). Deliberately not OnnxModel's

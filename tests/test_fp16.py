@@ -71,6 +71,40 @@ def test_convert_keeps_norms_fp32_and_runs_on_cpu(tmp_path, io):
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
 
 
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
+def test_convert_past_the_protobuf_limit_types_through_files(tmp_path, monkeypatch):
+    """A graph over the 2 GiB limit (a 250k-token multilingual embedding): onnx's in-memory
+    shape inference cannot serialise it, so the types come from the path-based inference. The limit
+    is lowered so a small graph takes that path, and the in-memory inference is made to fail."""
+    import onnxruntime as ort
+    import onnxruntime.transformers.float16 as ort_float16
+
+    from clipfast.export import fp16 as fp16_mod
+
+    torch.manual_seed(0)
+    module = _TwoNorms().eval()
+    x = torch.randn(3, 5, 16)
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(module, (x,), str(src), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    reference = tmp_path / "ref16.onnx"
+    fp16_mod.convert_to_fp16(src, reference)
+
+    def refuse(*_a, **_k):
+        raise ValueError("Failed to serialize proto")  # what onnx says past 2 GiB
+
+    monkeypatch.setattr(ort_float16, "infer_shapes", refuse)
+    monkeypatch.setattr(fp16_mod, "PROTOBUF_LIMIT", 1024)
+    out = tmp_path / "big16.onnx"
+    report = fp16_mod.convert_to_fp16(src, out)
+    assert {"LayerNormalization", "Softmax"} <= set(report["fp32_ops"])
+    assert not list(tmp_path.glob("*.typed.onnx"))  # the typed copy is removed
+    feed = {"x": x.numpy()}
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    want = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(got, want)
+
+
 def _engine_figures(engine, source, photos, texts):
     from clipfast.preprocess import load_image
 
