@@ -169,6 +169,23 @@ def test_registering_a_name_twice_is_refused():
         families.register(Clash)
 
 
+@pytest.mark.parametrize("variant,stages", [("fastvit_mci0", 4), ("fastvit_mci3", 5)])
+def test_depth_cap_keeps_each_fastvit_stage_layout(variant, stages):
+    """MobileCLIP2-S3/S4's FastViT has 5 stages, S0-S2's 4: the depth cap caps each stage and
+    keeps the count (a fixed 4-tuple built a model whose stages did not connect)."""
+    import timm
+    import torch
+
+    from clipfast.export.families.offline import timm_depth
+
+    with torch.device("meta"), timm_depth(1):
+        model = timm.create_model(variant)
+    assert [len(s.blocks) for s in model.stages] == [1] * stages
+    with torch.device("meta"):
+        full = timm.create_model(variant)
+    assert sum(len(s.blocks) for s in full.stages) > stages  # the cap is gone afterwards
+
+
 # -- one representative per family, exported and gated ---------------------------------------
 def _vit(cfg: dict[str, Any], width: int = WIDTH) -> None:
     v = cfg["vision_cfg"]

@@ -306,8 +306,28 @@ def _timm_depth_kwargs(model_name: str, layers: int) -> dict[str, Any]:
     if model_name.startswith(("convnext", "swin")):
         return {"depths": (layers,) * 4}
     if model_name.startswith("fastvit"):
-        return {"layers": (layers,) * 4}
+        return {}  # stage count varies (4 or 5): capped in _fastvit_stages
     return {"depth": layers}
+
+
+@contextlib.contextmanager
+def _fastvit_stages(layers: int) -> Iterator[None]:
+    """FastViT variants have 4 (mci0-2) or 5 (mci3/4) stages, known only inside each variant's
+    entrypoint: cap the ``layers`` tuple where the entrypoint hands it to the model builder."""
+    from timm.models import fastvit
+
+    original = fastvit._create_fastvit
+
+    def create(variant: str, pretrained: bool = False, **kwargs: Any):
+        if "layers" in kwargs:
+            kwargs["layers"] = tuple(min(n, layers) for n in kwargs["layers"])
+        return original(variant, pretrained=pretrained, **kwargs)
+
+    fastvit._create_fastvit = create
+    try:
+        yield
+    finally:
+        fastvit._create_fastvit = original
 
 
 @contextlib.contextmanager
@@ -336,7 +356,10 @@ def timm_depth(layers: int | None) -> contextlib.AbstractContextManager[None]:
     (blocks per stage for staged networks); no-op for None."""
     if not layers:
         return timm_kwargs(None)
-    return timm_kwargs(lambda name: _timm_depth_kwargs(name, layers))
+    stack = contextlib.ExitStack()
+    stack.enter_context(timm_kwargs(lambda name: _timm_depth_kwargs(name, layers)))
+    stack.enter_context(_fastvit_stages(layers))
+    return stack
 
 
 def count_parameters(model_name: str) -> int:
