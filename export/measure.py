@@ -24,11 +24,15 @@ __all__ = ["CALIBRATION_BATCH", "TowerFidelity", "calibration_inputs", "embeddin
 CALIBRATION_BATCH = 8
 
 
-def ort_session(path: Path):
+def ort_session(path: Path, precision: str | None = None):
     """A CPU session of ``path`` as the runtime would open it on this host: a full-range int8
     graph on a CPU whose integer kernels saturate runs its Q/DQ pairs as float
-    (clipfast.backends.onnxruntime.int8_plan), so the export measures what users will get."""
+    (clipfast.backends.onnxruntime.int8_plan), and an fp16 graph (``precision="fp16"``) runs
+    without the optimizers the runtime disables for fp16, so the export measures what users will
+    get."""
     import onnxruntime as ort
+
+    from clipfast.backends.onnxruntime import FP16_DISABLED_OPTIMIZERS
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # fp16 / QDQ graphs log harmless CPU fallback warnings
@@ -38,7 +42,9 @@ def ort_session(path: Path):
 
         if (int8_weight_abs_max(path) or 0) > SAFE_WEIGHT_MAX:
             so.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    disabled = list(FP16_DISABLED_OPTIMIZERS) if precision == "fp16" else None
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled)
 
 
 def run_graph(session, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -116,12 +122,14 @@ def calibration_inputs(source, images_dir: Path | None = None, *, batch: int = C
 class TowerFidelity:
     """Fidelity of candidate tower graphs against the fp32 PyTorch source, tower by tower (the
     int8 guard's ``measure``): the same images / captions as the export's final measurement,
-    fed as the reference transform's pixels and the reference tokenizer's ids."""
+    fed as the reference transform's pixels and the reference tokenizer's ids; ``precision`` is
+    the candidates' (sessions open as the runtime opens that precision)."""
 
-    def __init__(self, source, images: list[Any] | None = None):
+    def __init__(self, source, images: list[Any] | None = None, precision: str | None = None):
         from clipfast.samples import sample_captions, sample_images
 
         self.source = source
+        self.precision = precision
         rgb = load_rgb(images if images is not None else sample_images())
         texts = sample_captions(max(len(rgb), 2))
         pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)
@@ -140,7 +148,7 @@ class TowerFidelity:
         self.img: np.ndarray | None = None  # the accepted image tower's embeddings
 
     def image(self, path: Path) -> dict[str, Any]:
-        img = l2_normalize(run_graph(ort_session(path), self.image_feeds))
+        img = l2_normalize(run_graph(ort_session(path, self.precision), self.image_feeds))
         return {
             "image_centred_rel_error": float(centred_relative_error(img, self.ref_img).max()),
             "image_cosine": float(cosine(img, self.ref_img).min()),
@@ -149,7 +157,7 @@ class TowerFidelity:
         }
 
     def text(self, path: Path) -> dict[str, Any]:
-        txt = l2_normalize(run_graph(ort_session(path), self.text_feeds))
+        txt = l2_normalize(run_graph(ort_session(path, self.precision), self.text_feeds))
         img = self.img if self.img is not None else self.ref_img
         return {
             "text_centred_rel_error": float(centred_relative_error(txt, self.ref_txt).max()),

@@ -490,7 +490,7 @@ def _fp16_retry(source, options: ExportOptions, work: Path, data: ArtifactSpec,
                 images: list[str] | None) -> None:
     """``_fp16_fallback`` for each tower of ``towers``, recorded in the manifest data."""
     graph = data.graph
-    fidelity = TowerFidelity(source, images)
+    fidelity = TowerFidelity(source, images, "fp16")
     try:
         for which in towers:
             graph[which]["fp16"] = _fp16_fallback(

@@ -52,12 +52,11 @@ def convert_towers_fp16(fp32_graphs: dict[str, Path], outs: dict[str, Path], io:
     """fp16 conversion of each tower's fp32 graph to ``outs[tower]``; the conversion report goes
     to ``graph[tower]["fp16"]``.
 
-    Each converted graph is first loaded by ONNX Runtime in a child process. NOTE: ONNX Runtime
-    1.32 crashes the process (SIGSEGV) at session creation on some fp16 graphs, in its NCHWc
-    layout transformer (ORT_ENABLE_ALL, what the runtime uses; the graphs load with that one
-    optimizer disabled): seen on CoCa ViT-B-32's fused image tower (its unfused fp16 graph
-    loads) and on ViT-M-16-alt's image tower at full depth (unfused; keeping the patch-embedding
-    Conv fp32 did not help). A fused graph that crashes is replaced by the unfused one; a graph
+    Each converted graph is first loaded by ONNX Runtime in a child process, with the session
+    options the runtime uses for fp16 (all optimizations except
+    clipfast.backends.onnxruntime.FP16_DISABLED_OPTIMIZERS: ONNX Runtime 1.32's NCHWc layout
+    transformer crashes the process, SIGSEGV, on CoCa ViT-B-32's fused fp16 image tower and on
+    ViT-M-16-alt's). A fused graph that still crashes is replaced by the unfused one; a graph
     that crashes either way is refused with the reason, instead of taking the export (and every
     later Engine) down.
     """
@@ -71,8 +70,7 @@ def convert_towers_fp16(fp32_graphs: dict[str, Path], outs: dict[str, Path], io:
         why = f"ONNX Runtime crashed ({crash}) creating a session for the fp16 {which} tower"
         plain = path.with_name(path.name.replace(".fused.onnx", ".fp32.onnx"))
         if plain == path or not plain.is_file():
-            raise ExportError(f"{why} (ONNX Runtime's NCHWc layout transformer; the graph loads "
-                              "with that optimizer disabled). Export --precision fp32 instead.")
+            raise ExportError(f"{why}. Export --precision fp32 instead.")
         why += "; the unfused graph was converted instead"
         log.warning("export: %s", why)
         fp32_graphs[which] = plain  # later fp16 retries convert the same graph
@@ -85,17 +83,20 @@ def convert_towers_fp16(fp32_graphs: dict[str, Path], outs: dict[str, Path], io:
 
 
 def _session_crash(path: Path) -> str | None:
-    """Create an ONNX Runtime CPU session for ``path`` (all optimizations, as the runtime
-    does) in a child process: None when it loads, else how the child died. A graph that crashes
-    ORT would otherwise take the export (and every later Engine) down with it."""
+    """Create an ONNX Runtime CPU session for the fp16 graph ``path`` (all optimizations but
+    FP16_DISABLED_OPTIMIZERS, as the runtime does) in a child process: None when it loads, else
+    how the child died. A graph that crashes ORT would otherwise take the export (and every
+    later Engine) down with it."""
     import signal
     import subprocess
     import sys
 
+    from clipfast.backends.onnxruntime import FP16_DISABLED_OPTIMIZERS
+
     code = ("import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], "
-            "providers=['CPUExecutionProvider'])")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                          text=True)
+            "providers=['CPUExecutionProvider'], disabled_optimizers=sys.argv[2:] or None)")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), *FP16_DISABLED_OPTIMIZERS],
+                          capture_output=True, text=True)
     if proc.returncode >= 0:  # 0: loads; > 0: a Python error the export itself reports later
         return None
     try:

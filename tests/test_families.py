@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import clipfast
 from clipfast.errors import ExportError
 from clipfast.export import families
 from clipfast.fidelity import GATES, check_gates
@@ -309,6 +310,31 @@ def test_resnet_random_weights_are_not_degenerate_and_pass_fp16(tmp_path):
     fid = m["fidelity"]
     assert fid["passed"] is True and not check_gates(fid, GATES["fp16"]), fid
     assert fid["image_centred_rel_error"] <= GATES["fp16"]["image_centred_rel_error_max"]
+
+
+@pytest.mark.slow
+def test_coca_fp16_keeps_its_fused_image_tower(tmp_path):
+    """ONNX Runtime 1.32's NCHWc layout transformer crashes the process (SIGSEGV) creating a CPU
+    session for CoCa's fused fp16 image tower. Sessions of fp16 graphs run without it, at
+    export and at run time, so the fused graph is kept, loads, and passes the fp16 gates."""
+    from clipfast.backends.onnxruntime import FP16_DISABLED_OPTIMIZERS
+    from clipfast.export.families.offline import register_offline_config
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    oc = register_offline_config("coca_ViT-B-32", tmp_path / "cfg", None, edit=_edit_coca,
+                                 suffix="@tiny16")
+    out = run_export(ExportOptions(model=oc.name, out=tmp_path / "art", pretrained="none",
+                                   precision="fp16", progress=False))
+    m = json.loads((out / "manifest.json").read_text())
+    image = m["graph"]["image"]
+    assert image["fusion"] == "ok" and image["fused"]["Attention"] == 1, image
+    fid = m["fidelity"]
+    assert fid["passed"] is True and not check_gates(fid, GATES["fp16"]), fid
+    from clipfast.samples import sample_images
+
+    engine = clipfast.Engine(out, backend="onnxruntime")  # loads in this process: no crash
+    assert set(FP16_DISABLED_OPTIMIZERS) <= set(engine.describe()["session"]["disabled_optimizers"])
+    assert engine.encode_images(sample_images(2)).shape == (2, m["embed_dim"])
 
 
 def test_metaclip2_transformers_exports_and_passes_fp32(tmp_path):

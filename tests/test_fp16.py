@@ -100,8 +100,8 @@ def test_convert_past_the_protobuf_limit_types_through_files(tmp_path, monkeypat
     assert {"LayerNormalization", "Softmax"} <= set(report["fp32_ops"])
     assert not list(tmp_path.glob("*.typed.onnx"))  # the typed copy is removed
     feed = {"x": x.numpy()}
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    want = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got, want = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                 for p in (out, reference))
     np.testing.assert_array_equal(got, want)
 
 

@@ -84,6 +84,12 @@ CPU_EP, CUDA_EP, TRT_EP = ("CPUExecutionProvider", "CUDAExecutionProvider",
                            "TensorrtExecutionProvider")
 # Graph transformers disabled on CPU-only sessions (see the module docstring for the numbers).
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+# Graph transformers disabled for fp16 graphs, on every device. ONNX Runtime 1.32's NCHWc layout
+# transformer crashes the process (SIGSEGV) creating a session for some fp16 graphs (CoCa
+# ViT-B-32's fused image tower, ViT-M-16-alt's image tower). Its blocked layouts serve fp32 Conv
+# kernels only, so an fp16 graph loses nothing by it (on the CPU fp16 runs for fidelity checks;
+# its speed is the GPU's, where the transformer does not apply).
+FP16_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 # The folder of the TensorRT EP's engines and timing cache (clipfast.cache).
@@ -306,6 +312,8 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable(
                     f"cannot create the TensorRT EP cache directory {cache_dir} ({e}); point "
                     "CLIPFAST_CACHE_DIR at a writable directory") from e
+        if precision == "fp16":
+            disabled = (*disabled, *FP16_DISABLED_OPTIMIZERS)
         shapes = trt_profile_shapes(manifest, batch_profile) if tensorrt else None
         self._ort = ort
         self._device_id = device_id
