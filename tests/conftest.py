@@ -33,6 +33,24 @@ def vitb32_engine(vitb32_artifact):
 
 
 @pytest.fixture(scope="session")
+def small_clip_artifact(tmp_path_factory) -> Path:
+    """A tiny transformers CLIP (64x64 input, 2+2 layers, random weights), fp32: the CLI,
+    embed, Ray and serving tests share this one export."""
+    from hf_models import save_clip
+
+    root = tmp_path_factory.mktemp("small-clip")
+    src = save_clip(root / "src", "small")
+    return _export(f"transformers:{src}", root / "art", pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def small_clip_engine(small_clip_artifact):
+    import clipfast
+
+    return clipfast.Engine(small_clip_artifact, backend="onnxruntime")
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photographs bundled with scikit-image (offline)."""
     from skimage import data

@@ -17,15 +17,6 @@ from clipfast.manifest import sha256_file
 
 
 @pytest.fixture(scope="module")
-def small_artifact(tmp_path_factory, export_fn) -> Path:
-    from hf_models import save_clip
-
-    root = tmp_path_factory.mktemp("encode")
-    src = save_clip(root / "src", "small")
-    return export_fn(f"transformers:{src}", root / "art", pretrained=None)
-
-
-@pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory, photos) -> Path:
     d = tmp_path_factory.mktemp("photos")
     Image.fromarray(photos["chelsea"]).save(d / "cat.jpg")
@@ -53,36 +44,36 @@ def test_output_paths_one_rule(out, npy, index):
     assert output_paths(Path("d") / out) == (Path("d") / npy, Path("d") / index)
 
 
-def test_out_without_npy_suffix_never_touches_another_runs_index(small_artifact, photo_dir,
+def test_out_without_npy_suffix_never_touches_another_runs_index(small_clip_artifact, photo_dir,
                                                                    tmp_path):
-    assert _encode(small_artifact, photo_dir, "--out", tmp_path / "emb.npy") == 0
+    assert _encode(small_clip_artifact, photo_dir, "--out", tmp_path / "emb.npy") == 0
     first = (tmp_path / "emb.json").read_text()
-    assert _encode(small_artifact, photo_dir, "--out", tmp_path / "emb.v2") == 0
+    assert _encode(small_clip_artifact, photo_dir, "--out", tmp_path / "emb.v2") == 0
     assert (tmp_path / "emb.json").read_text() == first  # emb.npy's index left alone
     v2 = _index(tmp_path / "emb.v2.json")
     assert v2["embeddings"] == "emb.v2.npy" and (tmp_path / "emb.v2.npy").is_file()
     assert v2["sha256"] == sha256_file(tmp_path / "emb.v2.npy")
-    assert _encode(small_artifact, photo_dir, "--out", tmp_path / "plain") == 0
+    assert _encode(small_clip_artifact, photo_dir, "--out", tmp_path / "plain") == 0
     plain = _index(tmp_path / "plain.json")
     assert (tmp_path / plain["embeddings"]).is_file()  # the index names a file that exists
     assert np.load(tmp_path / "plain.npy").shape == (1, 48)
     assert not (tmp_path / "plain").exists()
 
 
-def test_a_texts_run_replaces_the_index(small_artifact, photo_dir, tmp_path):
+def test_a_texts_run_replaces_the_index(small_clip_artifact, photo_dir, tmp_path):
     out = tmp_path / "e.npy"
-    assert _encode(small_artifact, photo_dir, "--out", out) == 0
+    assert _encode(small_clip_artifact, photo_dir, "--out", out) == 0
     assert _index(tmp_path / "e.json")["kind"] == "images"
-    assert _encode(small_artifact, "--texts", "a cat", "a dog", "--out", out) == 0
+    assert _encode(small_clip_artifact, "--texts", "a cat", "a dog", "--out", out) == 0
     index = _index(tmp_path / "e.json")
     assert index["kind"] == "texts" and index["rows"] == ["a cat", "a dog"]
     assert index["embeddings"] == "e.npy" and index["sha256"] == sha256_file(out)
     assert np.load(out).shape == (2, 48)
 
 
-def test_outputs_are_written_atomically(small_artifact, photo_dir, tmp_path, monkeypatch):
+def test_outputs_are_written_atomically(small_clip_artifact, photo_dir, tmp_path, monkeypatch):
     out = tmp_path / "e.npy"
-    assert _encode(small_artifact, photo_dir, "--out", out) == 0
+    assert _encode(small_clip_artifact, photo_dir, "--out", out) == 0
     before = out.read_bytes(), (tmp_path / "e.json").read_text()
     mode = out.stat().st_mode & 0o777
 
@@ -96,7 +87,7 @@ def test_outputs_are_written_atomically(small_artifact, photo_dir, tmp_path, mon
         return real(path)
 
     monkeypatch.setattr(cli, "_temp_beside", full_disk_at_the_index)
-    assert _encode(small_artifact, "--texts", "a cat", "--out", out) == 1
+    assert _encode(small_clip_artifact, "--texts", "a cat", "--out", out) == 1
     monkeypatch.undo()
     # neither file was touched, and no temporary file is left behind
     assert (out.read_bytes(), (tmp_path / "e.json").read_text()) == before
@@ -110,7 +101,7 @@ def _umask() -> int:
     return mask
 
 
-def test_folder_runs_take_jpegs_by_content_and_list_what_they_skip(small_artifact, photos,
+def test_folder_runs_take_jpegs_by_content_and_list_what_they_skip(small_clip_artifact, photos,
                                                                     tmp_path, capsys):
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
@@ -128,7 +119,7 @@ def test_folder_runs_take_jpegs_by_content_and_list_what_they_skip(small_artifac
     if hasattr(os, "mkfifo"):
         os.mkfifo(d / "pipe")  # never opened: a FIFO would block a reader
     out = tmp_path / "emb.npy"
-    assert _encode(small_artifact, d, "--out", out) == 0
+    assert _encode(small_clip_artifact, d, "--out", out) == 0
     index = _index(tmp_path / "emb.json")
     rows = [Path(r).relative_to(d).as_posix() for r in index["rows"]]
     assert rows == ["camera_upload", "cat.jfif", "cat.jpg", "renamed.dat", "sub/dog.png"]
@@ -145,16 +136,16 @@ def test_folder_runs_take_jpegs_by_content_and_list_what_they_skip(small_artifac
     assert f"skipped: {d / '.hidden.jpg'} (hidden file)" in err and "notes.txt" in err
 
 
-def test_a_hidden_file_named_explicitly_is_taken(small_artifact, photos, tmp_path):
+def test_a_hidden_file_named_explicitly_is_taken(small_clip_artifact, photos, tmp_path):
     Image.fromarray(photos["chelsea"]).save(tmp_path / ".cat.jpg")
     out = tmp_path / "emb.npy"
-    assert _encode(small_artifact, tmp_path / ".cat.jpg", "--out", out) == 0
+    assert _encode(small_clip_artifact, tmp_path / ".cat.jpg", "--out", out) == 0
     assert _index(tmp_path / "emb.json")["rows"] == [str(tmp_path / ".cat.jpg")]
 
 
-def test_a_folder_with_nothing_to_embed_says_what_it_skipped(small_artifact, tmp_path, capsys):
+def test_a_folder_with_nothing_to_embed_says_what_it_skipped(small_clip_artifact, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("hello")
-    assert _encode(small_artifact, tmp_path / "in", "--out", tmp_path / "e") == 1
+    assert _encode(small_clip_artifact, tmp_path / "in", "--out", tmp_path / "e") == 1
     err = capsys.readouterr().err
     assert "readme.txt" in err and "no images given" in err and "1 files skipped" in err

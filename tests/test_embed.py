@@ -29,18 +29,6 @@ from clipfast.embed.sources import Item
 from clipfast.errors import ClipfastError
 
 
-def small_artifact_path(tmp_path_factory, export_fn) -> Path:
-    """One export per session shared by the embed and Ray Data tests (whichever runs first)."""
-    from hf_models import save_clip
-
-    root = tmp_path_factory.getbasetemp() / "embed-small"
-    art = root / "art"
-    if not (art / "manifest.json").exists():
-        src = save_clip(root / "src", "small")
-        export_fn(f"transformers:{src}", art, pretrained=None)
-    return art
-
-
 def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,8 +44,8 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory, export_fn) -> Path:
-    return small_artifact_path(tmp_path_factory, export_fn)
+def art(small_clip_artifact) -> Path:
+    return small_clip_artifact
 
 
 @pytest.fixture(scope="module")

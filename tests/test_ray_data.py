@@ -9,7 +9,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from test_embed import make_images, small_artifact_path  # noqa: E402
+from test_embed import make_images  # noqa: E402
 
 import clipfast  # noqa: E402
 from clipfast.embed import EmbedOptions, read_failures, run_embed  # noqa: E402
@@ -27,11 +27,6 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory, export_fn):
-    return small_artifact_path(tmp_path_factory, export_fn)
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("ray-imgs")
     paths = make_images(d, 10, seed=7)
@@ -39,11 +34,11 @@ def images(tmp_path_factory):
     return d, sorted(str(p) for p in paths)
 
 
-def test_embed_batch_adds_the_engines_rows(ray_local, art, images):
+def test_embed_batch_adds_the_engines_rows(ray_local, small_clip_artifact, images):
     from clipfast.ray import EmbedBatch
 
     _, paths = images
-    engine = clipfast.Engine(art, backend="onnxruntime")
+    engine = clipfast.Engine(small_clip_artifact, backend="onnxruntime")
     blobs = [open(p, "rb").read() for p in paths]
     rows = [{"id": i, "image": b, "path": p, "text": f"thing {i}"}
             for i, (b, p) in enumerate(zip(blobs, paths))]
@@ -52,7 +47,8 @@ def test_embed_batch_adds_the_engines_rows(ray_local, art, images):
     ref_img = engine.encode_images(paths)
     for column, kind in (("image", "image_bytes"), ("path", "image_path")):
         out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={
-            "artifact": str(art), "column": column, "kind": kind, "backend": "onnxruntime"},
+            "artifact": str(small_clip_artifact), "column": column, "kind": kind,
+            "backend": "onnxruntime"},
             concurrency=1, batch_size=4, num_gpus=0).take_all()
         got = np.stack([r["embedding"] for r in out[:-1]])
         np.testing.assert_allclose(got, ref_img, atol=1e-6, err_msg=kind)
@@ -60,15 +56,16 @@ def test_embed_batch_adds_the_engines_rows(ray_local, art, images):
         assert out[-1]["error"] and np.isnan(out[-1]["embedding"]).all()
         assert [r["id"] for r in out] == [r["id"] for r in rows]  # columns kept
     out = ds.map_batches(EmbedBatch, fn_constructor_kwargs={
-        "artifact": str(art), "column": "text", "kind": "text"},
+        "artifact": str(small_clip_artifact), "column": "text", "kind": "text"},
         concurrency=1, batch_size=4).take_all()
     ref_txt = engine.encode_texts([r["text"] for r in rows])
     np.testing.assert_allclose(np.stack([r["embedding"] for r in out]), ref_txt, atol=1e-6)
 
 
-def test_clipfast_embed_ray_writes_the_local_jobs_rows(ray_local, art, images, tmp_path):
+def test_clipfast_embed_ray_writes_the_local_jobs_rows(ray_local, small_clip_artifact, images,
+                                                       tmp_path):
     folder, _ = images
-    common = {"artifact": str(art), "sources": [str(folder)], "batch_size": 4,
+    common = {"artifact": str(small_clip_artifact), "sources": [str(folder)], "batch_size": 4,
               "shard_size": 4, "progress": False}
     run_embed(EmbedOptions(out=str(tmp_path / "local"), **common))
     run_embed(EmbedOptions(out=str(tmp_path / "ray"), ray=True, ray_concurrency=1, **common))

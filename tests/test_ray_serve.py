@@ -14,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from test_serve_support import data_url, decode_rows, jpeg, small_artifact  # noqa: E402
+from test_serve_support import data_url, decode_rows, jpeg  # noqa: E402
 
 ATOL = 1e-6  # see test_serve.py
 
@@ -26,19 +26,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, export_fn):
-    return small_artifact(tmp_path_factory, export_fn)
-
-
-@pytest.fixture(scope="module")
-def engine(artifact):
-    import clipfast
-
-    return clipfast.Engine(artifact, backend="onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def deployed(artifact):
+def deployed(small_clip_artifact):
     from clipfast.ray import build_app
 
     ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
@@ -46,7 +34,7 @@ def deployed(artifact):
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        handle = serve.run(build_app(str(artifact), max_batch=4, max_wait_ms=50,
+        handle = serve.run(build_app(str(small_clip_artifact), max_batch=4, max_wait_ms=50,
                                      model_name="m", backend="onnxruntime"),
                            name="clipfast", route_prefix="/v1/embeddings")
         yield handle, f"http://127.0.0.1:{port}/v1/embeddings"
@@ -55,25 +43,25 @@ def deployed(artifact):
         ray.shutdown()
 
 
-def test_ray_serve_handle_http_and_batches(deployed, engine, photos):
+def test_ray_serve_handle_http_and_batches(deployed, small_clip_engine, photos):
     handle, url = deployed
     texts = [f"a photo of thing {i}" for i in range(10)]
     got = handle.embed_texts.remote(texts).result()
-    np.testing.assert_allclose(got, engine.encode_texts(texts), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(got, small_clip_engine.encode_texts(texts), rtol=0, atol=ATOL)
 
     good = [jpeg(photos["chelsea"]), jpeg(photos["coffee"])]
     emb, idx, failures = handle.embed_images.remote([good[0], b"not an image", good[1]]
                                                     ).result()
     assert idx == [0, 2] and [f.index for f in failures] == [1]
     assert failures[0].error.startswith("image 1 ")
-    np.testing.assert_allclose(emb, engine.encode_images(good), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(emb, small_clip_engine.encode_images(good), rtol=0, atol=ATOL)
 
     r = httpx.post(url, json={"model": "m", "input": texts[:3], "encoding_format": "base64"},
                    timeout=60)
     assert r.status_code == 200, r.text
     rows = decode_rows(r.json())
     np.testing.assert_allclose(np.stack([rows[i] for i in range(3)]),
-                               engine.encode_texts(texts[:3]), rtol=0, atol=ATOL)
+                               small_clip_engine.encode_texts(texts[:3]), rtol=0, atol=ATOL)
     r = httpx.post(url, json={"model": "m", "modality": "image", "input": [
         data_url(good[0]), "https://example.com/a.jpg",
         base64.b64encode(good[1]).decode()]}, timeout=60)

@@ -22,7 +22,6 @@ from test_serve_support import (  # noqa: E402
     data_url,
     decode_rows,
     jpeg,
-    small_artifact,
 )
 
 from clipfast.serve.app import create_app  # noqa: E402
@@ -323,34 +322,23 @@ def test_cli_module_does_not_import_fastapi():
 
 # -- the real thing: a tiny exported CLIP behind uvicorn -----------------------------------------
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, export_fn):
-    return small_artifact(tmp_path_factory, export_fn)
-
-
-@pytest.fixture(scope="module")
-def engine(artifact):
-    import clipfast
-
-    return clipfast.Engine(artifact, backend="onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def server(artifact):
+def server(small_clip_artifact):
     from clipfast.serve.server import load_engine
 
     config = ServeConfig(max_batch=8, max_wait_ms=20, max_items=16, max_queue=64,
                          model_name="clip-small")
-    app = create_app(load_engine(str(artifact), backend="onnxruntime", config=config), config)
+    engine = load_engine(str(small_clip_artifact), backend="onnxruntime", config=config)
+    app = create_app(engine, config)
     with ThreadServer(app) as url:
         yield url
 
 
-def test_openai_client_embeddings_equal_engine_encode_texts(server, engine):
+def test_openai_client_embeddings_equal_engine_encode_texts(server, small_clip_engine):
     import openai
 
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
     texts = ["a photo of a cat", "a dog", "", "ünïcödé text, with punctuation!", "x " * 100]
-    want = engine.encode_texts(texts)
+    want = small_clip_engine.encode_texts(texts)
     for fmt in ("base64", "float"):  # the client asks for base64 unless told
         kw = {} if fmt == "base64" else {"encoding_format": "float"}
         resp = client.embeddings.create(model="clip-small", input=texts, **kw)
@@ -365,9 +353,9 @@ def test_openai_client_embeddings_equal_engine_encode_texts(server, engine):
         client.embeddings.create(model="nope", input="a")
 
 
-def test_concurrent_clients_are_batched_and_get_their_own_rows(server, engine):
+def test_concurrent_clients_are_batched_and_get_their_own_rows(server, small_clip_engine):
     texts = [f"text number {i}" for i in range(24)]
-    want = engine.encode_texts(texts)
+    want = small_clip_engine.encode_texts(texts)
 
     async def main():
         async with httpx.AsyncClient(base_url=server, timeout=60) as c:
@@ -386,9 +374,9 @@ def test_concurrent_clients_are_batched_and_get_their_own_rows(server, engine):
     assert count and total and float(total[0].split()[-1]) >= 24
 
 
-def test_images_by_json_multipart_and_embeddings_with_a_bad_item(server, engine, photos):
+def test_images_by_json_multipart_and_embeddings_with_a_bad_item(server, small_clip_engine, photos):
     good = [jpeg(photos["chelsea"]), jpeg(_photo(1)), jpeg(photos["coffee"])]
-    want = engine.encode_images(good)
+    want = small_clip_engine.encode_images(good)
     corrupt = good[0][:200]
     items = [data_url(good[0]), "https://example.com/x.jpg", data_url(good[1]),
              data_url(corrupt), base64.b64encode(good[2]).decode()]
@@ -422,10 +410,10 @@ def test_images_by_json_multipart_and_embeddings_with_a_bad_item(server, engine,
     assert r.status_code == 422 and r.json()["error"]["code"] == "bad_items"
 
 
-def test_classify_equals_engine_classify(server, engine, photos):
+def test_classify_equals_engine_classify(server, small_clip_engine, photos):
     imgs = [jpeg(photos["chelsea"]), jpeg(photos["rocket"])]
     labels = ["cat", "rocket", "cup of coffee"]
-    want = engine.classify(imgs, labels)
+    want = small_clip_engine.classify(imgs, labels)
     r = httpx.post(server + "/v1/classify", json={"input": [data_url(b) for b in imgs],
                                                   "labels": labels}, timeout=60)
     assert r.status_code == 200, r.text

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from test_serve_support import data_url, decode_rows, jpeg, small_artifact  # noqa: E402
+from test_serve_support import data_url, decode_rows, jpeg  # noqa: E402
 
 ATOL = 1e-6  # see test_serve.py
 
@@ -72,18 +72,6 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, export_fn):
-    return small_artifact(tmp_path_factory, export_fn)
-
-
-@pytest.fixture(scope="module")
-def engine(artifact):
-    import clipfast
-
-    return clipfast.Engine(artifact, backend="onnxruntime")
-
-
-@pytest.fixture(scope="module")
 def inputs(photos):
     texts = [f"the number {i} in words" for i in range(40)]
     images = [jpeg(photos[k]) for k in ("astronaut", "chelsea", "coffee", "rocket")]
@@ -91,18 +79,18 @@ def inputs(photos):
 
 
 @pytest.fixture(scope="module")
-def served(artifact):
-    s = Served(artifact, "--max-batch", "16", "--max-wait-ms", "5", "--max-queue", "24",
+def served(small_clip_artifact):
+    s = Served(small_clip_artifact, "--max-batch", "16", "--max-wait-ms", "5", "--max-queue", "24",
                "--max-items", "8")
     yield s
     assert s.stop() == 0
 
 
-def test_bounded_loopback_load_every_answer_is_right(served, engine, inputs):
+def test_bounded_loopback_load_every_answer_is_right(served, small_clip_engine, inputs):
     """120 requests (texts and images, 1 to 3 items) from 8 concurrent clients."""
     texts, images = inputs
-    want_t = engine.encode_texts(texts)
-    want_i = engine.encode_images(images)
+    want_t = small_clip_engine.encode_texts(texts)
+    want_i = small_clip_engine.encode_images(images)
     rng = np.random.default_rng(0)
     plan = []
     for _ in range(120):
@@ -164,10 +152,11 @@ def test_overload_answers_only_503_with_retry_after_and_memory_stays_bounded(ser
     assert 'clipfast_errors_total{endpoint="/v1/embeddings",kind="overloaded"}' in metrics
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(artifact, engine, inputs):
+def test_sigterm_drains_in_flight_requests_then_exits_0(small_clip_artifact, small_clip_engine,
+                                                        inputs):
     texts, _ = inputs
     # A long batching wait keeps the requests queued (in flight) when SIGTERM comes.
-    s = Served(artifact, "--max-batch", "64", "--max-wait-ms", "4000")
+    s = Served(small_clip_artifact, "--max-batch", "64", "--max-wait-ms", "4000")
     try:
         async def main():
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
@@ -185,7 +174,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifact, engine, inputs
         rs = asyncio.run(main())
         assert [r.status_code for r in rs] == [200] * 6
         got = np.stack([decode_rows(r.json())[0] for r in rs])
-        np.testing.assert_allclose(got, engine.encode_texts(texts[:6]), rtol=0, atol=ATOL)
+        want = small_clip_engine.encode_texts(texts[:6])
+        np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
         assert s.proc.wait(60) == 0
         log = s.proc.stdout.read()
         assert "SIGTERM received, draining" in log
@@ -196,15 +186,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(artifact, engine, inputs
             s.proc.kill()
 
 
-def test_workers_share_one_port_and_all_exit_0_on_sigterm(artifact, engine, inputs):
+def test_workers_share_one_port_and_all_exit_0_on_sigterm(small_clip_artifact, small_clip_engine,
+                                                          inputs):
     texts, _ = inputs
-    s = Served(artifact, "--workers", "2")
+    s = Served(small_clip_artifact, "--workers", "2")
     try:
         for i in range(6):
             r = httpx.post(s.url + "/v1/embeddings", json={"model": "m", "input": [texts[i]]},
                            timeout=60)
             assert r.status_code == 200
-            np.testing.assert_allclose(decode_rows(r.json())[0], engine.encode_texts(
+            np.testing.assert_allclose(decode_rows(r.json())[0], small_clip_engine.encode_texts(
                 [texts[i]])[0], rtol=0, atol=ATOL)
         assert s.stop() == 0
         assert s.proc.stdout.read().count("SIGTERM received, draining") == 2

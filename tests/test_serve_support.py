@@ -1,6 +1,6 @@
-"""Helpers shared by the serving tests (no tests here): one tiny transformers CLIP artifact per
-session, a uvicorn server in a thread, a stand-in Engine whose towers can be held, image data
-URLs."""
+"""Helpers shared by the serving tests (no tests here; the tiny CLIP artifact is conftest's
+``small_clip_artifact``): a uvicorn server in a thread, a stand-in Engine whose towers can be
+held, image data URLs."""
 
 from __future__ import annotations
 
@@ -8,29 +8,12 @@ import base64
 import io
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
 from clipfast.types import BatchResult, Failure
-
-
-def small_artifact(tmp_path_factory, export_fn) -> Path:
-    """A tiny transformers CLIP (64x64 input, 2+2 layers, random weights), exported once per
-    session whichever serving module asks first."""
-    from hf_models import save_clip
-
-    root = tmp_path_factory.getbasetemp() / "serve-small-clip"
-    art = root / "art"
-    lock = root / ".done"
-    if not lock.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        src = save_clip(root / "src", "small")
-        export_fn(f"transformers:{src}", art, pretrained=None)
-        lock.write_text("ok")
-    return art
 
 
 def jpeg(arr: np.ndarray, fmt: str = "JPEG") -> bytes:
