@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,6 +38,17 @@ class _TwoNorms(torch.nn.Module):
         return self.ln1(y) + self.ln2(y) + torch.softmax(y, dim=-1)
 
 
+def _two_norms_graph(tmp_path):
+    """``(module, input, path of its fp32 graph)`` for _TwoNorms."""
+    torch.manual_seed(0)
+    module = _TwoNorms().eval()
+    x = torch.randn(3, 5, 16)
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(module, (x,), str(src), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+    return module, x, src
+
+
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
 @pytest.mark.parametrize("io", ["fp32", "fp16"])
 def test_convert_keeps_norms_fp32_and_runs_on_cpu(tmp_path, io):
@@ -44,12 +56,7 @@ def test_convert_keeps_norms_fp32_and_runs_on_cpu(tmp_path, io):
 
     from clipfast.export.fp16 import convert_to_fp16
 
-    torch.manual_seed(0)
-    module = _TwoNorms().eval()
-    x = torch.randn(3, 5, 16)
-    src = tmp_path / "m.onnx"
-    torch.onnx.export(module, (x,), str(src), input_names=["x"], output_names=["y"],
-                      opset_version=17, dynamo=False)
+    module, x, src = _two_norms_graph(tmp_path)
     report = convert_to_fp16(src, tmp_path / "m16.onnx", io=io)
     assert report["io_dtype"] == io and {"LayerNormalization", "Softmax"} <= set(report["fp32_ops"])
     model = onnx.load(str(tmp_path / "m16.onnx"))
@@ -81,12 +88,7 @@ def test_convert_past_the_protobuf_limit_types_through_files(tmp_path, monkeypat
 
     from clipfast.export import fp16 as fp16_mod
 
-    torch.manual_seed(0)
-    module = _TwoNorms().eval()
-    x = torch.randn(3, 5, 16)
-    src = tmp_path / "m.onnx"
-    torch.onnx.export(module, (x,), str(src), input_names=["x"], output_names=["y"],
-                      opset_version=17, dynamo=False)
+    module, x, src = _two_norms_graph(tmp_path)
     reference = tmp_path / "ref16.onnx"
     fp16_mod.convert_to_fp16(src, reference)
 
@@ -245,24 +247,34 @@ class _FakeFidelity:
     """Figures that improve with the share of fp32 weight MatMuls: 2% error when all are fp16."""
 
     def image(self, path):
-        model = onnx.load(str(path))
-        inits = {t.name: t.data_type for t in model.graph.initializer}
-        mats = [n for n in model.graph.node if n.op_type == "MatMul"]
-        fp32 = sum(inits.get(n.input[1]) == onnx.TensorProto.FLOAT for n in mats)
-        return {"image_centred_rel_error": 0.02 * (1 - fp32 / len(mats)), "image_cosine": 1.0}
+        kinds = _matmul_weight_types(path)
+        fp32 = kinds.count(onnx.TensorProto.FLOAT)
+        return {"image_centred_rel_error": 0.02 * (1 - fp32 / len(kinds)), "image_cosine": 1.0}
+
+
+def _mlp_graphs(tmp_path) -> tuple[Path, Path]:
+    """The 8-MatMul MLP's fp32 graph and its plain fp16 conversion."""
+    from clipfast.export.fp16 import convert_to_fp16
+
+    src = tmp_path / "mlp.onnx"
+    torch.onnx.export(_Mlp().eval(), (torch.randn(2, 3, 16),), str(src), opset_version=17,
+                      input_names=["pixel_values"], output_names=["e"], dynamo=False)
+    out = tmp_path / "mlp16.onnx"
+    convert_to_fp16(src, out)
+    return src, out
+
+
+def _matmul_weight_types(path) -> list[int]:
+    model = onnx.load(str(path))
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    return [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul"]
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
 def test_fp16_fallback_keeps_late_weight_ops_fp32_until_the_gate_passes(tmp_path):
     from clipfast.export.pipeline import _fp16_fallback
 
-    src = tmp_path / "mlp.onnx"
-    torch.onnx.export(_Mlp().eval(), (torch.randn(2, 3, 16),), str(src), opset_version=17,
-                      input_names=["pixel_values"], output_names=["e"], dynamo=False)
-    from clipfast.export.fp16 import convert_to_fp16
-
-    out = tmp_path / "mlp16.onnx"
-    convert_to_fp16(src, out)
+    src, out = _mlp_graphs(tmp_path)
     gates = {"image_centred_rel_error_max": 0.012, "image_cosine_min": 0.99,
              "text_cosine_min": 0.99}
     report = _fp16_fallback("image", src, out, "fp32", gates, _FakeFidelity())
@@ -272,9 +284,7 @@ def test_fp16_fallback_keeps_late_weight_ops_fp32_until_the_gate_passes(tmp_path
         (None, 0), ("first", 1), ("last", 2), ("first", 2), ("last", 4)]
     assert report["fp32_weight_fraction"] == 0.5 and report["attempts"][-1]["failures"] == []
     assert report["fp32_weight_position"] == "last"
-    model = onnx.load(str(out))
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    kinds = [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul"]
+    kinds = _matmul_weight_types(out)
     assert kinds == [onnx.TensorProto.FLOAT16] * 4 + [onnx.TensorProto.FLOAT] * 4  # the late ones
 
     gates["image_centred_rel_error_max"] = 0.001
@@ -287,30 +297,20 @@ class _EarlyFidelity(_FakeFidelity):
     (what a ResNet stem does)."""
 
     def image(self, path):
-        model = onnx.load(str(path))
-        inits = {t.name: t.data_type for t in model.graph.initializer}
-        first = next(n for n in model.graph.node if n.op_type == "MatMul")
-        return {"image_centred_rel_error": 0.005 if inits.get(first.input[1]) ==
-                onnx.TensorProto.FLOAT else 0.02, "image_cosine": 1.0}
+        first = _matmul_weight_types(path)[0]
+        return {"image_centred_rel_error": 0.005 if first == onnx.TensorProto.FLOAT else 0.02,
+                "image_cosine": 1.0}
 
 
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
 def test_fp16_fallback_tries_the_first_weight_ops_first(tmp_path):
-    from clipfast.export.fp16 import convert_to_fp16
     from clipfast.export.pipeline import _fp16_fallback
 
-    src = tmp_path / "mlp.onnx"
-    torch.onnx.export(_Mlp().eval(), (torch.randn(2, 3, 16),), str(src), opset_version=17,
-                      input_names=["pixel_values"], output_names=["e"], dynamo=False)
-    out = tmp_path / "mlp16.onnx"
-    convert_to_fp16(src, out)
+    src, out = _mlp_graphs(tmp_path)
     gates = {"image_centred_rel_error_max": 0.01, "image_cosine_min": 0.99}
     report = _fp16_fallback("image", src, out, "fp32", gates, _EarlyFidelity())
     assert report["fp32_weight_position"] == "first" and report["fp32_weight_nodes"] == 1
-    model = onnx.load(str(out))
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    kinds = [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul"]
-    assert kinds == [onnx.TensorProto.FLOAT] + [onnx.TensorProto.FLOAT16] * 7
+    assert _matmul_weight_types(out) == [onnx.TensorProto.FLOAT] + [onnx.TensorProto.FLOAT16] * 7
 
 
 def test_fp16_export_below_the_gate_refuses_after_trying_mixed_precision(
