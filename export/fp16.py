@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.errors import ExportError
-from clipfast.export.onnx_files import PROTOBUF_LIMIT, graph_bytes
+from clipfast.export.onnx_files import PROTOBUF_LIMIT
 
 log = logging.getLogger("clipfast.export")
 
@@ -165,10 +165,11 @@ def convert_to_fp16(path: str | Path, out_path: str | Path, *, io: str = "fp32",
         # cannot, but gives up on some plain graphs (SigLIP's pooling head), which onnx's types.
         contrib = any(n.domain == "com.microsoft" for n in proto.graph.node)
         typed = contrib
-        if not contrib and graph_bytes(Path(path)) > PROTOBUF_LIMIT:
+        if not contrib and proto.ByteSize() > PROTOBUF_LIMIT:
             # onnx's in-memory inference (what the converter runs) serialises the whole proto
             # and fails past 2 GiB (a 250k-token multilingual embedding); the path-based one
             # reads the external data itself.
+            del proto  # one copy of a multi-GiB graph in memory at a time
             proto = _typed_by_path(Path(path))
             typed = True
         with quiet_ort_tools():
