@@ -240,11 +240,25 @@ def run_parent(args: argparse.Namespace) -> None:
         rec.setdefault("layers", layers_key)
         rec["host"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
         rec["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rec["commit"] = _commit()  # the code the child ran (it imports the tree afresh)
         with out.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"{name:40s} {rec['status']:9s} "
               f"fp32={_verdict(rec.get('fp32'))} fp16={_verdict(rec.get('fp16'))} "
               f"{wall:7.1f}s {rec['peak_rss_mib']} MiB", flush=True)
+
+
+def _commit() -> str | None:
+    """HEAD of the checkout this script is in, with "+dirty" when tracked files differ."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "clipfast", "export"],
+                               cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def _lower_autogroup(pid: int) -> None:
