@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.errors import ExportError
-from clipfast.export.onnx_files import PROTOBUF_LIMIT
+from clipfast.export.onnx_files import PROTOBUF_LIMIT, model_bytes
 
 log = logging.getLogger("clipfast.export")
 
@@ -165,7 +165,7 @@ def convert_to_fp16(path: str | Path, out_path: str | Path, *, io: str = "fp32",
         # cannot, but gives up on some plain graphs (SigLIP's pooling head), which onnx's types.
         contrib = any(n.domain == "com.microsoft" for n in proto.graph.node)
         typed = contrib
-        if not contrib and proto.ByteSize() > PROTOBUF_LIMIT:
+        if not contrib and model_bytes(proto) > PROTOBUF_LIMIT:
             # onnx's in-memory inference (what the converter runs) serialises the whole proto
             # and fails past 2 GiB (a 250k-token multilingual embedding); the path-based one
             # reads the external data itself.
@@ -197,7 +197,7 @@ def convert_to_fp16(path: str | Path, out_path: str | Path, *, io: str = "fp32",
     if unprotected:
         raise ExportError(f"fp16 conversion of {Path(path).name}: {len(unprotected)} operator(s) "
                           f"meant to stay fp32 read fp16 inputs: {unprotected[:5]}")
-    big = proto.ByteSize() > PROTOBUF_LIMIT
+    big = model_bytes(proto) > PROTOBUF_LIMIT
     if not big:  # the in-memory checker refuses protos over 2 GiB; ORT's load checks those
         try:
             onnx.checker.check_model(proto)

@@ -31,7 +31,7 @@ from torch import nn
 
 from clipfast.errors import ExportError
 from clipfast.export.families.base import AttentionSpec
-from clipfast.export.onnx_files import PROTOBUF_LIMIT
+from clipfast.export.onnx_files import PROTOBUF_LIMIT, model_bytes
 
 log = logging.getLogger("clipfast.export")
 
@@ -251,6 +251,6 @@ def optimize(path: str | Path, out_path: str | Path, model_type: str, num_heads:
     except Exception as e:  # the fusion scripts raise assorted types on unexpected graphs
         raise ExportError(f"ONNX Runtime fusion of {Path(path).name} ({model_type}) failed: "
                           f"{type(e).__name__}: {e}") from e
-    big = optimized.model.ByteSize() > PROTOBUF_LIMIT
+    big = model_bytes(optimized.model) > PROTOBUF_LIMIT
     optimized.save_model_to_file(str(out_path), use_external_data_format=big)
     return count_ops(optimized.model)

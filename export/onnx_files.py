@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["PROTOBUF_LIMIT", "contrib_ops", "graph_bytes", "load_graph", "load_header",
-           "save_graph"]
+           "model_bytes", "payload_bytes", "save_graph"]
 
 # 2 GiB protobuf limit (less a margin for the graph itself): bigger graphs are saved with
 # external data.
@@ -28,12 +28,30 @@ def load_header(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
+def model_bytes(model) -> int:
+    """Serialised size of an in-memory ModelProto. protobuf cannot even size a message past
+    2 GiB (``ByteSize`` raises EncodeError, e.g. a 900k-token fp32 embedding in one tensor); the
+    sum of its initializers' payloads stands in then, which is over the limit too."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return payload_bytes(model)
+
+
+def payload_bytes(model) -> int:
+    """Bytes of the initializers' data of ``model`` (what dominates a tower's size)."""
+    return sum(len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
+               + 8 * (len(t.int64_data) + len(t.double_data)) for t in model.graph.initializer)
+
+
 def save_graph(model, path: Path) -> None:
     """Save ``model`` at ``path``; over the protobuf limit its weights go to one
     ``path.name + ".data"`` file beside it."""
     import onnx
 
-    big = model.ByteSize() > PROTOBUF_LIMIT
+    big = model_bytes(model) > PROTOBUF_LIMIT
     onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=path.name + ".data" if big else None)
 

@@ -78,6 +78,24 @@ def test_convert_keeps_norms_fp32_and_runs_on_cpu(tmp_path, io):
     assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
 
 
+def test_model_bytes_stands_in_for_protos_protobuf_cannot_size():
+    """protobuf raises EncodeError sizing a message past 2 GiB; the initializers' payload stands in
+    then. It is what dominates a tower's size, and never more than the serialised size."""
+    from onnx import helper, numpy_helper
+
+    from clipfast.export.onnx_files import model_bytes, payload_bytes
+
+    w = numpy_helper.from_array(np.ones((256, 256), np.float32), "w")
+    b = helper.make_tensor("b", onnx.TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    x, y = (helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 256]) for n in "xy")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                              [w, b])
+    model = helper.make_model(graph)
+    assert model_bytes(model) == model.ByteSize()
+    payload = payload_bytes(model)
+    assert payload == 256 * 256 * 4 + 16 and payload <= model.ByteSize() < 1.01 * payload
+
+
 @pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript")
 def test_convert_past_the_protobuf_limit_types_through_files(tmp_path, monkeypatch):
     """A graph over the 2 GiB limit (a 250k-token multilingual embedding): onnx's in-memory
