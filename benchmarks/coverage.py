@@ -238,7 +238,8 @@ def run_parent(args: argparse.Namespace) -> None:
         rec, wall = _run_child(cmd, result, args.timeout)
         rec.setdefault("model", name)
         rec.setdefault("layers", layers_key)
-        rec["host"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+        rec["host"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "memory_mib": round(_memory_mib())}
         rec["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         rec["commit"] = _commit()  # the code the child ran (it imports the tree afresh)
         with out.open("a") as f:
@@ -362,10 +363,15 @@ def _err(rec: dict[str, Any] | None, precision: str) -> str:
     return f"{figs['image_centred_rel_error']:.1e} / {figs['text_centred_rel_error']:.1e}"
 
 
+def _memory_mib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
 def _crash_note(rec: dict[str, Any]) -> str:
-    """A crashed child's error; SIGKILL near the machine's memory is the kernel's OOM killer."""
+    """A crashed child's error; SIGKILL near the sweep host's memory (this host's, for rows that
+    predate recording it) is the kernel's OOM killer."""
     error = rec.get("error", "")
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    total = (rec.get("host") or {}).get("memory_mib") or _memory_mib()
     peak = rec.get("peak_rss_mib") or 0
     if rec.get("returncode") == -9 and rec.get("status") == "crashed" and peak > 0.85 * total:
         return (f"killed by SIGKILL at {peak} MiB peak RSS on a {total / 1024:.0f} GiB machine: "

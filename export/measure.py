@@ -32,7 +32,7 @@ def ort_session(path: Path, precision: str | None = None):
     get."""
     import onnxruntime as ort
 
-    from clipfast.backends.onnxruntime import FP16_DISABLED_OPTIMIZERS
+    from clipfast.backends.onnxruntime import precision_disabled_optimizers
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # fp16 / QDQ graphs log harmless CPU fallback warnings
@@ -42,9 +42,9 @@ def ort_session(path: Path, precision: str | None = None):
 
         if (int8_weight_abs_max(path) or 0) > SAFE_WEIGHT_MAX:
             so.add_session_config_entry("session.disable_quant_qdq", "1")
-    disabled = list(FP16_DISABLED_OPTIMIZERS) if precision == "fp16" else None
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled)
+                                disabled_optimizers=list(precision_disabled_optimizers(precision))
+                                or None)
 
 
 def run_graph(session, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:

@@ -90,6 +90,14 @@ CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 # kernels only, so an fp16 graph loses nothing by it (on the CPU fp16 runs for fidelity checks;
 # its speed is the GPU's, where the transformer does not apply).
 FP16_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+
+
+def precision_disabled_optimizers(precision: str | None) -> tuple[str, ...]:
+    """Graph transformers every session of a graph of ``precision`` runs without (the runtime's
+    and the export's measurement alike)."""
+    return FP16_DISABLED_OPTIMIZERS if precision == "fp16" else ()
+
+
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 # The folder of the TensorRT EP's engines and timing cache (clipfast.cache).
@@ -312,8 +320,7 @@ class OnnxRuntimeBackend:
                 raise BackendUnavailable(
                     f"cannot create the TensorRT EP cache directory {cache_dir} ({e}); point "
                     "CLIPFAST_CACHE_DIR at a writable directory") from e
-        if precision == "fp16":
-            disabled = (*disabled, *FP16_DISABLED_OPTIMIZERS)
+        disabled = (*disabled, *precision_disabled_optimizers(precision))
         shapes = trt_profile_shapes(manifest, batch_profile) if tensorrt else None
         self._ort = ort
         self._device_id = device_id
