@@ -1,4 +1,5 @@
-"""Command line: ``clipfast export | build-engines | verify | info | encode``."""
+"""The ``clipfast`` command line: export a model to an artifact, check and describe artifacts,
+embed images and texts, and serve them. ``clipfast COMMAND --help`` documents each command."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from clipfast.errors import ClipfastError
-from clipfast.types import IMAGE_SUFFIXES
+from clipfast.types import IMAGE_SUFFIXES, plural
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -81,6 +83,24 @@ def _add_profile_flags(p: argparse.ArgumentParser) -> None:
                         "(default 256)")
 
 
+class _Stages:
+    """One line per stage on stderr with the seconds since the start, so that a slow step (the
+    PyTorch source loads and runs for tens of seconds) is named while it runs; stdout keeps
+    the report."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, what: str, end: str = " ...") -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.t0:5.1f} s] {what}{end}", file=sys.stderr,
+                  flush=True)
+
+    def done(self) -> None:
+        self("done", end="")
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     """The golden self-check (numpy and the runtime only), then, where the export extras are
     installed, the full comparison against the PyTorch source."""
@@ -88,6 +108,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from clipfast.errors import FidelityError
     from clipfast.fidelity import check_gates
 
+    stage = _Stages(enabled=not args.quiet)
+    stage("loading the artifact")
     engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device,
                              self_check=False)
     print(f"clipfast verify {args.artifact} (backend {engine.backend} on "
@@ -100,6 +122,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"  exported on: {exported_on.get('model')} ({exported_on.get('isa')})")
     failed = False
     print("self-check against the golden outputs stored at export:")
+    stage("running the golden self-check")
     try:
         golden = engine.check_golden()
     except FidelityError as e:
@@ -119,9 +142,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"comparison against the PyTorch source skipped: {e} (pip install "
               "'clipfast[export]' for it)")
         return 1 if failed else 0
-    source = load_source_from_spec(engine.manifest.source)
     images = [str(p) for p in images_from_dir(args.images)] if args.images else None
+    stage(f"loading the PyTorch source {engine.manifest.source.get('model')}")
+    source = load_source_from_spec(engine.manifest.source)
+    stage("measuring the artifact against the source on "
+          + (plural(len(images), "image") if images else "the built-in images"))
     figures = measure(source, engine, images=images)
+    stage.done()
     gates = engine.manifest.gates
     failures = check_gates(figures, gates)
     print("against the PyTorch source:")
@@ -130,7 +157,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if failures:
         print("FAILED gates:\n  " + "\n  ".join(failures))
         return 1
-    print(f"all {len(gates)} gates passed" + ("; the self-check FAILED" if failed else ""))
+    print(f"all {plural(len(gates), 'gate')} passed"
+          + ("; the self-check FAILED" if failed else ""))
     return 1 if failed else 0
 
 
@@ -307,7 +335,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
             print(f"skipped: {item} ({reason})", file=sys.stderr)
         if not paths:
             raise ClipfastError("encode: no images given (pass files or directories, or --texts)"
-                                + (f"; {len(skipped)} files skipped" if skipped else ""))
+                                + (f"; {plural(len(skipped), 'file')} skipped" if skipped else ""))
     engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device,
                              batch_size=args.batch_size)
     for name, reason in engine.fallbacks:
@@ -318,8 +346,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         _write_outputs(npy, index, emb, {"kind": "texts", "rows": list(args.texts),
                                          "failures": [], "skipped": [],
                                          "backend": engine.backend})
-        print(f"{len(args.texts)} texts -> {npy} {emb.shape} (backend {engine.backend}); row "
-              f"index in {index}")
+        print(f"{plural(len(args.texts), 'text')} -> {npy} {emb.shape} (backend "
+              f"{engine.backend}); row index in {index}")
         return 0
     res = engine.encode_images(paths, errors="skip", progress=not args.quiet)
     _write_outputs(npy, index, res.embeddings, {
@@ -329,24 +357,48 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
         "backend": engine.backend,
     })
-    print(f"{len(res.indices)} of {len(paths)} images -> {npy} {res.embeddings.shape} "
+    print(f"{len(res.indices)} of {plural(len(paths), 'image')} -> {npy} {res.embeddings.shape} "
           f"(backend {engine.backend}); row index in {index}"
-          + (f"; {len(skipped)} files skipped" if skipped else ""))
+          + (f"; {plural(len(skipped), 'file')} skipped" if skipped else ""))
     for f in res.failures:
         print(f"failed: {f.error}", file=sys.stderr)
     return 0 if not res.failures else 2
 
 
+class _TopHelp(argparse.HelpFormatter):
+    """The top-level help: one row per command, names and summaries in two columns (argparse
+    would add a bare COMMAND row and push build-engines' summary to the next line)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=20)
+        # argparse measures command names one indent level shallower than it prints them
+        self._action_max_length = 17
+
+    def _format_action(self, action: argparse.Action) -> str:
+        text = super()._format_action(action)
+        if action.nargs == argparse.PARSER:
+            text = text.split("\n", 1)[1]
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipfast", description=__doc__)
+    from clipfast import __version__
+    from clipfast.backends import available_backends
+
+    backends = ", ".join(("auto", *available_backends()))
+    p = argparse.ArgumentParser(prog="clipfast", description=__doc__, formatter_class=_TopHelp)
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"clipfast {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     e = sub.add_parser("export", help="export a model's towers to an artifact directory")
     e.add_argument("--model", required=True,
                    help="open_clip name (ViT-B-32), hf-hub:ORG/NAME, transformers:ID_OR_DIR")
     e.add_argument("--pretrained", default=None,
-                   help="open_clip weights: registry TAG, checkpoint FILE, or none (random)")
+                   help="open_clip weights: a registry TAG (clipfast models lists them), a "
+                        "checkpoint FILE, or none; left out, an open_clip name gets RANDOM "
+                        "weights (seeded by --seed), as with none. hf-hub: and transformers: "
+                        "models bring their own weights")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="graph precision: fp32, fp16 (LayerNorm/softmax kept fp32) or int8 "
                         "(QDQ, calibrated; refused below the fidelity gate)")
@@ -383,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_cmd_export)
 
     b = sub.add_parser("build-engines",
-                       help="build or refresh an artifact's TensorRT engines on this GPU")
-    b.add_argument("artifact")
+                       help="build an artifact's TensorRT engines on this GPU")
+    b.add_argument("artifact", help="artifact directory (written by clipfast export)")
     _add_profile_flags(b)
     b.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where engines go (default: ARTIFACT/tensorrt/ when writable, else "
@@ -395,28 +447,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress messages")
     b.set_defaults(fn=_cmd_build_engines)
 
-    v = sub.add_parser("verify", help="check the artifact's golden outputs on this host and, "
-                       "with the export extras, re-measure fidelity against the PyTorch source")
-    v.add_argument("artifact")
-    v.add_argument("--images", default=None, help="directory of images (default: built-in set)")
-    v.add_argument("--backend", default="onnxruntime")
-    v.add_argument("--device", default="cpu")
+    v = sub.add_parser("verify", help="check an artifact's fidelity on this host",
+                       description="Check the artifact's golden outputs on this host and, with "
+                       "the export extras, re-measure its fidelity against the PyTorch source "
+                       "(exit status 1 when a gate fails).")
+    v.add_argument("artifact", help="artifact directory (written by clipfast export)")
+    v.add_argument("--images", default=None, metavar="DIR",
+                   help="directory of images to measure on (default: a built-in set)")
+    v.add_argument("--backend", default="onnxruntime",
+                   help=f"backend to check: {backends} (default onnxruntime)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    v.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     v.set_defaults(fn=_cmd_verify)
 
-    i = sub.add_parser("info", help="describe an artifact")
-    i.add_argument("artifact")
+    i = sub.add_parser("info", help="describe an artifact",
+                       description="Print an artifact's source, family, precision, "
+                       "preprocessing, tokenizer, files and fidelity figures (checksums are "
+                       "not re-read).")
+    i.add_argument("artifact", help="artifact directory (written by clipfast export)")
     i.set_defaults(fn=_cmd_info)
 
-    n = sub.add_parser("encode", help="embed images (files or directories) or --texts to .npy")
-    n.add_argument("artifact")
-    n.add_argument("images", nargs="*")
-    n.add_argument("--texts", nargs="+", default=None)
+    n = sub.add_parser("encode", help="embed images or --texts into a .npy file")
+    n.add_argument("artifact", help="artifact directory (written by clipfast export)")
+    n.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files or directories (searched recursively; hidden files "
+                        "and non-images are skipped with the reason)")
+    n.add_argument("--texts", nargs="+", default=None, metavar="TEXT",
+                   help="embed these texts instead of images")
     n.add_argument("--out", required=True,
                    help="output X.npy (or X: .npy is added); the row index goes to X.json")
-    n.add_argument("--backend", default="auto")
-    n.add_argument("--device", default="cpu")
-    n.add_argument("--batch-size", type=int, default=32)
-    n.add_argument("--quiet", action="store_true")
+    n.add_argument("--backend", default="auto",
+                   help=f"{backends} (default auto: the fastest that runs here)")
+    n.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    n.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="rows per tower call (default 32)")
+    n.add_argument("--quiet", action="store_true", help="no progress bar")
     n.set_defaults(fn=_cmd_encode)
 
     from clipfast.bench import add_parser as add_bench_parser
@@ -434,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -442,6 +507,21 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ClipfastError as e:
         print(f"clipfast {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; the exit status. A reader that stops early (``clipfast info |
+    head``) ends the command quietly, as the Python documentation recommends for SIGPIPE."""
+    try:
+        rc = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at devnull so that it cannot fail there
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
         return 1
 
 

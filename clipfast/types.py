@@ -15,6 +15,11 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", "
                             ".tif", ".tiff"})
 
 
+def plural(n: int, noun: str) -> str:
+    """``n`` and ``noun``, with an ``s`` unless ``n`` is 1 ("1 file", "3 files", "0 files")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 @dataclass
 class Failure:
     """One input that could not be used: its batch position, a short description, the reason."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -91,6 +92,24 @@ def _config_of(model_name: str) -> dict[str, Any] | None:
     return open_clip.get_model_config(model_name)
 
 
+def resolve_open_clip_name(name: str, known: list[str]) -> str:
+    """The registry spelling of ``name``: itself when known, the one known name equal to it
+    ignoring case, else ExportError suggesting the closest names (difflib)."""
+    if name in known:
+        return name
+    folded = [k for k in known if k.lower() == name.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    lower = {k.lower(): k for k in known}
+    close = folded or [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=3)]
+    hint = (f"did you mean {' or '.join(close)}?" if close
+            else f"known names include: {', '.join(known[:40])}, ...")
+    raise ExportError(
+        f"unknown open_clip model {name!r}; {hint} (`clipfast models` lists all {len(known)}), "
+        "or use hf-hub:ORG/NAME or transformers:ID"
+    )
+
+
 def load_open_clip_source(
     model_name: str, pretrained: str = "none", *, seed: int = 0, device: str = "cpu"
 ) -> SourceModel:
@@ -104,12 +123,8 @@ def load_open_clip_source(
 
     pretrained = pretrained or "none"
     is_hub = model_name.startswith(("hf-hub:", "local-dir:"))
-    if not is_hub and model_name not in open_clip.list_models():
-        known = ", ".join(open_clip.list_models()[:40])
-        raise ExportError(
-            f"unknown open_clip model {model_name!r}; known names include: {known}, ... "
-            "(see open_clip.list_models()), or use hf-hub:ORG/NAME or transformers:ID"
-        )
+    if not is_hub:
+        model_name = resolve_open_clip_name(model_name, open_clip.list_models())
     random_weights = (not is_hub) and pretrained.lower() == "none"
     if model_name.startswith("local-dir:"):
         model_name = "local-dir:" + str(Path(model_name[len("local-dir:"):]).expanduser().resolve())

@@ -148,4 +148,4 @@ def test_a_folder_with_nothing_to_embed_says_what_it_skipped(small_clip_artifact
     (tmp_path / "in" / "readme.txt").write_text("hello")
     assert _encode(small_clip_artifact, tmp_path / "in", "--out", tmp_path / "e") == 1
     err = capsys.readouterr().err
-    assert "readme.txt" in err and "no images given" in err and "1 files skipped" in err
+    assert "readme.txt" in err and "no images given" in err and "1 file skipped" in err

@@ -30,7 +30,7 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
 def add_parser(sub) -> None:
     """Add the ``bench`` subcommand to ``sub`` (the CLI's subparsers)."""
     b = sub.add_parser(
-        "bench", help="measure latency, throughput, memory and utilisation against torch",
+        "bench", help="measure latency, throughput and memory against torch",
         description="Benchmark artifacts' towers per backend and batch size against the PyTorch "
                     "source model; writes JSON, a markdown table and a PNG plot.")
     b.add_argument("artifact", nargs="+", help="artifact directories (one precision each)")

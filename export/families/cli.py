@@ -9,6 +9,7 @@ Importing this module needs neither torch nor open_clip; running the command nee
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,29 @@ def _export_command(model: str, pretrained: str | None) -> str:
     return cmd + f" --out {out}"
 
 
+def _check_family(family: str | None, known: list[str]) -> None:
+    """ClipfastError naming the known families when ``family`` is not one of them."""
+    if family is None or family in known:
+        return
+    close = difflib.get_close_matches(family, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ClipfastError(f"--family {family!r}: no such family{hint}; the known families are "
+                        f"{', '.join(known)}")
+
+
 def list_models(family: str | None = None) -> dict[str, Any]:
     """``{"open_clip": [...], "transformers": [...], "families": [...]}`` (what ``--json``
     prints)."""
     try:
+        from clipfast.export import families
+
+        # a wrong --family is reported before open_clip's registry (seconds to import) loads
+        _check_family(family, [s.name for s in families.all_families()])
         import open_clip
     except ImportError as e:
         raise ClipfastError(
             "`clipfast models` reads open_clip's model registry: it needs the export extras, "
             f"pip install 'clipfast[export]' ({e})") from e
-    from clipfast.export import families
 
     coverage = _coverage()
     rows = []
@@ -122,8 +136,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """Register ``clipfast models`` on the CLI's subparsers."""
-    m = sub.add_parser("models", help="list the architectures and pretrained tags clipfast "
-                                      "exports, with coverage status and export commands")
+    m = sub.add_parser("models", help="list exportable models, their tags and export commands",
+                       description="List the architectures and pretrained tags clipfast "
+                       "exports, with each one's family, coverage status and export command.")
     m.add_argument("--json", action="store_true", help="machine-readable output")
-    m.add_argument("--family", default=None, help="only this family (e.g. openclip-resnet)")
+    m.add_argument("--family", default=None,
+                   help="only this family (e.g. openclip-resnet; an unknown one lists the "
+                        "known families)")
     m.set_defaults(fn=_cmd_models)
