@@ -137,3 +137,14 @@ def test_encode_counts_in_the_singular(small_clip_artifact, tmp_path, photos, ca
     assert "1 of 1 image ->" in summary and "1 file skipped" in summary
     assert main(["encode", str(small_clip_artifact), "--texts", "a cat", "--out", str(out)]) == 0
     assert capsys.readouterr().out.startswith("1 text ->")
+
+
+def test_embed_counts_in_the_singular(small_clip_artifact, tmp_path, photos, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(photos["chelsea"]).save(folder / "cat.jpg")
+    assert main(["embed", str(small_clip_artifact), str(folder), "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    assert "1 of 1 input embedded, 0 failed, 1 shard ->" in capsys.readouterr().err

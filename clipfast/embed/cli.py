@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clipfast.types import plural
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -77,6 +79,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         ray_address=args.address, ray_concurrency=args.concurrency)
     s = run_embed(opts)
     resumed = f", resumed after {s.resumed_from}" if s.resumed_from else ""
-    print(f"{s.embedded} of {s.items} inputs embedded, {s.failed} failed, {s.shards} shards "
-          f"-> {s.out}{resumed} ({s.seconds:.1f} s)", file=sys.stderr)
+    print(f"{s.embedded} of {plural(s.items, 'input')} embedded, {s.failed} failed, "
+          f"{plural(s.shards, 'shard')} -> {s.out}{resumed} ({s.seconds:.1f} s)", file=sys.stderr)
     return 0 if not s.failed else 2
