@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from clipfast.errors import ClipfastError, InputError
 
 
@@ -74,31 +72,6 @@ def chunks(n: int, max_batch: int) -> list[tuple[int, int]]:
     if max_batch < 1:
         raise ClipfastError(f"max_batch={max_batch}: must be at least 1")
     return [(s, min(s + max_batch, n)) for s in range(0, n, max_batch)]
-
-
-def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """``x`` with zero rows appended up to ``rows`` (a copy only when padding is needed).
-
-    Padded rows are computed and dropped; every tower treats rows independently (no batch
-    statistics at inference), so they never change the real rows' outputs.
-    """
-    n = x.shape[0]
-    if n == rows:
-        return x
-    if n > rows:
-        raise ClipfastError(f"cannot pad {n} rows down to {rows}")
-    out = np.zeros((rows, *x.shape[1:]), dtype=x.dtype)
-    out[:n] = x
-    return out
-
-
-def select_profile(profiles: list[BatchProfile], batch: int) -> BatchProfile | None:
-    """The profile to run a chunk of ``batch`` rows with: among profiles covering it, the one
-    whose opt is closest to it (ties: the smaller max, less memory); None if none covers it."""
-    covering = [p for p in profiles if p.covers(batch)]
-    if not covering:
-        return None
-    return min(covering, key=lambda p: (abs(p.opt - batch), p.max))
 
 
 def as_profile(value: Any, what: str = "batch profile") -> BatchProfile:

@@ -116,10 +116,6 @@ def no_device_reason() -> str | None:
     return None
 
 
-def set_device(device: int = 0) -> None:
-    check(runtime().cudaSetDevice(device), f"cudaSetDevice({device})")
-
-
 def current_device() -> int:
     return int(check(runtime().cudaGetDevice(), "cudaGetDevice"))
 
@@ -138,11 +134,6 @@ def device_name(device: int | None = None) -> str:
     if isinstance(name, bytes):
         name = name.split(b"\0", 1)[0].decode(errors="replace")
     return str(name)
-
-
-def runtime_version() -> int:
-    """CUDA runtime version as CUDA encodes it (12040 = 12.4)."""
-    return int(check(runtime().cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
 
 
 # -- streams and events ------------------------------------------------------------------------
@@ -340,5 +331,4 @@ __all__ = [
     "abort_capture", "begin_capture", "check", "compute_capability", "current_device",
     "device_count", "device_name", "end_capture", "handle", "memcpy_dtod_async",
     "memcpy_dtoh_async", "memcpy_htod_async", "memset_async", "no_device_reason", "runtime",
-    "runtime_version", "set_device",
 ]

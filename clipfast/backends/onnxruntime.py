@@ -78,7 +78,6 @@ from clipfast.manifest import tower_input_dims
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
 ORT_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64,
                     "tensor(float)": np.float32, "tensor(float16)": np.float16}
-_DTYPES = ORT_NUMPY_DTYPES
 
 CPU_EP, CUDA_EP, TRT_EP = ("CPUExecutionProvider", "CUDAExecutionProvider",
                            "TensorrtExecutionProvider")
@@ -383,7 +382,7 @@ class OnnxRuntimeBackend:
         }
         self._image_input = self._sessions["image"].get_inputs()[0]
         self._image_output = self._sessions["image"].get_outputs()[0].name
-        self._text_inputs = {i.name: _DTYPES.get(i.type, np.int64)
+        self._text_inputs = {i.name: ORT_NUMPY_DTYPES.get(i.type, np.int64)
                              for i in self._sessions["text"].get_inputs()}
         self._text_output = self._sessions["text"].get_outputs()[0].name
         self._device_inputs: OrderedDict[tuple, Any] = OrderedDict()
@@ -440,7 +439,7 @@ class OnnxRuntimeBackend:
         return binding.copy_outputs_to_cpu()[0]
 
     def run_image(self, pixels: Any) -> np.ndarray:
-        dtype = _DTYPES.get(self._image_input.type, np.float32)
+        dtype = ORT_NUMPY_DTYPES.get(self._image_input.type, np.float32)
         if is_torch_tensor(pixels):
             out = self._run_bound(pixels, dtype)
         elif self.device == "cuda":
@@ -470,8 +469,8 @@ class OnnxRuntimeBackend:
                 "onnxruntime": self._ort.__version__, "session": dict(self._options),
                 "profile": self.profile.as_dict() if self.profile else None,
                 "int8": dict(self.int8) or None,
-                "image_input_dtype": np.dtype(_DTYPES.get(self._image_input.type, np.float32)
-                                              ).name}
+                "image_input_dtype": np.dtype(ORT_NUMPY_DTYPES.get(self._image_input.type,
+                                                                   np.float32)).name}
 
 
 def load(manifest, device: str = "cpu", threads: int | None = None, **options: Any
