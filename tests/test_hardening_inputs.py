@@ -8,7 +8,6 @@ import os
 import re
 import stat
 import threading
-import time
 import warnings
 from unittest import mock
 
@@ -379,15 +378,20 @@ def test_empty_path_failure_is_printable(vitb32_engine):
 def test_ctrl_c_does_not_wait_for_the_chunk(vitb32_engine, monkeypatch):
     monkeypatch.setattr(vitb32_engine, "_threads", 2)
     release = threading.Event()
+    progress = threading.Condition()
     started, finished = [], []
     h, w = vitb32_engine.preprocess_config.image_size
 
     def stub(item, index):
         if index == 0:
             raise KeyboardInterrupt
-        started.append(index)
-        release.wait(2)
-        finished.append(index)
+        with progress:
+            started.append(index)
+        # held until the test has seen preprocess return (the timeout only guards a hang)
+        release.wait(60)
+        with progress:
+            finished.append(index)
+            progress.notify_all()
         return np.zeros((3, h, w), np.float32)
 
     monkeypatch.setattr(vitb32_engine, "_load_and_preprocess", stub)
@@ -399,9 +403,8 @@ def test_ctrl_c_does_not_wait_for_the_chunk(vitb32_engine, monkeypatch):
         assert len(started) < 7
     finally:
         release.set()
-        deadline = time.monotonic() + 5
-        while len(finished) < len(started) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with progress:  # the workers that started end before the stub is unpatched
+            progress.wait_for(lambda: len(finished) == len(started), timeout=60)
 
 
 # --------------------------------------------------------------------------- long texts

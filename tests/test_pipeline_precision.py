@@ -89,13 +89,80 @@ def test_fp32_manifest_records_precision_graph_and_session(vitb32_artifact):
     assert session["execution_mode"] == "sequential" and session["memory_arena"] is True
 
 
-def test_gates_are_stated_per_precision():
-    assert set(GATES) == {"fp32", "fp16", "int8"}
-    assert GATES["fp16"]["image_centred_rel_error_max"] == 1e-2
-    assert GATES["fp16"]["text_cosine_min"] == 0.9995
-    i8 = GATES["int8"]
-    assert i8["image_centred_rel_error_max"] == 0.15 and i8["image_cosine_min"] == 0.99
-    assert i8["top1_agreement_min"] == 0.95 and i8["retrieval_pairs_min"] == 20
+def _at_the_limit(gates: dict) -> dict:
+    """Figures that meet every gate of ``gates`` exactly (the least that passes)."""
+    figures = {}
+    for key, limit in gates.items():
+        if key.endswith(("_max", "_min")):
+            figures[key[:-4]] = limit
+        elif key == "pixel_max_levels":
+            figures["pixel_levels"] = limit
+        elif key == "token_ids_identical":
+            figures[key] = True
+        else:
+            raise AssertionError(f"gate {key!r}: check_gates has no rule for it")
+    return figures
+
+
+@pytest.mark.parametrize("precision", sorted(GATES))
+def test_every_declared_gate_is_enforced(precision):
+    from clipfast.fidelity import check_gates
+
+    gates = GATES[precision]
+    passing = _at_the_limit(gates)
+    assert check_gates(passing, gates) == []
+    for key, limit in gates.items():
+        figures = dict(passing)
+        if key == "token_ids_identical":
+            name, figures[key] = key, False
+        else:
+            name = "pixel_levels" if key == "pixel_max_levels" else key[:-4]
+            step = abs(limit) * 1e-3 + 1e-9
+            figures[name] = limit - step if key.endswith("_min") else limit + step
+        failures = check_gates(figures, gates)
+        assert len(failures) == 1, (key, failures)
+        assert (name if name != "token_ids_identical" else "token ids") in failures[0]
+        del figures[name]  # a figure that was not measured fails its gate too
+        assert len(check_gates(figures, gates)) == 1, key
+
+
+def test_gates_loosen_with_the_arithmetic():
+    # whatever passes fp32's gates passes fp16's, and whatever passes fp16's passes int8's
+    from clipfast.fidelity import check_gates
+
+    for strict, loose in (("fp32", "fp16"), ("fp16", "int8")):
+        shared = {k: GATES[strict][k] for k in GATES[loose] if k in GATES[strict]}
+        assert check_gates(_at_the_limit(shared), {k: GATES[loose][k] for k in shared}) == []
+    # the fp16 and int8 figures are not free to drift up to fp32 levels either
+    assert GATES["fp32"]["image_centred_rel_error_max"] < GATES["fp16"][
+        "image_centred_rel_error_max"] < GATES["int8"]["image_centred_rel_error_max"]
+
+
+def _export_measuring_worse(monkeypatch, model: str, out: Path, gate: bool) -> Path:
+    """An fp32 export whose measured image error is twice its gate."""
+    import clipfast.export.verify as verify
+    from clipfast.export.pipeline import ExportOptions, run_export
+
+    real = verify.measure
+
+    def measure(*args, **kwargs):
+        figures = real(*args, **kwargs)
+        figures["image_centred_rel_error"] = 2 * GATES["fp32"]["image_centred_rel_error_max"]
+        return figures
+
+    monkeypatch.setattr(verify, "measure", measure)
+    return run_export(ExportOptions(model=model, out=out, gate=gate, progress=False))
+
+
+def test_an_export_measuring_past_its_gate_is_refused(clip_small, tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    with pytest.raises(FidelityError, match="image_centred_rel_error .* exceeds the gate"):
+        _export_measuring_worse(monkeypatch, f"transformers:{clip_small}", out, gate=True)
+    assert not out.exists()
+    # --no-gate writes it, marked as failed
+    art = _export_measuring_worse(monkeypatch, f"transformers:{clip_small}", out, gate=False)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["fidelity"]["passed"] is False
 
 
 @pytest.fixture(scope="module")
