@@ -18,9 +18,9 @@ from clipfast.manifest import (
     MANIFEST_NAME,
     file_entries,
     load_manifest,
-    onnx_external_data,
     write_manifest,
 )
+from clipfast.onnx_proto import onnx_external_data
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
