@@ -82,8 +82,8 @@ class Engine:
     max_image_bytes: the most bytes read from one image path or file object; None (default)
         follows ``clipfast.image_io.MAX_IMAGE_BYTES`` (256 MiB).
     self_check: run the artifact's golden inputs through the chosen backend and compare with the
-        fp32 source's outputs stored at export, with the artifact's gates (``clipfast.selfcheck``;
-        about 0.5 s for ViT-B-32 on 2 cores). Below the gate, "auto" moves on to the next
+        fp32 source's outputs stored at export, with the artifact's gates
+        (``clipfast.selfcheck``). Below the gate, "auto" moves on to the next
         backend (``fallbacks`` holds the figures) and an explicit backend raises FidelityError.
         ``self_check_figures`` holds the chosen backend's figures.
     """
@@ -261,7 +261,11 @@ class Engine:
         return pixels, [i for i, _ in good], failures
 
     def preprocess(self, images: Sequence[Any], errors: str = "raise") -> np.ndarray:
-        """Images -> float32 ``(N, 3, H, W)``, exactly what the image tower receives.
+        """Images -> float32 ``(N, 3, H, W)`` as the CPU path prepares them (Pillow decode,
+        resize, normalise): what the image tower receives when the Engine preprocesses on the
+        CPU. With GPU preprocessing (``describe()["preprocess"]`` says which path runs),
+        ``encode_images`` prepares its pixels on the device instead (nvJPEG and the fused
+        kernel), which may differ from these slightly.
 
         With ``errors="skip"`` returns a BatchResult whose ``embeddings`` holds the pixels.
         """

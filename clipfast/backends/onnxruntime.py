@@ -11,12 +11,11 @@ Session settings, and why:
   once and reused.
 - CPU sessions only: ORT's online ``SkipLayerNormFusion`` is disabled. It matters for graphs
   whose SkipLayerNormalization was split back into Add + LayerNormalization (the int8 export
-  does that, export/quantize.py): on the 2-core x86 CPU the benchmarks ran on, the dynamic int8
-  ViT-B-32 image tower ran 16% faster with the fusion off, and the fp32 graph with its
-  SkipLayerNorm split 8% faster (benchmarks/results/int8_cpu_sweep.md). Graphs fused at export
-  keep their SkipLayerNormalization nodes either way (an A/B on the fp32 ViT-B-32 image tower:
-  26.9 vs 27.0 img/s). On CUDA the fused kernel saves a read and a write of the activations, so
-  CUDA sessions keep the fusion.
+  does that, export/quantize.py): on the x86 CPU the benchmarks ran on, the dynamic int8 and the
+  fp32 ViT-B-32 image towers with their SkipLayerNorm split ran faster with the fusion off
+  (benchmarks/results/int8_cpu_sweep.md has the figures). Graphs fused at export keep their
+  SkipLayerNormalization nodes either way. On CUDA the fused kernel saves a read and a write of
+  the activations, so CUDA sessions keep the fusion.
 - CUDA: inputs are bound on the device with IO binding (numpy inputs copied once into a cached
   device OrtValue of that shape, torch CUDA tensors from GPU preprocessing bound in place), the
   output is allocated on the device by ORT and copied to the host once. Without binding, ``run``

@@ -145,7 +145,7 @@ def _uint8_pixels(value: Any, policy: ImagePolicy, fast: bool) -> np.ndarray:
 def measure_fast_decode(engine, values: list[Any], policy: ImagePolicy) -> dict[str, Any]:
     """What --fast-decode costs on ``values`` (paths or bytes of the job's own images): pixel
     difference in uint8 levels before normalisation, and the embeddings' centred relative error
-    and cosine against the exact path (DESIGN.md's fidelity measures)."""
+    and cosine against the exact path (the measures of clipfast.fidelity)."""
     t0 = time.perf_counter()
     exact, fast = [], []
     for v in values:
