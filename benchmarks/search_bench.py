@@ -12,7 +12,7 @@ the artifact's digest, POST /v1/search with a text query; p50 / p99 at concurren
     python benchmarks/search_bench.py --artifact ART [--n 1000000] [--out benchmarks/results]
 
 ART: any exported artifact (``clipfast export --model ViT-B-32 --pretrained none --out ART``).
-Results: ``search-<isa>.json`` and ``.md`` in --out.
+Results: ``search-<isa>.json`` and ``.md`` in --out (e.g. search-avx-512-vnni.json).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def main() -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"search-{cpu.isa}"
+    stem = out / ("search-" + cpu.isa.lower().replace(" ", "-"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     i, s = idx, srv
     md = [f"# clipfast search benchmark ({cpu.isa}, {os.cpu_count()} cores)", "",
