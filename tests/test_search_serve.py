@@ -194,3 +194,29 @@ def test_page_in_chromium(server, indexed):
         finally:
             browser.close()
     assert console == [], console
+
+
+def test_thumbnail_cache_is_bounded():
+    from clipfast.search.routes import ThumbnailCache
+
+    cache = ThumbnailCache(max_bytes=100)
+    for i in range(5):
+        cache.put(i, bytes(30))
+    assert cache.bytes <= 100 and len(cache) == 3
+    assert cache.get(0) is None and cache.get(4) == bytes(30)
+    cache.get(2)  # recently used: kept over 3
+    cache.put(9, bytes(30))
+    assert cache.get(2) is not None and cache.get(3) is None
+    cache.put(10, bytes(101))  # larger than the whole cache: not kept
+    assert cache.get(10) is None
+
+
+def test_serve_cli_passes_the_index(monkeypatch):
+    import clipfast.serve.server as server_mod
+    from clipfast.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server_mod, "serve",
+                        lambda artifact, config, **kw: seen.update(config=config) or 0)
+    assert main(["serve", "art", "--index", "idx"]) == 0
+    assert seen["config"].index == "idx"
