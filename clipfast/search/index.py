@@ -201,8 +201,6 @@ def open_embeddings(path: str | os.PathLike) -> EmbedSource:
     if manifest.get("status") != "complete":
         raise InputError(f"{path}: the embed job has not completed ({len(records)} shards "
                          "committed); run the same clipfast embed command again to finish it")
-    if manifest.get("output", {}).get("kind", "image") == "text":
-        pass  # text embeddings index just as well (search texts by image or text)
     shards = [(r.file, r.rows) for r in sorted(records, key=lambda r: r.start)]
     return EmbedSource(root, manifest, shards, _sha256(root / MANIFEST))
 
