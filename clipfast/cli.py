@@ -496,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     from clipfast.serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from clipfast.search.cli import add_index_parser, add_search_parser
+
+    add_index_parser(sub)
+    add_search_parser(sub)
     return p
 
 

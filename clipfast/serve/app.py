@@ -45,7 +45,7 @@ from clipfast.types import Failure
 
 log = logging.getLogger("clipfast.serve")
 
-_OPEN_PATHS = ("/health", "/ready")
+_OPEN_PATHS = ("/health", "/ready", "/")  # "/": the search page, whose calls carry the key
 _ROUTES = frozenset({"/v1/embeddings", "/v1/images/embeddings", "/v1/classify", "/v1/models",
                      "/metrics", "/health", "/ready"})
 _LABEL_CACHE = 4096  # prompt embeddings kept for /v1/classify
@@ -558,6 +558,10 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    if config.index is not None:  # POST /v1/search, thumbnails and the search page at /
+        from clipfast.search.routes import mount
+
+        mount(app, service, config.index)
     app.add_middleware(GuardMiddleware, service=service)
     return app
 

@@ -38,7 +38,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout_s,
         drain_timeout_s=args.drain_timeout_s, api_key=api_key, model_name=args.model_name,
         decode_threads=args.decode_threads, workers=args.workers,
-        max_connections=args.max_connections)
+        max_connections=args.max_connections, index=args.index)
     return serve(args.artifact, config, backend=args.backend, device=args.device,
                  threads=args.threads, log_level=args.log_level)
 
@@ -91,6 +91,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="image decode threads (default: the CPU count)")
     p.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
                    help=f"most open connections per process (default {d.max_connections})")
+    p.add_argument("--index", default=None,
+                   help="a clipfast index folder: adds POST /v1/search and a search page at / "
+                        "(needs clipfast[search])")
     p.add_argument("--backend", default="auto",
                    help="auto, tensorrt, onnxruntime or torch (default auto)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")

@@ -31,6 +31,7 @@ class ServeConfig:
     workers: server processes, each with its own Engine, accepting on one socket.
     max_connections: most open connections per process (uvicorn answers 503 past it); with
         ``max_body_bytes`` it bounds the memory held by request bodies.
+    index: a clipfast index folder: adds POST /v1/search and the search page (clipfast.search).
     """
 
     host: str = "127.0.0.1"
@@ -49,6 +50,7 @@ class ServeConfig:
     decode_threads: int | None = None
     workers: int = 1
     max_connections: int = 512
+    index: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "max_queue", "max_items", "max_labels", "max_body_bytes",
