@@ -2,8 +2,12 @@
 health, readiness and Prometheus metrics, over one Engine and one batcher per tower.
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``; a limit's
-``code`` is its name (``max_items``, ``max_body_bytes``, ``max_image_pixels``), an overload's
+``code`` is its name (``max_items``, ``max_body_bytes``, ``max_text_chars``, ...), an overload's
 ``overloaded`` (with ``Retry-After``), a timeout's ``request_timeout``.
+
+Nothing sized by the client runs on the event loop: the body is read with a byte cap and a
+deadline, its JSON values are counted before it is parsed, and parsing, validation, template
+filling and tokenization run in the decode pool, as image decoding does.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException
 
 from clipfast.errors import InputError
 from clipfast.fidelity import l2_normalize
@@ -35,12 +40,17 @@ from clipfast.serve.inputs import (
     BadItem,
     LimitExceeded,
     check_items,
+    check_json,
+    check_template,
+    check_texts,
     decode_inline,
+    fill_template,
     preprocess_one,
     token_count,
     token_rows,
 )
 from clipfast.serve.metrics import CONTENT_TYPE, Metrics
+from clipfast.serve.protocol import ConnectionGuard
 from clipfast.types import Failure
 
 log = logging.getLogger("clipfast.serve")
@@ -103,6 +113,20 @@ def _validation_message(e: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _parse(model: type[BaseModel], body: bytes, max_values: int) -> BaseModel:
+    """The body as ``model`` (in a worker thread): values counted first, then parsed and
+    validated by pydantic straight from the bytes."""
+    check_json(body, max_values)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        bad = [err for err in e.errors() if err.get("type") == "json_invalid"]
+        if bad:
+            raise ApiError(422, f"the body is not valid JSON ({bad[0].get('msg')})",
+                           code="invalid_json", kind="invalid") from None
+        raise
+
+
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), status_code=status,
                     media_type="application/json")
@@ -120,6 +144,11 @@ class Service:
         self.created = int(time.time())
         self.draining = False
         self.started = False
+        self.connections = ConnectionGuard(max_connections=config.max_connections,
+                                           max_per_client=config.max_connections_per_client,
+                                           header_timeout_s=config.header_timeout_s)
+        # Most JSON values a request may hold: its items and labels, a few per item, the rest.
+        self.max_json_values = 4 * (config.max_items + config.max_labels) + 256
         threads = config.decode_threads or os.cpu_count() or 1
         self.decode_pool = ThreadPoolExecutor(max_workers=threads,
                                               thread_name_prefix="clipfast-decode")
@@ -177,10 +206,14 @@ class Service:
                            " s (--request-timeout-s)", code="request_timeout",
                            kind="timeout") from None
 
+    async def in_pool(self, fn, *args):
+        """``fn(*args)`` in the decode pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
     async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Texts -> (normalised (N, D), prompt tokens)."""
+        """Texts -> (normalised (N, D), prompt tokens); tokenized in the decode pool."""
         with self.reserve("text", len(texts)):
-            tokens = self.engine.tokenize(texts)
+            tokens = await self.in_pool(self.engine.tokenize, texts)
             emb = await self.batchers["text"].submit(token_rows(tokens))
         return emb, token_count(tokens, self._pad_id)
 
@@ -259,8 +292,10 @@ def _as_list(value: str | list) -> list:
 
 # -- middleware -------------------------------------------------------------------------------
 class GuardMiddleware:
-    """Before any route: the API key (constant-time compare) and the body-size limit (the body is
-    read here, at most ``max_body_bytes`` + 1 bytes of it, then replayed to the route)."""
+    """Before any route: the connection limit (API routes only: the probes still answer), the
+    API key (constant-time compare), and the body's limits: at most ``max_body_bytes`` (the
+    declared Content-Length is checked first), all of it within ``body_timeout_s`` (else 408
+    and the connection is closed); the body is read here, then replayed to the route."""
 
     def __init__(self, app, service: Service):
         self.app = app
@@ -286,6 +321,13 @@ class GuardMiddleware:
         service = self.service
         # Metric labels: the known routes, everything else as one (bounded cardinality).
         endpoint = scope["path"] if scope["path"] in _ROUTES else "other"
+        if service.connections.over_limit and scope["path"] not in _OPEN_PATHS:
+            service.metrics.errors.labels(endpoint, "overloaded").inc()
+            service.metrics.requests.labels(endpoint, "503").inc()
+            resp = ApiError(503, f"more than {service.config.max_connections} connections are "
+                            "open (--max-connections); retry later", code="max_connections",
+                            kind="overloaded", headers={"Retry-After": "1"}).response()
+            return await resp(scope, receive, send)
         if not self._authorized(scope):
             service.metrics.errors.labels(endpoint, "unauthorized").inc()
             service.metrics.requests.labels(endpoint, "401").inc()
@@ -307,21 +349,35 @@ class GuardMiddleware:
             service.metrics.errors.labels(endpoint, "limit").inc()
             service.metrics.requests.labels(endpoint, "413").inc()
             return await too_big.response()(scope, receive, send)
-        chunks, total = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body = message.get("body", b"")
-            total += len(body)
-            if total > limit:
-                service.metrics.errors.labels(endpoint, "limit").inc()
-                service.metrics.requests.labels(endpoint, "413").inc()
-                return await too_big.response()(scope, receive, send)
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            async with asyncio.timeout(service.config.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body = message.get("body", b"")
+                    total += len(body)
+                    if total > limit:
+                        service.metrics.errors.labels(endpoint, "limit").inc()
+                        service.metrics.requests.labels(endpoint, "413").inc()
+                        return await too_big.response()(scope, receive, send)
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            service.connections.refused["body_timeout"] += 1
+            service.metrics.errors.labels(endpoint, "timeout").inc()
+            service.metrics.requests.labels(endpoint, "408").inc()
+            # "connection: close": the rest of the body is never read, so the connection ends.
+            resp = ApiError(408, f"the request body did not arrive within "
+                            f"{service.config.body_timeout_s:g} s (--body-timeout-s)",
+                            code="body_timeout", kind="timeout",
+                            headers={"Connection": "close"}).response()
+            return await resp(scope, receive, send)
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        chunks.clear()
 
         async def replayed():
             if replay:
@@ -373,6 +429,11 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         except InputError as e:
             metrics.errors.labels(endpoint, "invalid").inc()
             response = ApiError(422, str(e), code="invalid_request", kind="invalid").response()
+        except HTTPException as e:  # starlette's form parser (no boundary, too many parts)
+            metrics.errors.labels(endpoint, "invalid").inc()
+            status = e.status_code if 400 <= e.status_code < 500 else 400
+            response = ApiError(status, f"multipart body refused: {e.detail}",
+                                code="invalid_multipart", kind="invalid").response()
         except Exception:
             log.exception("clipfast serve: %s failed", endpoint)
             metrics.errors.labels(endpoint, "internal").inc()
@@ -380,12 +441,14 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                                 kind="internal").response()
         return answer(endpoint, started, response)
 
-    async def read_json(request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(422, f"the body is not valid JSON ({e})", code="invalid_json",
-                           kind="invalid") from None
+    async def read_model(request: Request, model: type[BaseModel], check=None) -> Any:
+        """The body parsed as ``model`` and passed to ``check`` (if any), in the decode pool."""
+        body = await request.body()
+
+        def parse():
+            req = _parse(model, body, service.max_json_values)
+            return req if check is None else check(req)
+        return await service.in_pool(parse)
 
     def embedding_response(emb, indices, failures, fmt, n_tokens) -> Response:
         if not indices and failures:
@@ -417,7 +480,13 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         endpoint = "/v1/embeddings"
 
         async def work():
-            req = EmbeddingRequest.model_validate(await read_json(request))
+            def check(req):
+                items = _as_list(req.input)
+                check_items(len(items), config.max_items)
+                if req.modality == "text" and all(isinstance(t, str) for t in items):
+                    check_texts(items, config.max_text_chars)
+                return req
+            req = await read_model(request, EmbeddingRequest, check)
             service.check_model(req.model)
             if req.dimensions is not None and req.dimensions != engine.embed_dim:
                 raise ApiError(422, f"dimensions={req.dimensions}: this model's embeddings "
@@ -426,7 +495,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
             items = _as_list(req.input)
             check_items(len(items), config.max_items)
             if req.modality == "image":
-                datas = inline_images(items)
+                datas = await service.in_pool(inline_images, items)
                 emb, idx, failures = await service.with_timeout(service.embed_images(datas))
                 count_bad(endpoint, failures)
                 return embedding_response(emb, idx, failures, req.encoding_format or "float", 0)
@@ -474,12 +543,12 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 finally:
                     await form.close()
             else:
-                req = ImageEmbeddingRequest.model_validate(await read_json(request))
+                req = await read_model(request, ImageEmbeddingRequest)
                 service.check_model(req.model)
                 items = _as_list(req.input)
                 check_items(len(items), config.max_items)
                 fmt = req.encoding_format or "float"
-                datas = inline_images(items)
+                datas = await service.in_pool(inline_images, items)
             emb, idx, failures = await service.with_timeout(service.embed_images(datas))
             count_bad(endpoint, failures)
             return embedding_response(emb, idx, failures, fmt, 0)
@@ -493,25 +562,31 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         endpoint = "/v1/classify"
 
         async def work():
-            req = ClassifyRequest.model_validate(await read_json(request))
+            def check(req):
+                check_items(len(_as_list(req.input)), config.max_items)
+                if not req.labels:
+                    raise ApiError(422, "labels: at least one label is needed",
+                                   code="invalid_request", kind="invalid", param="labels")
+                if len(req.labels) > config.max_labels:
+                    raise LimitExceeded(f"labels: {len(req.labels)}, more than the limit of "
+                                        f"{config.max_labels} per request (--max-labels)",
+                                        limit="max_labels", status=413)
+                check_texts(req.labels, config.max_text_chars, "labels")
+                template = req.template if req.template is not None else engine.prompt_template
+                try:
+                    check_template(template)
+                except LimitExceeded:
+                    raise
+                except InputError as e:
+                    raise ApiError(422, str(e), code="invalid_template", kind="invalid",
+                                   param="template") from None
+                return req, [fill_template(template, label) for label in req.labels]
+
+            req, prompts = await read_model(request, ClassifyRequest, check)
             service.check_model(req.model)
-            items = _as_list(req.input)
-            check_items(len(items), config.max_items)
-            if not req.labels:
-                raise ApiError(422, "labels: at least one label is needed", code="invalid_request",
-                               kind="invalid", param="labels")
-            if len(req.labels) > config.max_labels:
-                raise LimitExceeded(f"labels: {len(req.labels)}, more than the limit of "
-                                    f"{config.max_labels} per request (--max-labels)",
-                                    limit="max_labels", status=413)
-            template = req.template or engine.prompt_template
-            if "{}" not in template:
-                raise ApiError(422, f"template {template!r} must contain '{{}}' for the label",
-                               code="invalid_template", kind="invalid", param="template")
-            datas = inline_images(items)
+            datas = await service.in_pool(inline_images, _as_list(req.input))
 
             async def both():
-                prompts = [template.format(label) for label in req.labels]
                 text = await service.prompt_embeddings(prompts)
                 emb, idx, failures = await service.embed_images(datas)
                 return text, emb, idx, failures

@@ -2,8 +2,13 @@
 
 Images arrive inline only, following infinity's convention for ``/v1/embeddings``: a
 ``data:image/<type>;base64,<data>`` URL (or bare base64) per item. URLs are never fetched.
-A limit breach fails the whole request (``LimitExceeded``: 413 or 422 naming the limit);
-an image that cannot be decoded fails only its own item (``Failure``).
+A request-wide limit breach fails the whole request (``LimitExceeded``: 413 or 422 naming the
+limit); an image that cannot be decoded, or is over ``--max-image-pixels``, fails only its own
+item (``Failure``).
+
+Request bodies are checked before they are parsed (``check_json``): the count of JSON values
+and the length of numbers are read from the body with its strings blanked out, so neither a
+body of millions of tiny values nor a number of thousands of digits reaches the parser.
 """
 
 from __future__ import annotations
@@ -25,6 +30,14 @@ if TYPE_CHECKING:
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,",
                        re.IGNORECASE)
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# A JSON string (escapes included), written as the unrolled loop so that the scan is linear.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+MAX_NUMBER_DIGITS = 32  # no field of a request needs more (int64 has 19 digits)
+_LONG_NUMBER = re.compile(rb"[0-9]{%d}" % (MAX_NUMBER_DIGITS + 1))
+# bytes.translate table: digits -> "0", everything else -> " " (a C-speed digit-run search).
+_DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+TEMPLATE_SLOT = "{}"
+MAX_TEMPLATE_CHARS = 1000
 
 
 class LimitExceeded(InputError):
@@ -47,6 +60,53 @@ def check_items(n: int, max_items: int, what: str = "input") -> None:
     if n > max_items:
         raise LimitExceeded(f"{what}: {n} items, more than the limit of {max_items} per request "
                             "(--max-items); split the request", limit="max_items", status=413)
+
+
+def check_json(body: bytes, max_values: int) -> None:
+    """Refuse a JSON body before parsing it when it holds more than ``max_values`` values
+    (arrays, objects and elements, counted from the brackets and commas outside strings:
+    the parsed objects of a body of tiny values take many times its bytes) or a number longer
+    than ``MAX_NUMBER_DIGITS`` digits. The raw counts come first (C speed, an upper bound);
+    only a body they do not clear has its strings blanked out and is counted again."""
+    raw = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if raw <= max_values and b"0" * (MAX_NUMBER_DIGITS + 1) not in body.translate(_DIGITS):
+        return
+    skeleton = _JSON_STRING.sub(b'""', body)
+    values = skeleton.count(b",") + skeleton.count(b"[") + skeleton.count(b"{")
+    if values > max_values:
+        raise LimitExceeded(f"the JSON body holds about {values} values (arrays, objects and "
+                            f"their elements), more than the {max_values} this server's limits "
+                            "allow (--max-items, --max-labels)", limit="max_json_values",
+                            status=413)
+    if _LONG_NUMBER.search(skeleton):
+        raise InputError(f"the JSON body holds a number of more than {MAX_NUMBER_DIGITS} digits")
+
+
+def check_texts(texts: list[str], max_chars: int, what: str = "input") -> None:
+    """Every text at most ``max_chars`` characters (413 naming the first one over)."""
+    for i, t in enumerate(texts):
+        if len(t) > max_chars:
+            raise LimitExceeded(f"{what}[{i}]: {len(t)} characters, more than the limit of "
+                                f"{max_chars} per text (--max-text-chars); the model reads only "
+                                "its context's first tokens, so send the start of the text",
+                                limit="max_text_chars", status=413)
+
+
+def check_template(template: str) -> None:
+    """A classification template is literal text with exactly one ``{}`` where the label
+    goes (filled by replacement, never ``str.format``), at most ``MAX_TEMPLATE_CHARS``."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise LimitExceeded(f"template: {len(template)} characters, more than the limit of "
+                            f"{MAX_TEMPLATE_CHARS}", limit="max_template_chars", status=413)
+    if (template.count(TEMPLATE_SLOT) != 1 or template.count("{") != 1
+            or template.count("}") != 1):
+        raise InputError(f"template {template[:80]!r}: expected literal text with exactly one "
+                         "'{}' where the label goes, and no other braces (e.g. 'a photo of a "
+                         "{}.')")
+
+
+def fill_template(template: str, label: str) -> str:
+    return template.replace(TEMPLATE_SLOT, label, 1)
 
 
 def decode_inline(item: Any, index: int) -> bytes:
@@ -92,20 +152,24 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def check_pixels(data: bytes, index: int, max_pixels: int) -> None:
+def check_pixels(data: bytes, index: int, max_pixels: int) -> Failure | None:
+    """The item's Failure when its header says it has more than ``max_pixels`` pixels."""
     size = image_size(data)
     if size is not None and size[0] * size[1] > max_pixels:
-        raise LimitExceeded(
-            f"image {index}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than the "
-            f"limit of {max_pixels} (--max-image-pixels); downscale it first",
-            limit="max_image_pixels", status=422)
+        return Failure(index, f"<{size[0]}x{size[1]} image>",
+                       f"image {index}: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more "
+                       f"than the limit of {max_pixels} (--max-image-pixels); downscale it first")
+    return None
 
 
 def preprocess_one(engine: Engine, data: bytes, index: int, max_pixels: int
                    ) -> np.ndarray | Failure:
     """Encoded bytes -> float32 ``(3, H, W)``, exactly the row ``Engine.encode_images`` would feed
-    the tower, or the item's Failure. Runs in a decode thread. LimitExceeded propagates."""
-    check_pixels(data, index, max_pixels)
+    the tower, or the item's Failure (over the pixel limit, or not decodable). Runs in a decode
+    thread."""
+    over = check_pixels(data, index, max_pixels)
+    if over is not None:
+        return over
     result = engine.preprocess([data], errors="skip")
     if result.failures:
         f = result.failures[0]
