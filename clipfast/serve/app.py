@@ -405,6 +405,17 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="clipfast", version=_version(), lifespan=lifespan)
     app.state.service = service
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Routing's own errors (unknown path 404, wrong method 405) in the OpenAI shape."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
+        message = {404: f"no route {request.url.path!r}: the routes are " + ", ".join(
+            sorted(_ROUTES)), 405: f"{request.method} is not allowed on {request.url.path}"
+                   }.get(exc.status_code, str(exc.detail))
+        return ApiError(exc.status_code, message, code=code, kind="invalid",
+                        headers=getattr(exc, "headers", None)).response()
+
+    app.add_exception_handler(HTTPException, http_error)
     metrics = service.metrics
 
     def answer(endpoint: str, started: float, response: Response) -> Response:
