@@ -204,6 +204,34 @@ def test_tokenization_runs_off_the_event_loop():
     assert released_by_health == [True]
 
 
+def test_bodies_held_at_once_are_bounded_by_max_buffered_bytes():
+    engine = StubEngine()
+    engine.gate.clear()  # the first request stays in the tower, its body held
+    app = create_app(engine, _cfg(max_body_bytes=2000, max_buffered_bytes=3000))
+    service = app.state.service
+    body = {"model": "stub-model", "input": ["x" * 900, "y" * 900]}
+
+    async def fn(c):
+        first = asyncio.create_task(c.post("/v1/embeddings", json=body))
+        for _ in range(5000):
+            if engine.running.is_set():
+                break
+            await asyncio.sleep(0.001)
+        held = service.buffered
+        r = await c.post("/v1/embeddings", json=body)
+        engine.gate.set()
+        assert (await first).status_code == 200
+        return held, r
+
+    held, r = _run(app, fn)
+    assert 1800 < held <= 2000
+    err = r.json()["error"]
+    assert r.status_code == 503 and err["code"] == "max_buffered_bytes"
+    assert set(err) == ERROR_KEYS and "--max-buffered-bytes" in err["message"]
+    assert r.headers["retry-after"] == "1"
+    assert service.buffered == 0
+
+
 # -- raw sockets against a loopback server -----------------------------------------------------
 def _connect(url: str, source: str = "127.0.0.1") -> socket.socket:
     port = int(url.rsplit(":", 1)[1])

@@ -149,6 +149,7 @@ class Service:
                                            header_timeout_s=config.header_timeout_s)
         # Most JSON values a request may hold: its items and labels, a few per item, the rest.
         self.max_json_values = 4 * (config.max_items + config.max_labels) + 256
+        self.buffered = 0  # bytes of request bodies held now (--max-buffered-bytes)
         threads = config.decode_threads or os.cpu_count() or 1
         self.decode_pool = ThreadPoolExecutor(max_workers=threads,
                                               thread_name_prefix="clipfast-decode")
@@ -295,7 +296,9 @@ class GuardMiddleware:
     """Before any route: the connection limit (API routes only: the probes still answer), the
     API key (constant-time compare), and the body's limits: at most ``max_body_bytes`` (the
     declared Content-Length is checked first), all of it within ``body_timeout_s`` (else 408
-    and the connection is closed); the body is read here, then replayed to the route."""
+    and the connection is closed), and all bodies held at once within ``max_buffered_bytes``
+    (else 503); the body is read here, then replayed to the route, and its bytes count
+    against the budget until the route has answered."""
 
     def __init__(self, app, service: Service):
         self.app = app
@@ -340,7 +343,8 @@ class GuardMiddleware:
         limit = service.config.max_body_bytes
         headers = dict(scope.get("headers") or ())
         too_big = ApiError(413, f"request body larger than the limit of {limit} bytes "
-                           "(--max-body-bytes)", code="max_body_bytes", kind="limit")
+                           "(--max-body-bytes)", code="max_body_bytes", kind="limit",
+                           headers={"Connection": "close"})  # the rest is never read
         try:
             declared = int(headers.get(b"content-length", b"-1"))
         except ValueError:
@@ -349,7 +353,16 @@ class GuardMiddleware:
             service.metrics.errors.labels(endpoint, "limit").inc()
             service.metrics.requests.labels(endpoint, "413").inc()
             return await too_big.response()(scope, receive, send)
-        chunks: list[bytes] = []
+        chunks: list[bytes] = []  # what counts against --max-buffered-bytes
+        try:
+            return await self._read_and_call(scope, receive, send, endpoint, chunks, too_big)
+        finally:
+            service.buffered -= sum(len(c) for c in chunks)
+
+    async def _read_and_call(self, scope, receive, send, endpoint, chunks, too_big):
+        service = self.service
+        limit = service.config.max_body_bytes
+        budget = service.config.max_buffered_bytes
         total = 0
         try:
             async with asyncio.timeout(service.config.body_timeout_s):
@@ -363,6 +376,16 @@ class GuardMiddleware:
                         service.metrics.errors.labels(endpoint, "limit").inc()
                         service.metrics.requests.labels(endpoint, "413").inc()
                         return await too_big.response()(scope, receive, send)
+                    if service.buffered + len(body) > budget:
+                        service.metrics.errors.labels(endpoint, "overloaded").inc()
+                        service.metrics.requests.labels(endpoint, "503").inc()
+                        resp = ApiError(503, f"the server holds {service.buffered} bytes of "
+                                        f"request bodies, at its limit of {budget} "
+                                        "(--max-buffered-bytes); retry later",
+                                        code="max_buffered_bytes", kind="overloaded",
+                                        headers={"Retry-After": "1", "Connection": "close"})
+                        return await resp.response()(scope, receive, send)
+                    service.buffered += len(body)
                     chunks.append(body)
                     if not message.get("more_body", False):
                         break
@@ -376,8 +399,9 @@ class GuardMiddleware:
                             code="body_timeout", kind="timeout",
                             headers={"Connection": "close"}).response()
             return await resp(scope, receive, send)
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-        chunks.clear()
+        joined = b"".join(chunks)  # one buffer, of the bytes counted; the chunks are dropped
+        chunks[:] = [joined]
+        replay = [{"type": "http.request", "body": joined, "more_body": False}]
 
         async def replayed():
             if replay:

@@ -41,7 +41,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_connections_per_client=args.max_connections_per_client,
         header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
-        max_text_chars=args.max_text_chars)
+        max_text_chars=args.max_text_chars, max_buffered_bytes=args.max_buffered_bytes)
     return serve(args.artifact, config, backend=args.backend, device=args.device,
                  threads=args.threads, log_level=args.log_level)
 
@@ -75,6 +75,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"{d.max_labels})")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="B",
                    help=f"most bytes per request body (413; default {d.max_body_bytes})")
+    p.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes, metavar="B",
+                   help="most bytes of request bodies held at once, all requests together "
+                        f"(503 past it; default {d.max_buffered_bytes})")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="P",
                    help=f"most pixels per image, from its header (422; default "
                         f"{d.max_image_pixels})")

@@ -39,6 +39,9 @@ class ServeConfig:
         connection's first byte, or a keep-alive request's first byte); else 408 and close.
     body_timeout_s: a request's body must arrive within this after its headers; else 408
         and close.
+    max_buffered_bytes: most bytes of request bodies held at once by the process, all requests
+        together (counted as they arrive, released when the request is answered); past it
+        503 with Retry-After. With ``max_queue`` this bounds the memory held for requests.
     max_text_chars: most characters in one text (and one label); 413 past it. The tokenizer
         keeps only the context's tokens, but a text is refused rather than cut: where the cut
         would fall cannot be known without tokenizing the whole text.
@@ -64,12 +67,13 @@ class ServeConfig:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_text_chars: int = 16384
+    max_buffered_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "max_queue", "max_items", "max_labels", "max_body_bytes",
                     "max_image_pixels", "request_timeout_s", "drain_timeout_s", "workers",
                     "max_connections", "max_connections_per_client", "header_timeout_s",
-                    "body_timeout_s", "max_text_chars")
+                    "body_timeout_s", "max_text_chars", "max_buffered_bytes")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -80,6 +84,10 @@ class ServeConfig:
         if self.max_queue < self.max_items:
             raise InputError(f"--max-queue {self.max_queue} is below --max-items "
                              f"{self.max_items}: a full-size request could never be admitted")
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise InputError(f"--max-buffered-bytes {self.max_buffered_bytes} is below "
+                             f"--max-body-bytes {self.max_body_bytes}: a full-size body could "
+                             "never be read")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise InputError(f"--decode-threads {self.decode_threads!r}: must be at least 1")
         if not 0 <= self.port <= 65535:
