@@ -211,10 +211,13 @@ class Service:
         """``fn(*args)`` in the decode pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
-    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Texts -> (normalised (N, D), prompt tokens); tokenized in the decode pool."""
+    async def embed_texts(self, texts: list[str], tokens: dict[str, np.ndarray] | None = None
+                          ) -> tuple[np.ndarray, int]:
+        """Texts -> (normalised (N, D), prompt tokens); tokenized in the decode pool unless
+        ``tokens`` (``engine.tokenize(texts)``, done off the loop already) are given."""
         with self.reserve("text", len(texts)):
-            tokens = await self.in_pool(self.engine.tokenize, texts)
+            if tokens is None:
+                tokens = await self.in_pool(self.engine.tokenize, texts)
             emb = await self.batchers["text"].submit(token_rows(tokens))
         return emb, token_count(tokens, self._pad_id)
 
@@ -515,13 +518,18 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         endpoint = "/v1/embeddings"
 
         async def work():
-            def check(req):
+            def prepare(req):
+                """In the decode pool: the limits, then the images decoded from base64 or
+                the texts tokenized (one trip off the loop per request)."""
                 items = _as_list(req.input)
                 check_items(len(items), config.max_items)
-                if req.modality == "text" and all(isinstance(t, str) for t in items):
+                if req.modality == "image":
+                    return req, inline_images(items), None
+                if all(isinstance(t, str) for t in items):
                     check_texts(items, config.max_text_chars)
-                return req
-            req = await read_model(request, EmbeddingRequest, check)
+                    return req, None, engine.tokenize(items)
+                return req, None, None
+            req, datas, tokens = await read_model(request, EmbeddingRequest, prepare)
             service.check_model(req.model)
             if req.dimensions is not None and req.dimensions != engine.embed_dim:
                 raise ApiError(422, f"dimensions={req.dimensions}: this model's embeddings "
@@ -530,7 +538,6 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
             items = _as_list(req.input)
             check_items(len(items), config.max_items)
             if req.modality == "image":
-                datas = await service.in_pool(inline_images, items)
                 emb, idx, failures = await service.with_timeout(service.embed_images(datas))
                 count_bad(endpoint, failures)
                 return embedding_response(emb, idx, failures, req.encoding_format or "float", 0)
@@ -538,7 +545,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 raise ApiError(422, "input: token ids are not accepted; send strings (the "
                                "server tokenizes with the model's own tokenizer)",
                                code="invalid_input", kind="invalid", param="input")
-            emb, n_tokens = await service.with_timeout(service.embed_texts(items))
+            emb, n_tokens = await service.with_timeout(service.embed_texts(items, tokens))
             return embedding_response(emb, list(range(len(items))), [],
                                       req.encoding_format or "float", n_tokens)
 
@@ -578,12 +585,14 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 finally:
                     await form.close()
             else:
-                req = await read_model(request, ImageEmbeddingRequest)
+                def prepare(req):
+                    items = _as_list(req.input)
+                    check_items(len(items), config.max_items)
+                    return req, inline_images(items)
+
+                req, datas = await read_model(request, ImageEmbeddingRequest, prepare)
                 service.check_model(req.model)
-                items = _as_list(req.input)
-                check_items(len(items), config.max_items)
                 fmt = req.encoding_format or "float"
-                datas = await service.in_pool(inline_images, items)
             emb, idx, failures = await service.with_timeout(service.embed_images(datas))
             count_bad(endpoint, failures)
             return embedding_response(emb, idx, failures, fmt, 0)
@@ -615,11 +624,11 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 except InputError as e:
                     raise ApiError(422, str(e), code="invalid_template", kind="invalid",
                                    param="template") from None
-                return req, [fill_template(template, label) for label in req.labels]
+                prompts = [fill_template(template, label) for label in req.labels]
+                return req, prompts, inline_images(_as_list(req.input))
 
-            req, prompts = await read_model(request, ClassifyRequest, check)
+            req, prompts, datas = await read_model(request, ClassifyRequest, check)
             service.check_model(req.model)
-            datas = await service.in_pool(inline_images, _as_list(req.input))
 
             async def both():
                 text = await service.prompt_embeddings(prompts)
