@@ -189,8 +189,9 @@ def test_tokenization_runs_off_the_event_loop():
     app = create_app(engine, _cfg())
 
     async def fn(c):
+        texts = ["a" * 900] * 3  # over the size parsed inline
         task = asyncio.create_task(c.post("/v1/embeddings",
-                                          json={"model": "stub-model", "input": ["a"]}))
+                                          json={"model": "stub-model", "input": texts}))
         for _ in range(5000):
             if entered.is_set():
                 break
