@@ -412,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                 for c in levels:
                     off = offline.rate(kind, args.offline_seconds)
                     offline_runs[kind].append(off)
-                    for name, (_proc, url) in servers.items():
+                    # Odd rounds run the servers in reverse order, so that drifts in the
+                    # machine's load fall on each alike.
+                    order = list(servers.items())
+                    for name, (_proc, url) in (order[::-1] if rnd % 2 else order):
                         r = asyncio.run(closed_loop(url, kind, c, args.max_requests,
                                                     args.max_seconds, texts, images))
                         row = {"kind": kind, "server": name, "concurrency": c, "round": rnd,
