@@ -90,8 +90,10 @@ def start_server(artifact: str, args: list[str], root: str | None = None
     if root is not None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(Path(root).resolve()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    # From the other checkout's directory: ``python -m`` puts the working directory first on
+    # the path, ahead of PYTHONPATH.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

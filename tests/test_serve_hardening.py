@@ -233,6 +233,20 @@ def test_bodies_held_at_once_are_bounded_by_max_buffered_bytes():
     assert service.buffered == 0
 
 
+def test_json_values_are_counted_outside_strings_before_parsing():
+    from clipfast.serve.inputs import InputError, LimitExceeded, check_json
+
+    check_json(json.dumps({"input": ["a, [b], {c}" * 10_000]}).encode(), 100)  # in a string
+    check_json(json.dumps({"input": "\\\"[,,,]" * 1000}).encode(), 100)  # escaped quotes
+    with pytest.raises(LimitExceeded, match="about 1001 values"):
+        check_json(json.dumps({"input": [[1]] * 500}).encode(), 1000)
+    # A long number across the 1 MiB slices the count is taken in.
+    pad = b'{"a":"' + b"x" * ((1 << 20) - 20) + b'","b":'
+    with pytest.raises(InputError, match="more than 32 digits"):
+        check_json(pad + b"1" * 40 + b"}", 100)
+    check_json(pad + b"1" * 32 + b"}", 100)
+
+
 # -- raw sockets against a loopback server -----------------------------------------------------
 def _connect(url: str, source: str = "127.0.0.1") -> socket.socket:
     port = int(url.rsplit(":", 1)[1])
