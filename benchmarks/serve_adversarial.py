@@ -1,8 +1,9 @@
 """Adversarial load on ``clipfast serve`` (loopback): how fast ``/health`` answers, and how much
 memory the server takes, while hostile clients try to freeze or exhaust it.
 
-Phases (each bounded in seconds; a prober on 127.0.0.1 asks ``/health`` every 50 ms, 5 s
-timeout, and a sampler reads the server's RSS every 50 ms):
+Phases (each bounded in seconds; a prober on 127.0.0.1, in its own process so that the hostile
+clients' work does not delay it, asks ``/health`` every 50 ms, 5 s timeout, and a sampler reads
+the server's RSS every 50 ms):
 
 - ``idle``: nothing else.
 - ``slow_headers``: 600 connections from one address (127.0.0.2) that send part of their
@@ -86,6 +87,19 @@ class Prober:
                 "health_p50_ms": _pct(self.ms, 50), "health_p99_ms": _pct(self.ms, 99),
                 "health_max_ms": round(max(self.ms), 1) if self.ms else None,
                 "health_failures": self.failures}
+
+
+def _probe_process(url: str, seconds: float, queue) -> None:
+    """Run a Prober for ``seconds`` and put its result on ``queue`` (in a child process)."""
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        prober = Prober(url)
+        task = asyncio.create_task(prober.run(stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await task
+        return prober.result()
+    queue.put(asyncio.run(main()))
 
 
 async def slow_client(port: int, source: str, head: bytes, stop: asyncio.Event,
@@ -187,14 +201,15 @@ async def api_watcher(url: str, stop: asyncio.Event, outcome: dict[str, int]) ->
 
 async def phase(name: str, url: str, pid: int, seconds: float, max_body: int) -> dict[str, Any]:
     port = int(url.rsplit(":", 1)[1])
+    import multiprocessing
+
     stop = asyncio.Event()
-    prober = Prober(url)
     slow: dict[str, int] = {}
     hostile: dict[str, int] = {}
     honest: dict[str, int] = {}
     api: dict[str, int] = {}
     honest_ms: list[float] = []
-    tasks = [asyncio.create_task(prober.run(stop))]
+    tasks: list[asyncio.Task] = []
     heads: list[tuple[str, bytes]] = []
     if name == "slow_headers":
         heads = slow_heads(600, 1, body=False)
@@ -216,11 +231,18 @@ async def phase(name: str, url: str, pid: int, seconds: float, max_body: int) ->
     if name == "mix":
         for _ in range(4):
             tasks.append(asyncio.create_task(honest_client(url, stop, honest, honest_ms)))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    probe = ctx.Process(target=_probe_process, args=(url, seconds, queue))
     with RssSampler(pid, every=0.05) as sampler:
+        probe.start()
         await asyncio.sleep(seconds)
         stop.set()
-        await asyncio.wait(tasks, timeout=90)
-    out = {"phase": name, "seconds": seconds, **prober.result(),
+        if tasks:
+            await asyncio.wait(tasks, timeout=90)
+        health = await asyncio.get_running_loop().run_in_executor(None, queue.get, True, 60)
+        probe.join(10)
+    out = {"phase": name, "seconds": seconds, **health,
            "rss_mb_max": round(max(sampler.samples or [0]), 1),
            "rss_mb_after": round(rss_mb(pid) or 0, 1)}
     if slow:
