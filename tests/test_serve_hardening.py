@@ -269,11 +269,22 @@ def _read_all(s: socket.socket) -> bytes:
     return out
 
 
-@pytest.fixture
-def slow_server():
+def _protocols():
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    out = [pytest.param(H11Protocol, id="h11")]
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # uvicorn without httptools uses h11
+        return out
+    return [*out, pytest.param(HttpToolsProtocol, id="httptools")]
+
+
+@pytest.fixture(params=_protocols())
+def slow_server(request):
     app = create_app(StubEngine(), _cfg(header_timeout_s=0.5, body_timeout_s=0.5,
                                         max_connections=6, max_connections_per_client=3))
-    with ThreadServer(app) as url:
+    with ThreadServer(app, protocol=request.param) as url:
         yield url, app.state.service
 
 

@@ -40,14 +40,14 @@ class ThreadServer:
     """``clipfast.serve``'s uvicorn server (with its connection guard) on an ephemeral loopback
     port, in a thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, protocol: type | None = None):
         import dataclasses
 
         from clipfast.serve.server import _Server, uvicorn_config
 
         config = dataclasses.replace(app.state.service.config, host="127.0.0.1", port=0,
                                      drain_timeout_s=10)
-        self.server = _Server(uvicorn_config(app, config))
+        self.server = _Server(uvicorn_config(app, config, protocol=protocol))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

@@ -71,14 +71,16 @@ def load_engine(artifact: str, *, backend: str = "auto", device: str | None = No
                            batch_size=max(32, config.max_batch))
 
 
-def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "warning") -> uvicorn.Config:
-    """uvicorn's settings for ``app`` (from ``create_app``): its HTTP protocol wrapped in the
-    app's connection guard. uvicorn's own ``limit_concurrency`` stays off: the guard's count
-    answers 503 on the API routes past --max-connections while the probes still answer."""
+def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "warning",
+                   protocol: type | None = None) -> uvicorn.Config:
+    """uvicorn's settings for ``app`` (from ``create_app``): its HTTP protocol (``protocol``,
+    default uvicorn's pick: httptools if installed, else h11) wrapped in the app's connection
+    guard. uvicorn's own ``limit_concurrency`` stays off: the guard's count answers 503 on the
+    API routes past --max-connections while the probes still answer."""
     http: Any = "auto"
     service = getattr(getattr(app, "state", None), "service", None)
     if service is not None:
-        http = guarded_protocol(AutoHTTPProtocol, service.connections)
+        http = guarded_protocol(protocol or AutoHTTPProtocol, service.connections)
     return uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level, access_log=False,
         lifespan="on", timeout_graceful_shutdown=config.drain_timeout_s, http=http,
