@@ -11,6 +11,11 @@ on the same machine: they take CPU from the server, as any loopback test does.
         --out benchmarks/results/serve-load-vit-b-32
 
 writes ``OUT.json`` (every figure, the machine, the command) and ``OUT.md`` (tables).
+
+``--reference-root DIR`` adds a "reference" server: the same batched settings, run from another
+checkout (e.g. ``git worktree add /tmp/serve-old main``), measured interleaved with this one at
+every level; the goals then include this code's throughput over the reference's, level by level
+(median of the per-round ratios).
 """
 
 from __future__ import annotations
@@ -71,13 +76,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: str, args: list[str]) -> tuple[subprocess.Popen, str, list[str]]:
+def start_server(artifact: str, args: list[str], root: str | None = None
+                 ) -> tuple[subprocess.Popen, str, list[str]]:
+    """``clipfast serve`` on a free loopback port (from the checkout ``root`` when given)."""
+    import os
+
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "clipfast.cli", "serve", artifact, "--port", str(port),
            "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = None
+    if root is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(root).resolve()), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    # From the other checkout's directory: ``python -m`` puts the working directory first on
+    # the path, ahead of PYTHONPATH.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -346,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overload-seconds", type=float, default=10.0)
     p.add_argument("--overload-items", type=int, default=4, help="items per overload request")
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--reference-root", default=None, metavar="DIR",
+                   help="also serve from this checkout (the previous code) and compare")
+    p.add_argument("--no-half-load", action="store_true",
+                   help="skip the open-loop half-load and overload phases")
     args = p.parse_args(argv)
 
     script = Path(sys.argv[0]).resolve()
@@ -370,10 +390,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_baseline:
         configs["unbatched"] = ["--max-batch", "1", "--max-wait-ms", "0", "--max-queue",
                                 str(args.max_queue), "--model-name", "bench"]
+    roots = {}
+    if args.reference_root:
+        configs["reference"] = configs["batched"]
+        roots["reference"] = args.reference_root
+        res["reference_root"] = str(Path(args.reference_root).resolve())
+        res["reference_commit"] = subprocess.run(
+            ["git", "-C", args.reference_root, "rev-parse", "HEAD"], capture_output=True,
+            text=True).stdout.strip()
+    res["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                   capture_output=True, text=True).stdout.strip()
     servers = {}
     try:
         for name, extra in configs.items():
-            proc, url, cmd = start_server(args.artifact, extra)
+            proc, url, cmd = start_server(args.artifact, extra, roots.get(name))
             servers[name] = (proc, url)
             res["servers"][name] = {"command": ["python", *cmd[1:]]}
         # Interleaved: for each level, the offline rate, then each server, so that all three
@@ -384,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
                 for c in levels:
                     off = offline.rate(kind, args.offline_seconds)
                     offline_runs[kind].append(off)
-                    for name, (_proc, url) in servers.items():
+                    # Odd rounds run the servers in reverse order, so that drifts in the
+                    # machine's load fall on each alike.
+                    order = list(servers.items())
+                    for name, (_proc, url) in (order[::-1] if rnd % 2 else order):
                         r = asyncio.run(closed_loop(url, kind, c, args.max_requests,
                                                     args.max_seconds, texts, images))
                         row = {"kind": kind, "server": name, "concurrency": c, "round": rnd,
@@ -399,12 +432,13 @@ def main(argv: list[str] | None = None) -> int:
         res["summary"] = summary(res["closed_loop"])
         best = {kind: max(r["items_per_s"] for r in res["summary"]
                           if r["kind"] == kind and r["server"] == "batched") for kind in kinds}
-        if "unbatched" in servers:
-            proc, _ = servers.pop("unbatched")
-            res["servers"]["unbatched"]["exit_code_after_sigterm"] = stop_server(proc)
+        for other in ("unbatched", "reference"):
+            if other in servers:
+                proc, _ = servers.pop(other)
+                res["servers"][other]["exit_code_after_sigterm"] = stop_server(proc)
         proc, url = servers["batched"]
         res["half_load"], res["overload"] = {}, {}
-        for kind in kinds:
+        for kind in ([] if args.no_half_load else kinds):
             rate = best[kind] / 2
             r = asyncio.run(open_loop(url, kind, rate, int(rate * args.max_seconds) + 1,
                                       args.max_seconds, texts, images))
@@ -412,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             r["best_items_per_s"] = best[kind]
             res["half_load"][kind] = r
             print("half", kind, json.dumps(r), flush=True)
-        for kind in kinds:
+        for kind in ([] if args.no_half_load else kinds):
             k = args.overload_items
             rate = 4 * best[kind] / k
             before = rss_mb(proc.pid)
@@ -436,6 +470,21 @@ def main(argv: list[str] | None = None) -> int:
     res["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True
                                          ).stdout.strip()
     goals = []
+    if args.reference_root:
+        for kind in kinds:
+            for c in levels:
+                ratios = []
+                for rnd in range(args.rounds):
+                    sel = {r["server"]: r for r in res["closed_loop"] if (
+                        r["kind"], r["concurrency"], r["round"]) == (kind, c, rnd)}
+                    if sel.get("reference", {}).get("items_per_s"):
+                        ratios.append(sel["batched"]["items_per_s"]
+                                      / sel["reference"]["items_per_s"])
+                if ratios:
+                    ratio = round(float(np.median(ratios)), 3)
+                    goals.append({"goal": f"c={c} items/s: this code / the reference (median "
+                                  "of per-round ratios)", "kind": kind, "measured": ratio,
+                                  "target": ">= 0.9", "met": ratio >= 0.9})
     for kind in kinds:
         at32 = {r["server"]: r for r in res["summary"]
                 if r["kind"] == kind and r["concurrency"] == 32}

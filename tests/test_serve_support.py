@@ -37,15 +37,17 @@ def decode_rows(body: dict) -> dict[int, np.ndarray]:
 
 
 class ThreadServer:
-    """``clipfast.serve``'s uvicorn server on an ephemeral loopback port, in a thread."""
+    """``clipfast.serve``'s uvicorn server (with its connection guard) on an ephemeral loopback
+    port, in a thread."""
 
-    def __init__(self, app):
-        import uvicorn
+    def __init__(self, app, protocol: type | None = None):
+        import dataclasses
 
-        from clipfast.serve.server import _Server
+        from clipfast.serve.server import _Server, uvicorn_config
 
-        self.server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                             lifespan="on", timeout_graceful_shutdown=10))
+        config = dataclasses.replace(app.state.service.config, host="127.0.0.1", port=0,
+                                     drain_timeout_s=10)
+        self.server = _Server(uvicorn_config(app, config, protocol=protocol))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

@@ -2,8 +2,12 @@
 health, readiness and Prometheus metrics, over one Engine and one batcher per tower.
 
 Errors are OpenAI-shaped: ``{"error": {"message", "type", "param", "code"}}``; a limit's
-``code`` is its name (``max_items``, ``max_body_bytes``, ``max_image_pixels``), an overload's
+``code`` is its name (``max_items``, ``max_body_bytes``, ``max_text_chars``, ...), an overload's
 ``overloaded`` (with ``Retry-After``), a timeout's ``request_timeout``.
+
+Nothing sized by the client runs on the event loop: the body is read with a byte cap and a
+deadline, its JSON values are counted before it is parsed, and parsing, validation, template
+filling and tokenization run in the decode pool, as image decoding does.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException
 
 from clipfast.errors import InputError
 from clipfast.fidelity import l2_normalize
@@ -35,12 +40,17 @@ from clipfast.serve.inputs import (
     BadItem,
     LimitExceeded,
     check_items,
+    check_json,
+    check_template,
+    check_texts,
     decode_inline,
+    fill_template,
     preprocess_one,
     token_count,
     token_rows,
 )
 from clipfast.serve.metrics import CONTENT_TYPE, Metrics
+from clipfast.serve.protocol import ConnectionGuard
 from clipfast.types import Failure
 
 log = logging.getLogger("clipfast.serve")
@@ -49,6 +59,11 @@ _OPEN_PATHS = ("/health", "/ready", "/")  # "/": the search page, whose calls ca
 _ROUTES = frozenset({"/v1/embeddings", "/v1/images/embeddings", "/v1/classify", "/v1/models",
                      "/metrics", "/health", "/ready"})
 _LABEL_CACHE = 4096  # prompt embeddings kept for /v1/classify
+# Bodies up to this size are parsed (and their texts tokenized) on the event loop: about a
+# millisecond of work (2000 characters tokenize in under 1 ms on one core, long words and
+# CJK included), less than a trip to a worker thread costs under load, when the loop must win
+# the GIL back from it. Larger bodies go to the decode pool.
+_INLINE_BODY_BYTES = 2048
 
 
 # -- request schemas ---------------------------------------------------------------------------
@@ -103,6 +118,20 @@ def _validation_message(e: ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def _parse(model: type[BaseModel], body: bytes, max_values: int) -> BaseModel:
+    """The body as ``model`` (in a worker thread): values counted first, then parsed and
+    validated by pydantic straight from the bytes."""
+    check_json(body, max_values)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        bad = [err for err in e.errors() if err.get("type") == "json_invalid"]
+        if bad:
+            raise ApiError(422, f"the body is not valid JSON ({bad[0].get('msg')})",
+                           code="invalid_json", kind="invalid") from None
+        raise
+
+
 def _json(payload: Any, status: int = 200) -> Response:
     return Response(json.dumps(payload, separators=(",", ":")), status_code=status,
                     media_type="application/json")
@@ -120,6 +149,12 @@ class Service:
         self.created = int(time.time())
         self.draining = False
         self.started = False
+        self.connections = ConnectionGuard(max_connections=config.max_connections,
+                                           max_per_client=config.max_connections_per_client,
+                                           header_timeout_s=config.header_timeout_s)
+        # Most JSON values a request may hold: its items and labels, a few per item, the rest.
+        self.max_json_values = 4 * (config.max_items + config.max_labels) + 256
+        self.buffered = 0  # bytes of request bodies held now (--max-buffered-bytes)
         threads = config.decode_threads or os.cpu_count() or 1
         self.decode_pool = ThreadPoolExecutor(max_workers=threads,
                                               thread_name_prefix="clipfast-decode")
@@ -177,10 +212,17 @@ class Service:
                            " s (--request-timeout-s)", code="request_timeout",
                            kind="timeout") from None
 
-    async def embed_texts(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Texts -> (normalised (N, D), prompt tokens)."""
+    async def in_pool(self, fn, *args):
+        """``fn(*args)`` in the decode pool, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    async def embed_texts(self, texts: list[str], tokens: dict[str, np.ndarray] | None = None
+                          ) -> tuple[np.ndarray, int]:
+        """Texts -> (normalised (N, D), prompt tokens); tokenized in the decode pool unless
+        ``tokens`` (``engine.tokenize(texts)``, done off the loop already) are given."""
         with self.reserve("text", len(texts)):
-            tokens = self.engine.tokenize(texts)
+            if tokens is None:
+                tokens = await self.in_pool(self.engine.tokenize, texts)
             emb = await self.batchers["text"].submit(token_rows(tokens))
         return emb, token_count(tokens, self._pad_id)
 
@@ -259,8 +301,12 @@ def _as_list(value: str | list) -> list:
 
 # -- middleware -------------------------------------------------------------------------------
 class GuardMiddleware:
-    """Before any route: the API key (constant-time compare) and the body-size limit (the body is
-    read here, at most ``max_body_bytes`` + 1 bytes of it, then replayed to the route)."""
+    """Before any route: the connection limit (API routes only: the probes still answer), the
+    API key (constant-time compare), and the body's limits: at most ``max_body_bytes`` (the
+    declared Content-Length is checked first), all of it within ``body_timeout_s`` (else 408
+    and the connection is closed), and all bodies held at once within ``max_buffered_bytes``
+    (else 503); the body is read here, then replayed to the route, and its bytes count
+    against the budget until the route has answered."""
 
     def __init__(self, app, service: Service):
         self.app = app
@@ -286,6 +332,13 @@ class GuardMiddleware:
         service = self.service
         # Metric labels: the known routes, everything else as one (bounded cardinality).
         endpoint = scope["path"] if scope["path"] in _ROUTES else "other"
+        if service.connections.over_limit and scope["path"] not in _OPEN_PATHS:
+            service.metrics.errors.labels(endpoint, "overloaded").inc()
+            service.metrics.requests.labels(endpoint, "503").inc()
+            resp = ApiError(503, f"more than {service.config.max_connections} connections are "
+                            "open (--max-connections); retry later", code="max_connections",
+                            kind="overloaded", headers={"Retry-After": "1"}).response()
+            return await resp(scope, receive, send)
         if not self._authorized(scope):
             service.metrics.errors.labels(endpoint, "unauthorized").inc()
             service.metrics.requests.labels(endpoint, "401").inc()
@@ -298,7 +351,8 @@ class GuardMiddleware:
         limit = service.config.max_body_bytes
         headers = dict(scope.get("headers") or ())
         too_big = ApiError(413, f"request body larger than the limit of {limit} bytes "
-                           "(--max-body-bytes)", code="max_body_bytes", kind="limit")
+                           "(--max-body-bytes)", code="max_body_bytes", kind="limit",
+                           headers={"Connection": "close"})  # the rest is never read
         try:
             declared = int(headers.get(b"content-length", b"-1"))
         except ValueError:
@@ -307,21 +361,55 @@ class GuardMiddleware:
             service.metrics.errors.labels(endpoint, "limit").inc()
             service.metrics.requests.labels(endpoint, "413").inc()
             return await too_big.response()(scope, receive, send)
-        chunks, total = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body = message.get("body", b"")
-            total += len(body)
-            if total > limit:
-                service.metrics.errors.labels(endpoint, "limit").inc()
-                service.metrics.requests.labels(endpoint, "413").inc()
-                return await too_big.response()(scope, receive, send)
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        chunks: list[bytes] = []  # what counts against --max-buffered-bytes
+        try:
+            return await self._read_and_call(scope, receive, send, endpoint, chunks, too_big)
+        finally:
+            service.buffered -= sum(len(c) for c in chunks)
+
+    async def _read_and_call(self, scope, receive, send, endpoint, chunks, too_big):
+        service = self.service
+        limit = service.config.max_body_bytes
+        budget = service.config.max_buffered_bytes
+        total = 0
+        try:
+            async with asyncio.timeout(service.config.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    body = message.get("body", b"")
+                    total += len(body)
+                    if total > limit:
+                        service.metrics.errors.labels(endpoint, "limit").inc()
+                        service.metrics.requests.labels(endpoint, "413").inc()
+                        return await too_big.response()(scope, receive, send)
+                    if service.buffered + len(body) > budget:
+                        service.metrics.errors.labels(endpoint, "overloaded").inc()
+                        service.metrics.requests.labels(endpoint, "503").inc()
+                        resp = ApiError(503, f"the server holds {service.buffered} bytes of "
+                                        f"request bodies, at its limit of {budget} "
+                                        "(--max-buffered-bytes); retry later",
+                                        code="max_buffered_bytes", kind="overloaded",
+                                        headers={"Retry-After": "1", "Connection": "close"})
+                        return await resp.response()(scope, receive, send)
+                    service.buffered += len(body)
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            service.connections.refused["body_timeout"] += 1
+            service.metrics.errors.labels(endpoint, "timeout").inc()
+            service.metrics.requests.labels(endpoint, "408").inc()
+            # "connection: close": the rest of the body is never read, so the connection ends.
+            resp = ApiError(408, f"the request body did not arrive within "
+                            f"{service.config.body_timeout_s:g} s (--body-timeout-s)",
+                            code="body_timeout", kind="timeout",
+                            headers={"Connection": "close"}).response()
+            return await resp(scope, receive, send)
+        joined = b"".join(chunks)  # one buffer, of the bytes counted; the chunks are dropped
+        chunks[:] = [joined]
+        replay = [{"type": "http.request", "body": joined, "more_body": False}]
 
         async def replayed():
             if replay:
@@ -349,6 +437,17 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="clipfast", version=_version(), lifespan=lifespan)
     app.state.service = service
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Routing's own errors (unknown path 404, wrong method 405) in the OpenAI shape."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
+        message = {404: f"no route {request.url.path!r}: the routes are " + ", ".join(
+            sorted(_ROUTES)), 405: f"{request.method} is not allowed on {request.url.path}"
+                   }.get(exc.status_code, str(exc.detail))
+        return ApiError(exc.status_code, message, code=code, kind="invalid",
+                        headers=getattr(exc, "headers", None)).response()
+
+    app.add_exception_handler(HTTPException, http_error)
     metrics = service.metrics
 
     def answer(endpoint: str, started: float, response: Response) -> Response:
@@ -373,6 +472,11 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         except InputError as e:
             metrics.errors.labels(endpoint, "invalid").inc()
             response = ApiError(422, str(e), code="invalid_request", kind="invalid").response()
+        except HTTPException as e:  # starlette's form parser (no boundary, too many parts)
+            metrics.errors.labels(endpoint, "invalid").inc()
+            status = e.status_code if 400 <= e.status_code < 500 else 400
+            response = ApiError(status, f"multipart body refused: {e.detail}",
+                                code="invalid_multipart", kind="invalid").response()
         except Exception:
             log.exception("clipfast serve: %s failed", endpoint)
             metrics.errors.labels(endpoint, "internal").inc()
@@ -380,12 +484,17 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                                 kind="internal").response()
         return answer(endpoint, started, response)
 
-    async def read_json(request: Request) -> Any:
-        try:
-            return json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(422, f"the body is not valid JSON ({e})", code="invalid_json",
-                           kind="invalid") from None
+    async def read_model(request: Request, model: type[BaseModel], check=None) -> Any:
+        """The body parsed as ``model`` and passed to ``check`` (if any), in the decode pool
+        unless the body is small."""
+        body = await request.body()
+
+        def parse():
+            req = _parse(model, body, service.max_json_values)
+            return req if check is None else check(req)
+        if len(body) <= _INLINE_BODY_BYTES:
+            return parse()
+        return await service.in_pool(parse)
 
     def embedding_response(emb, indices, failures, fmt, n_tokens) -> Response:
         if not indices and failures:
@@ -417,7 +526,18 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         endpoint = "/v1/embeddings"
 
         async def work():
-            req = EmbeddingRequest.model_validate(await read_json(request))
+            def prepare(req):
+                """In the decode pool: the limits, then the images decoded from base64 or
+                the texts tokenized (one trip off the loop per request)."""
+                items = _as_list(req.input)
+                check_items(len(items), config.max_items)
+                if req.modality == "image":
+                    return req, inline_images(items), None
+                if all(isinstance(t, str) for t in items):
+                    check_texts(items, config.max_text_chars)
+                    return req, None, engine.tokenize(items)
+                return req, None, None
+            req, datas, tokens = await read_model(request, EmbeddingRequest, prepare)
             service.check_model(req.model)
             if req.dimensions is not None and req.dimensions != engine.embed_dim:
                 raise ApiError(422, f"dimensions={req.dimensions}: this model's embeddings "
@@ -426,7 +546,6 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
             items = _as_list(req.input)
             check_items(len(items), config.max_items)
             if req.modality == "image":
-                datas = inline_images(items)
                 emb, idx, failures = await service.with_timeout(service.embed_images(datas))
                 count_bad(endpoint, failures)
                 return embedding_response(emb, idx, failures, req.encoding_format or "float", 0)
@@ -434,7 +553,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 raise ApiError(422, "input: token ids are not accepted; send strings (the "
                                "server tokenizes with the model's own tokenizer)",
                                code="invalid_input", kind="invalid", param="input")
-            emb, n_tokens = await service.with_timeout(service.embed_texts(items))
+            emb, n_tokens = await service.with_timeout(service.embed_texts(items, tokens))
             return embedding_response(emb, list(range(len(items))), [],
                                       req.encoding_format or "float", n_tokens)
 
@@ -474,12 +593,14 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
                 finally:
                     await form.close()
             else:
-                req = ImageEmbeddingRequest.model_validate(await read_json(request))
+                def prepare(req):
+                    items = _as_list(req.input)
+                    check_items(len(items), config.max_items)
+                    return req, inline_images(items)
+
+                req, datas = await read_model(request, ImageEmbeddingRequest, prepare)
                 service.check_model(req.model)
-                items = _as_list(req.input)
-                check_items(len(items), config.max_items)
                 fmt = req.encoding_format or "float"
-                datas = inline_images(items)
             emb, idx, failures = await service.with_timeout(service.embed_images(datas))
             count_bad(endpoint, failures)
             return embedding_response(emb, idx, failures, fmt, 0)
@@ -493,25 +614,31 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         endpoint = "/v1/classify"
 
         async def work():
-            req = ClassifyRequest.model_validate(await read_json(request))
+            def check(req):
+                check_items(len(_as_list(req.input)), config.max_items)
+                if not req.labels:
+                    raise ApiError(422, "labels: at least one label is needed",
+                                   code="invalid_request", kind="invalid", param="labels")
+                if len(req.labels) > config.max_labels:
+                    raise LimitExceeded(f"labels: {len(req.labels)}, more than the limit of "
+                                        f"{config.max_labels} per request (--max-labels)",
+                                        limit="max_labels", status=413)
+                check_texts(req.labels, config.max_text_chars, "labels")
+                template = req.template if req.template is not None else engine.prompt_template
+                try:
+                    check_template(template)
+                except LimitExceeded:
+                    raise
+                except InputError as e:
+                    raise ApiError(422, str(e), code="invalid_template", kind="invalid",
+                                   param="template") from None
+                prompts = [fill_template(template, label) for label in req.labels]
+                return req, prompts, inline_images(_as_list(req.input))
+
+            req, prompts, datas = await read_model(request, ClassifyRequest, check)
             service.check_model(req.model)
-            items = _as_list(req.input)
-            check_items(len(items), config.max_items)
-            if not req.labels:
-                raise ApiError(422, "labels: at least one label is needed", code="invalid_request",
-                               kind="invalid", param="labels")
-            if len(req.labels) > config.max_labels:
-                raise LimitExceeded(f"labels: {len(req.labels)}, more than the limit of "
-                                    f"{config.max_labels} per request (--max-labels)",
-                                    limit="max_labels", status=413)
-            template = req.template or engine.prompt_template
-            if "{}" not in template:
-                raise ApiError(422, f"template {template!r} must contain '{{}}' for the label",
-                               code="invalid_template", kind="invalid", param="template")
-            datas = inline_images(items)
 
             async def both():
-                prompts = [template.format(label) for label in req.labels]
                 text = await service.prompt_embeddings(prompts)
                 emb, idx, failures = await service.embed_images(datas)
                 return text, emb, idx, failures

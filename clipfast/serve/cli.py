@@ -38,7 +38,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels, request_timeout_s=args.request_timeout_s,
         drain_timeout_s=args.drain_timeout_s, api_key=api_key, model_name=args.model_name,
         decode_threads=args.decode_threads, workers=args.workers,
-        max_connections=args.max_connections, index=args.index)
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+        max_text_chars=args.max_text_chars, max_buffered_bytes=args.max_buffered_bytes,
+        index=args.index)
     return serve(args.artifact, config, backend=args.backend, device=args.device,
                  threads=args.threads, log_level=args.log_level)
 
@@ -72,6 +76,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         f"{d.max_labels})")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, metavar="B",
                    help=f"most bytes per request body (413; default {d.max_body_bytes})")
+    p.add_argument("--max-buffered-bytes", type=int, default=d.max_buffered_bytes, metavar="B",
+                   help="most bytes of request bodies held at once, all requests together "
+                        f"(503 past it; default {d.max_buffered_bytes})")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, metavar="P",
                    help=f"most pixels per image, from its header (422; default "
                         f"{d.max_image_pixels})")
@@ -90,7 +97,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=None, metavar="N",
                    help="image decode threads (default: the CPU count)")
     p.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
-                   help=f"most open connections per process (default {d.max_connections})")
+                   help="most open connections per process; past it the API routes answer 503, "
+                        f"the probes still answer (default {d.max_connections})")
+    p.add_argument("--max-connections-per-client", type=int,
+                   default=d.max_connections_per_client, metavar="N",
+                   help="most open connections from one client address (429 and closed past "
+                        f"it; default {d.max_connections_per_client})")
+    p.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s, metavar="S",
+                   help="a request's line and headers must arrive within this (408 and closed; "
+                        f"default {d.header_timeout_s:g})")
+    p.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s, metavar="S",
+                   help="a request's body must arrive within this after its headers (408 and "
+                        f"closed; default {d.body_timeout_s:g})")
+    p.add_argument("--max-text-chars", type=int, default=d.max_text_chars, metavar="N",
+                   help=f"most characters per text or label (413; default {d.max_text_chars})")
     p.add_argument("--index", default=None,
                    help="a clipfast index folder: adds POST /v1/search and a search page at / "
                         "(needs clipfast[search])")

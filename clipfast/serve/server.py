@@ -1,7 +1,8 @@
-"""Run the app on uvicorn: load the Engine, bind (127.0.0.1 unless told otherwise), serve, and on
-SIGTERM or SIGINT stop accepting, let in-flight requests finish (at most ``drain_timeout_s``),
-then return 0. ``workers > 1`` runs that many processes, each with its own Engine, on one
-listening socket."""
+"""Run the app on uvicorn: bind (127.0.0.1 unless told otherwise; a port that cannot be bound is
+an error before the model loads), load the Engine, serve, and on SIGTERM or SIGINT stop
+accepting, let in-flight requests finish (at most ``drain_timeout_s``), then return 0.
+``workers > 1`` runs that many processes, each with its own Engine, on one listening socket.
+Connections go through ``clipfast.serve.protocol``'s guard (header deadline, per-address cap)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ import sys
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from clipfast.errors import InputError
 from clipfast.serve.config import ServeConfig
+from clipfast.serve.protocol import guarded_protocol
 
 log = logging.getLogger("clipfast.serve")
 
@@ -67,11 +71,42 @@ def load_engine(artifact: str, *, backend: str = "auto", device: str | None = No
                            batch_size=max(32, config.max_batch))
 
 
-def _uvicorn_config(app: Any, config: ServeConfig, log_level: str) -> uvicorn.Config:
+def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "warning",
+                   protocol: type | None = None) -> uvicorn.Config:
+    """uvicorn's settings for ``app`` (from ``create_app``): its HTTP protocol (``protocol``,
+    default uvicorn's pick: httptools if installed, else h11) wrapped in the app's connection
+    guard. uvicorn's own ``limit_concurrency`` stays off: the guard's count answers 503 on the
+    API routes past --max-connections while the probes still answer."""
+    http: Any = "auto"
+    service = getattr(getattr(app, "state", None), "service", None)
+    if service is not None:
+        http = guarded_protocol(protocol or AutoHTTPProtocol, service.connections)
     return uvicorn.Config(
         app, host=config.host, port=config.port, log_level=log_level, access_log=False,
-        lifespan="on", timeout_graceful_shutdown=config.drain_timeout_s,
-        limit_concurrency=config.max_connections, timeout_keep_alive=5)
+        lifespan="on", timeout_graceful_shutdown=config.drain_timeout_s, http=http,
+        timeout_keep_alive=5)
+
+
+def bind(config: ServeConfig) -> socket.socket:
+    """The listening socket for ``config.host``:``config.port``; InputError naming the address
+    when it cannot be bound (in use, not this machine's, no permission)."""
+    infos = socket.getaddrinfo(config.host or None, config.port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"--host {config.host} --port {config.port}: cannot listen there "
+                         f"({e.strerror or e}); pick another port or stop what holds it"
+                         ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _serve(engine: Any, config: ServeConfig, log_level: str,
@@ -84,7 +119,7 @@ def _serve(engine: Any, config: ServeConfig, log_level: str,
     def on_drain() -> None:
         service.draining = True
 
-    server = _Server(_uvicorn_config(app, config, log_level), on_drain=on_drain)
+    server = _Server(uvicorn_config(app, config, log_level), on_drain=on_drain)
     server.run(sockets=sockets)
     if not server.started:
         return 1
@@ -103,11 +138,15 @@ def serve(artifact: str, config: ServeConfig, *, backend: str = "auto",
           log_level: str = "info") -> int:
     """Serve ``artifact`` until SIGTERM/SIGINT; the exit status (0 after a clean drain)."""
     options = {"backend": backend, "device": device, "threads": threads}
+    # Bound before the model loads: a port in use is an error at once, not after loading.
+    sock = bind(config)
     if config.workers == 1:
-        engine = load_engine(artifact, config=config, **options)
-        return _serve(engine, config, log_level)
-    # Several processes accept on one socket bound here (as uvicorn's --workers does).
-    sock = _uvicorn_config(None, config, log_level).bind_socket()
+        try:
+            engine = load_engine(artifact, config=config, **options)
+            return _serve(engine, config, log_level, sockets=[sock])
+        finally:
+            sock.close()
+    # Several processes accept on the one socket (as uvicorn's --workers does).
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(artifact, options, config, log_level, sock),
                          name=f"clipfast-serve-{i}") for i in range(config.workers)]
