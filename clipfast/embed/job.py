@@ -307,9 +307,13 @@ def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
     specs = resolve_sources(opts.sources, text_column=opts.text_column,
                             image_column=opts.image_column, key_column=opts.key_column)
     outdir = out_mod.OutputDir(opts.out)
-    # Everything that can refuse the folder runs before anything in it is touched.
+    # Everything that can refuse the job runs before anything in --out is touched.
     _check_out(outdir.root, specs)
     _refuse_foreign(outdir, opts.out)
+    if opts.ray:
+        from clipfast.ray.data import connect
+
+        connect(opts.ray_address)
     outdir.root.mkdir(parents=True, exist_ok=True)
     with out_mod.JobLock(outdir.root):
         existing = _refuse_foreign(outdir, opts.out)  # again: another job may have started
