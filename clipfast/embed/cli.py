@@ -76,7 +76,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         from clipfast.embed.job import EmbedInterrupted
 
         msg = (str(e) if isinstance(e, EmbedInterrupted) else
-               "interrupted before any input was saved; rerun the same command to resume")
+               "interrupted while starting; rerun the same command to resume")
         print(f"\nclipfast embed: {msg}", file=sys.stderr)
         return 130
 
