@@ -415,8 +415,13 @@ def _locked(opts: EmbedOptions, engine, specs, outdir: out_mod.OutputDir,
     except _Stop:
         return _summary(opts, manifest, records, done_before, t0, complete=False)
     except KeyboardInterrupt:
-        raise EmbedInterrupted(sum(r.end - r.start for r in records), the_plan.items
-                               ) from None
+        # Counted from the journal, the commit point: Ctrl-C may land between a shard's
+        # journal line and its bookkeeping here.
+        try:
+            done = outdir.committed()
+        except (OSError, ClipfastError):
+            done = records
+        raise EmbedInterrupted(sum(r.end - r.start for r in done), the_plan.items) from None
     finally:
         if bar is not None:
             bar.close()

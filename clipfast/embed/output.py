@@ -319,6 +319,10 @@ class OutputDir:
         records, good = _parse_journal(data, path)
         return records, good, data
 
+    def committed(self) -> list[ShardRecord]:
+        """The shards the journal commits now (what a rerun resumes after)."""
+        return self._journal()[0]
+
     def _unlink(self, p: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
