@@ -181,7 +181,11 @@ class JobLock:
     def acquire(self) -> None:
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ClipfastError(f"embed: cannot create the job's lock file {self.path} "
+                                f"({e.strerror}); --out must be a writable folder") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -203,9 +207,13 @@ class JobLock:
         doc = {"pid": os.getpid(), "host": socket.gethostname(),
                "command": " ".join(sys.argv),
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(doc) + "\n").encode("utf-8", "backslashreplace"), 0)
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(doc) + "\n").encode("utf-8", "backslashreplace"), 0)
+        except OSError as e:
+            self.release()
+            raise (_no_space(e, self.path) or e) from e
 
     def release(self) -> None:
         if self.fd is not None:
