@@ -1,6 +1,7 @@
 """Kill `clipfast embed` with SIGKILL at random points, resume, compare with an uninterrupted run.
 
     python benchmarks/embed_kill_resume.py [--artifact ARTIFACT] [--kills 10] [--seed 0]
+                                           [--change-every K]
 
 Without --artifact, a tiny random-weight transformers CLIP (tests/hf_models.py, 64 px input)
 is exported to a temporary folder: the check is about the output folder, not the model. The
@@ -11,7 +12,12 @@ commit cycle. After each kill the folder is inspected (committed shards, a torn 
 orphan shard files, temporaries) to show where it stopped. Passes when the resumed output
 equals the uninterrupted one: same keys in the same order, bitwise-equal embeddings, 0
 duplicates, 0 lost, the corrupt files in the failures table.
-Writes benchmarks/results/embed-kill-resume.{json,md}.
+
+--change-every K: after every K-th kill, two images are rewritten under their names (new
+pixels), one already embedded and one not yet. The next plain run must be refused, naming the
+changed input (nothing mixed); the job then goes on with --reembed-changed, and the final
+output must equal an uninterrupted run on the final content.
+Writes benchmarks/results/embed-kill-resume[-changed].{json,md}.
 """
 
 from __future__ import annotations
@@ -69,6 +75,15 @@ def inspect(out: Path) -> dict:
             "temp_files": len(list(out.rglob("*.tmp")))}
 
 
+def rewrite(path: Path, rng: random.Random) -> None:
+    """New pixels under the same name (and the same size in pixels)."""
+    with Image.open(path) as im:
+        size = im.size
+    arr = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 256, (size[1], size[0], 3),
+                                                                  dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
 def committed(out: Path) -> int:
     j = out / "journal.jsonl"
     return j.read_bytes().count(b"\n") if j.exists() else 0
@@ -91,8 +106,11 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=1500)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "embed-kill-resume"))
+    ap.add_argument("--change-every", type=int, default=0)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / (
+        "embed-kill-resume" + ("-changed" if args.change_every else "")))
 
     import clipfast
     from clipfast.embed import EmbedOptions, read_failures, run_embed
@@ -113,8 +131,11 @@ def main() -> int:
            *common]
     rng = random.Random(args.seed)
     kills = []
+    changes = []
+    reembed: list[str] = []
     while len(kills) < args.kills:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd + reembed, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         t_start = time.perf_counter()
         if not kills:
             # The first kill lands during start-up (enumeration, Engine load).
@@ -132,7 +153,26 @@ def main() -> int:
         proc.wait()
         kills.append({"after_s": round(time.perf_counter() - t_start, 2), **inspect(out)})
         print(f"kill {len(kills)}: {kills[-1]}", file=sys.stderr)
-    final = subprocess.run(cmd, capture_output=True, text=True)
+        if args.change_every and len(kills) % args.change_every == 0:
+            done = clipfast.read_embeddings(out, require_complete=False).keys
+            if not done:
+                continue
+            old = rng.choice(done)
+            new = rng.choice(sorted(set(ref_keys) - set(done)))
+            for k in (old, new):
+                rewrite(Path(k), rng)
+            refused = subprocess.run(cmd, capture_output=True, text=True)
+            changes.append({"after_kill": len(kills), "embedded_one": old,
+                            "pending_one": new, "plain_rerun_exit": refused.returncode,
+                            "refused_naming_it": refused.returncode == 1 and old in
+                            refused.stderr and "changed" in refused.stderr})
+            print(f"change: {changes[-1]}", file=sys.stderr)
+            reembed = ["--reembed-changed"]
+    final = subprocess.run(cmd + reembed, capture_output=True, text=True)
+    if changes:  # the reference is an uninterrupted run on the final content
+        run_embed(EmbedOptions(artifact=str(art), sources=[str(src)], out=str(work / "ref2"),
+                               batch_size=4, shard_size=8, progress=False))
+        ref_keys, ref = clipfast.read_embeddings(work / "ref2")
     keys, emb = clipfast.read_embeddings(out)
     fails = read_failures(out)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -145,15 +185,19 @@ def main() -> int:
         "final_exit_code": final.returncode,  # 2: some inputs failed (the corrupt ones)
         "temp_files_left": len(list(out.rglob("*.tmp"))),
     }
+    if changes:
+        checks["changes_refused_naming_the_input"] = all(c["refused_naming_it"]
+                                                         for c in changes)
     passed = (checks["same_keys_same_order"] and checks["duplicates"] == 0
               and checks["lost"] == 0 and checks["embeddings_bitwise_equal"]
               and checks["failures_are_the_corrupt_files"] and final.returncode == 2
-              and checks["temp_files_left"] == 0)
+              and checks["temp_files_left"] == 0
+              and checks.get("changes_refused_naming_the_input", True))
     doc = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
            "job": " ".join(["clipfast", "embed", "ART", "DATA", "--out", "OUT", *common]),
            "inputs": len(ref_keys) + len(fails), "embedded": len(ref_keys),
            "shards": manifest["counts"]["shards"], "uninterrupted_seconds": round(ref_seconds, 2),
-           "kills": kills, "checks": checks, "passed": passed}
+           "kills": kills, "source_changes": changes, "checks": checks, "passed": passed}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -164,6 +208,12 @@ def main() -> int:
           "temp files |", "|---|---|---|---|---|---|"]
     md += [f"| {i + 1} | {k['after_s']} | {k['committed_shards']} | {k['torn_journal_tail']} | "
            f"{k['orphan_shard_files']} | {k['temp_files']} |" for i, k in enumerate(kills)]
+    if changes:
+        md += ["", "| after kill | rewritten (embedded) | rewritten (pending) | plain rerun "
+               "exit | refused naming it |", "|---|---|---|---|---|"]
+        md += [f"| {c['after_kill']} | {Path(c['embedded_one']).name} | "
+               f"{Path(c['pending_one']).name} | {c['plain_rerun_exit']} | "
+               f"{c['refused_naming_it']} |" for c in changes]
     md += ["", "| check | result |", "|---|---|",
            *[f"| {k} | {v} |" for k, v in checks.items()], "",
            f"**{'PASSED' if passed else 'FAILED'}**"]

@@ -156,14 +156,29 @@ def _qemu() -> str:
     return exe
 
 
-def _emulated(code: str, *args: str, timeout: int = 600) -> str:
-    """Run ``code`` in this Python under an emulated AVX2-only CPU; return its stdout."""
+def _child_command(code: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """This Python's command line and environment for a child running ``code``. The
+    interpreter is ``sys.executable`` as given, not its resolved target: in a virtual
+    environment that path is a symlink to the base interpreter, and only started through the
+    environment's own path does Python find its pyvenv.cfg, hence its packages."""
     import clipfast
 
     env = {**os.environ, "PYTHONPATH": str(Path(clipfast.__file__).parents[1])}
-    done = subprocess.run([_qemu(), "-cpu", QEMU_CPU, os.path.realpath(sys.executable), "-c",
-                           code, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return [sys.executable, "-c", code, *args], env
+
+
+def test_the_emulated_child_sees_this_environments_packages():
+    cmd, env = _child_command("import sys, onnxruntime; print(sys.prefix)")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == sys.prefix  # a venv's prefix, not the base interpreter's
+
+
+def _emulated(code: str, *args: str, timeout: int = 600) -> str:
+    """Run ``code`` in this Python under an emulated AVX2-only CPU; return its stdout."""
+    cmd, env = _child_command(code, *args)
+    done = subprocess.run([_qemu(), "-cpu", QEMU_CPU, *cmd], env=env, capture_output=True,
+                          text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "EmbedInterrupted": "clipfast.embed.job",
     "EmbedOptions": "clipfast.embed.job",
     "EmbedSummary": "clipfast.embed.job",
     "run_embed": "clipfast.embed.job",

@@ -54,7 +54,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--fidelity-sample", type=int, default=16,
                    help="images used to measure --fast-decode's cost (16)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing output of another job in --out")
+                   help="replace an existing clipfast embed output in --out (only the files "
+                        "it wrote are deleted; a folder that is not a clipfast output is "
+                        "always refused)")
+    p.add_argument("--reembed-changed", action="store_true",
+                   help="on resume, embed again inputs whose content changed since they were "
+                        "embedded (default: refuse, naming them)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--ray", action="store_true",
                    help="run the towers on a Ray cluster (Ray Data map_batches); same output")
@@ -66,6 +71,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    try:
+        return _embed(args)
+    except KeyboardInterrupt as e:
+        # Ctrl-C: what is saved stays saved; say so instead of a traceback (130 = 128 + SIGINT)
+        from clipfast.embed.job import EmbedInterrupted
+
+        msg = (str(e) if isinstance(e, EmbedInterrupted) else
+               "interrupted while starting; rerun the same command to resume")
+        print(f"\nclipfast embed: {msg}", file=sys.stderr)
+        return 130
+
+
+def _embed(args: argparse.Namespace) -> int:
     from clipfast.embed.job import EmbedOptions, run_embed
 
     opts = EmbedOptions(
@@ -75,7 +93,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, workers=args.workers, threads=args.threads,
         prefetch=args.prefetch, backend=args.backend, device=args.device,
         fast_decode=args.fast_decode, fidelity_sample=args.fidelity_sample,
-        overwrite=args.overwrite, progress=not args.quiet, ray=args.ray,
+        overwrite=args.overwrite, reembed_changed=args.reembed_changed,
+        progress=not args.quiet, ray=args.ray,
         ray_address=args.address, ray_concurrency=args.concurrency)
     s = run_embed(opts)
     resumed = f", resumed after {s.resumed_from}" if s.resumed_from else ""

@@ -9,6 +9,12 @@ Overlap: decode threads prepare the next batches while the calling thread runs t
 (ONNX Runtime releases the GIL; so do Pillow's decode and resize). At most ``prefetch``
 batches are in flight, so memory is bounded by ``prefetch * batch_size`` inputs whatever the
 dataset's size.
+
+Safety: the job holds an exclusive lock on ``--out`` from start to end; refuses, before
+touching anything, an ``--out`` that is neither empty nor a clipfast output, or that overlaps
+a source (whatever ``--overwrite`` says); and on resume compares every committed input's
+fingerprint with the source's content now, so a changed input is refused (or, with
+``reembed_changed``, embedded again), never mixed with rows of its old content.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class EmbedOptions:
     fast_decode: bool = False
     fidelity_sample: int = 16
     overwrite: bool = False
+    reembed_changed: bool = False
     progress: bool = True
     ray: bool = False
     ray_address: str | None = None
@@ -77,6 +84,8 @@ class EmbedOptions:
 
 @dataclass
 class EmbedSummary:
+    """What a job did: counts of its inputs, and whether the output is complete."""
+
     out: str
     items: int
     embedded: int
@@ -119,6 +128,69 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+class EmbedInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a job: ``saved`` of ``total`` inputs are committed (rerun to resume)."""
+
+    def __init__(self, saved: int, total: int):
+        super().__init__(f"interrupted: {saved} of {total} saved; rerun the same command to "
+                         "resume")
+        self.saved, self.total = saved, total
+
+
+def _check_out(out: Path, specs) -> None:
+    """Refuse an --out that overlaps a source: the output inside a source folder (its files
+    would become inputs) or a source inside the output (resume or --overwrite would touch it)."""
+    o = out.resolve()
+    for spec in specs:
+        src = Path(spec.path)
+        inside = o == src or o.is_relative_to(src) if spec.kind == "folder" else False
+        if inside or src.is_relative_to(o):
+            raise ClipfastError(
+                f"embed: --out {out} overlaps the source {spec.path} (one is inside the other); "
+                "choose an --out outside every source (nothing was written)")
+
+
+def _refuse_foreign(outdir: out_mod.OutputDir, out: str) -> dict[str, Any] | None:
+    """The folder's manifest, if it is a clipfast embed output; None if it is empty or new;
+    refuses anything else."""
+    if outdir.root.exists() and not outdir.root.is_dir():
+        raise ClipfastError(f"embed: --out {out} exists and is not a folder")
+    if outdir.is_empty():
+        return None
+    existing = outdir.manifest()
+    if existing is None:
+        entries = sorted(p.name for p in outdir.root.iterdir())
+        raise ClipfastError(
+            f"embed: --out {out} is not empty and is not a clipfast embed output (it holds "
+            f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}); clipfast never "
+            "deletes files it did not write, --overwrite included: choose an empty or new "
+            "folder")
+    return existing
+
+
+def _verify(specs, outdir: out_mod.OutputDir, records, stop_at_first: bool
+            ) -> list[tuple[int, str, str]]:
+    """(ordinal, key, shard index) of every committed input whose content differs from what
+    was embedded (its fingerprint), in order; the first only with ``stop_at_first``."""
+    if not records:
+        return []
+    end = records[-1].end
+    changed: list[tuple[int, str, str]] = []
+    r, stored = 0, outdir.fingerprints(records[0])
+    for item in iter_items(specs, want=lambda o: o < end):
+        if item.ordinal >= end:
+            break
+        while item.ordinal >= records[r].end:
+            r += 1
+            stored = outdir.fingerprints(records[r])
+        key, fp = stored.get(item.ordinal, (None, None))
+        if fp != item.fingerprint or key != out_mod.escape_text(item.key):
+            changed.append((item.ordinal, item.key, records[r].index))
+            if stop_at_first:
+                break
+    return changed
+
+
 def _covered(records) -> tuple[list[int], list[int]]:
     spans = sorted((r.start, r.end) for r in records)
     return [a for a, _ in spans], [b for _, b in spans]
@@ -154,12 +226,15 @@ class _ShardWriter:
         self.window: int | None = None
         self._reset()
         self.committed_now = 0
+        self.on_commit = None  # called with the number of inputs a commit saved
 
     def _reset(self) -> None:
         self.keys: list[str] = []
         self.ordinals: list[int] = []
+        self.fingerprints: list[str | None] = []
         self.parts: list[np.ndarray] = []
         self.failures: list[dict[str, Any]] = []
+        self.seen = 0
 
     def add(self, first_ordinal: int, good: list[Item], emb: np.ndarray | None,
             failures: list[tuple[Item, str]]) -> None:
@@ -169,11 +244,16 @@ class _ShardWriter:
         self.window = w
         self.keys.extend(it.key for it in good)
         self.ordinals.extend(it.ordinal for it in good)
+        self.fingerprints.extend(it.fingerprint for it in good)
         if emb is not None and len(emb):
             self.parts.append(emb)
-        self.failures.extend({"key": it.key, "ordinal": it.ordinal, "reason": why}
-                             for it, why in failures)
+        self.failures.extend({"key": it.key, "ordinal": it.ordinal, "reason": why,
+                              "fingerprint": it.fingerprint} for it, why in failures)
         self.failures.sort(key=lambda r: r["ordinal"])
+        self.seen += len(good) + len(failures)
+        start = w * self.shard_size
+        if self.seen == min(start + self.shard_size, self.total) - start:
+            self.flush()  # the window is whole: commit now, not when the next batch arrives
 
     def flush(self) -> None:
         if self.window is None:
@@ -182,12 +262,18 @@ class _ShardWriter:
         end = min(start + self.shard_size, self.total)
         emb = (np.concatenate(self.parts) if self.parts
                else np.zeros((0, self.dim), dtype=self.dtype))
+        if self.seen != end - start:
+            raise ClipfastError(f"embed: the source changed while the job ran (inputs "
+                                f"[{start}, {end}) gave {self.seen}); rerun the same command")
         rec = self.outdir.commit(len(self.records), start, end, self.keys, self.ordinals,
-                                 emb.astype(self.dtype, copy=False), self.failures)
+                                 emb.astype(self.dtype, copy=False), self.failures,
+                                 self.fingerprints)
         self.records.append(rec)
         self.committed_now += 1
         self.window = None
         self._reset()
+        if self.on_commit is not None:
+            self.on_commit(rec)
 
 
 class _Stop(Exception):
@@ -221,20 +307,34 @@ def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
     specs = resolve_sources(opts.sources, text_column=opts.text_column,
                             image_column=opts.image_column, key_column=opts.key_column)
     outdir = out_mod.OutputDir(opts.out)
-    if outdir.root.exists() and not outdir.root.is_dir():
-        raise ClipfastError(f"embed: --out {opts.out} exists and is not a folder")
-    if opts.overwrite:
-        outdir.clear()
-    foreign = outdir.foreign_entries()
-    existing = outdir.manifest()
-    if foreign and existing is None:
-        raise ClipfastError(f"embed: --out {opts.out} holds files that are not a clipfast embed "
-                            f"output ({', '.join(foreign[:5])}); choose an empty or new folder")
+    # Everything that can refuse the job runs before anything in --out is touched.
+    _check_out(outdir.root, specs)
+    _refuse_foreign(outdir, opts.out)
+    if opts.ray:
+        from clipfast.ray.data import connect
 
+        connect(opts.ray_address)
+    outdir.root.mkdir(parents=True, exist_ok=True)
+    with out_mod.JobLock(outdir.root):
+        existing = _refuse_foreign(outdir, opts.out)  # again: another job may have started
+        return _locked(opts, engine, specs, outdir, existing, shard_size, t0)
+
+
+def _locked(opts: EmbedOptions, engine, specs, outdir: out_mod.OutputDir,
+            existing: dict[str, Any] | None, shard_size: int, t0: float) -> EmbedSummary:
+    """The job proper, with the lock on --out held."""
     engine = _Handle(opts, engine)
     the_plan = plan(specs)
     ident = _identity(opts, engine, specs, the_plan)
+    if existing is not None and opts.overwrite:
+        outdir.clear()
+        existing = None
     if existing is not None:
+        if existing.get("format_version") != out_mod.FORMAT_VERSION:
+            raise ClipfastError(f"embed: --out {opts.out} was written by another clipfast "
+                                f"version (format {existing.get('format_version')}, this one "
+                                f"writes {out_mod.FORMAT_VERSION}); pass --overwrite to start "
+                                "over, or choose another --out")
         why = _mismatch(existing, ident)
         if why is not None:
             raise ClipfastError(f"embed: --out {opts.out} already holds another job's output: "
@@ -253,10 +353,23 @@ def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
             "fast_decode_fidelity": None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        outdir.root.mkdir(parents=True, exist_ok=True)
-    records = outdir.recover()
-    if existing is None:
+        # The manifest first: from then on the folder is recognisably clipfast's.
         outdir.write_manifest(manifest)
+    records = outdir.recover()
+    changed = _verify(specs, outdir, records, stop_at_first=opts.reembed_changed)
+    if changed and not opts.reembed_changed:
+        names = ", ".join(f"{out_mod.escape_text(k)} (input {o})" for o, k, _ in changed[:5])
+        raise ClipfastError(
+            f"embed: {len(changed)} input(s) changed since they were embedded into --out "
+            f"{opts.out}: {names}{', ...' if len(changed) > 5 else ''}. Nothing was mixed: pass "
+            "--reembed-changed to embed them again, or --overwrite to start over")
+    if changed:
+        first_shard = changed[0][2]
+        outdir.truncate(first_shard)
+        records = outdir.recover()
+        if manifest.get("status") == "complete":
+            manifest["status"] = "running"
+            outdir.write_manifest(manifest)
     done_before = sum(r.end - r.start for r in records)
     if manifest.get("status") == "complete" and done_before == the_plan.items:
         return _summary(opts, manifest, records, done_before, t0, complete=True)
@@ -278,6 +391,14 @@ def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
         bar = tqdm(total=the_plan.items, initial=done_before, unit="item", desc="embed",
                    dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
         bar.set_postfix(failed=sum(r.failed for r in records), refresh=False)
+        failed_total = [sum(r.failed for r in records)]
+
+        def saved(rec) -> None:  # the bar counts what is committed, not what is computed
+            failed_total[0] += rec.failed
+            bar.update(rec.end - rec.start)
+            bar.set_postfix(failed=failed_total[0], refresh=False)
+
+        writer.on_commit = saved
     try:
         if opts.ray:
             from clipfast.ray.data import run_ray_batches
@@ -285,19 +406,22 @@ def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
             results = run_ray_batches(opts, _batches(stream, batch_size), batch_size)
         else:
             results = _run_local(opts, engine.loaded(opts), _batches(stream, batch_size))
-        failed_total = sum(r.failed for r in records)
         for first, good, emb, failures in results:
             writer.add(first, good, emb, failures)
-            if bar is not None:
-                failed_total += len(failures)
-                bar.update(len(good) + len(failures))
-                bar.set_postfix(failed=failed_total, refresh=False)
             if opts.stop_after_shards is not None and (
                     writer.committed_now >= opts.stop_after_shards):
                 raise _Stop
         writer.flush()
     except _Stop:
         return _summary(opts, manifest, records, done_before, t0, complete=False)
+    except KeyboardInterrupt:
+        # Counted from the journal, the commit point: Ctrl-C may land between a shard's
+        # journal line and its bookkeeping here.
+        try:
+            done = outdir.committed()
+        except (OSError, ClipfastError):
+            done = records
+        raise EmbedInterrupted(sum(r.end - r.start for r in done), the_plan.items) from None
     finally:
         if bar is not None:
             bar.close()
@@ -401,4 +525,4 @@ def _finish(first: int, fut, run):
     return first, p.good, emb, p.failures
 
 
-__all__ = ["DTYPES", "EmbedOptions", "EmbedSummary", "run_embed"]
+__all__ = ["DTYPES", "EmbedInterrupted", "EmbedOptions", "EmbedSummary", "run_embed"]

@@ -9,6 +9,14 @@ a resumed job refuse a source whose content changed under it.
 
 Nothing here holds the whole dataset: items are produced one by one, and the payload of an
 item the caller skips (already embedded) is not read where that can be avoided (tar members).
+
+Every item whose payload is read also gets a fingerprint: what its content was when it was
+read (a file: size, mtime_ns and inode; bytes and texts: a hash of them). The job stores it
+with each embedding and compares it on resume, so a changed input is never mixed in.
+
+Every input is accounted for: a truncated tar, a CSV with an unbalanced quote, a table that is
+not UTF-8 are errors naming the file; tar members that are not regular files (symbolic links,
+devices, FIFOs) are failures with the reason; hard links are read as the file they link to.
 """
 
 from __future__ import annotations
@@ -45,6 +53,26 @@ class Item:
     key: str
     kind: str
     value: Any = None
+    fingerprint: str | None = None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def fingerprint(item: Item) -> str:
+    """What the item's content is now (see the module's docstring)."""
+    if item.kind == "path":
+        try:
+            st = os.stat(item.value)
+        except OSError as e:
+            return f"file:unreadable:{e.errno}"
+        return f"file:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    if item.kind == "bytes":
+        return "bytes:" + _digest(bytes(item.value))
+    if item.kind == "text":
+        return "text:" + _digest(str(item.value).encode("utf-8", "surrogatepass"))
+    return "error:" + _digest(str(item.value).encode("utf-8", "surrogatepass"))
 
 
 @dataclass
@@ -176,12 +204,39 @@ def _read_list(path: str) -> Iterator[str]:
     """Paths listed one per line (blank lines and lines starting with '#' skipped); relative
     paths are taken relative to the list file's folder."""
     base = os.path.dirname(path)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with _open_text(path) as f:
+        for line in _lines(f, path):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             yield line if os.path.isabs(line) else os.path.join(base, line)
+
+
+def _open_text(path: str, **kw):
+    try:
+        return open(path, encoding="utf-8", **kw)
+    except OSError as e:
+        raise ClipfastError(f"embed: cannot read {path}: {e.strerror}; check the path and its "
+                            "permissions") from e
+
+
+def _not_utf8(path: str, line: int, e: UnicodeDecodeError) -> ClipfastError:
+    return ClipfastError(
+        f"embed: {path} is not UTF-8 text (near line {line}: {e.reason} at byte "
+        f"{e.object[e.start:e.start + 1]!r}); convert it, e.g. iconv -f latin1 -t utf-8 "
+        f"{path} > fixed{Path(path).suffix}")
+
+
+def _lines(f, path: str) -> Iterator[str]:
+    """A text file's lines; a decoding error names the file and line."""
+    n = 0
+    try:
+        for n, line in enumerate(f, start=1):  # noqa: B007 - n is read in the handler
+            yield line
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, n + 1, e) from e  # decoded in chunks: near that line
+    except OSError as e:
+        raise ClipfastError(f"embed: cannot read {path}: {e}") from e
 
 
 # --------------------------------------------------------------------------- tar shards
@@ -195,13 +250,40 @@ def _wds_split(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def _member_kind(m: tarfile.TarInfo) -> str | None:
+    """Why a member holds no data of its own, or None for a regular file or a hard link (read
+    as the member it links to)."""
+    if m.isfile() or m.islnk():
+        return None
+    if m.issym():
+        return f"a symbolic link (to {m.linkname!r})"
+    if m.ischr() or m.isblk():
+        return "a device"
+    if m.isfifo():
+        return "a FIFO"
+    return f"not a regular file (tar type {m.type!r})"
+
+
+def _check_tar_end(tf: tarfile.TarFile, path: str, last: str | None) -> None:
+    """tarfile ends its member loop silently at a truncated header or past the end of the
+    file; a whole archive ends with its end-of-archive marker (two zero blocks), which is
+    checked here so a cut shard is an error, not fewer samples."""
+    fo = tf.fileobj
+    fo.seek(tf.offset)
+    if fo.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+        raise ClipfastError(f"embed: tar shard {path} is truncated or damaged after member "
+                            f"{last!r} (no end-of-archive marker at byte {tf.offset}); copy the "
+                            "shard again, or leave it out")
+
+
 def _tar_samples(path: str, want: Callable[[int], bool], first: int, text_ext: str | None
                  ) -> Iterator[tuple[str, str, Any]]:
     """(key, kind, value) per webdataset sample of one local shard, in file order.
 
     Python's tarfile reads local shards sequentially; members of samples the caller skips are
     not read (tarfile seeks past their data). ``want(ordinal)`` says whether the sample with
-    that ordinal (``first`` + its position) needs its payload.
+    that ordinal (``first`` + its position) needs its payload. A member that is not a regular
+    file makes its sample a failure (when it is the member the sample would be read from).
     """
     try:
         tf = tarfile.open(path, mode="r:*")
@@ -219,6 +301,9 @@ def _tar_samples(path: str, want: Callable[[int], bool], first: int, text_ext: s
                 m = members.get(ext)
                 if m is None:
                     continue
+                why = _member_kind(m)
+                if why is not None:
+                    return current, "error", f"member {m.name} is {why}, not a regular file"
                 if not load:
                     return current, "text" if text_ext else "bytes", None
                 f = tf.extractfile(m)
@@ -234,9 +319,11 @@ def _tar_samples(path: str, want: Callable[[int], bool], first: int, text_ext: s
             return current, "error", f"sample has no {what}; members: " + ", ".join(
                 sorted(members))
 
+        last = None
         try:
             for m in tf:
-                if not m.isfile():
+                last = m.name
+                if m.isdir():
                     continue
                 key, ext = _wds_split(m.name)
                 if key.split("/")[-1] == "" or not ext:
@@ -247,6 +334,7 @@ def _tar_samples(path: str, want: Callable[[int], bool], first: int, text_ext: s
                         ordinal += 1
                     current, members = key, {}
                 members.setdefault(ext, m)
+            _check_tar_end(tf, path, last)
             if current is not None:
                 yield emit()
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -272,31 +360,25 @@ def _table_batches(path: str, columns: Callable[[list[str]], list[str]]
     rows (never the whole table)."""
     suffix = Path(path).suffix.lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        cols = columns(pf.schema_arrow.names)
-        for batch in pf.iter_batches(batch_size=1024, columns=cols):
-            yield batch.to_pydict()
+        try:
+            pf = pq.ParquetFile(path)
+            cols = columns(pf.schema_arrow.names)
+            for batch in pf.iter_batches(batch_size=1024, columns=cols):
+                yield batch.to_pydict()
+        except (OSError, pa.ArrowException) as e:
+            raise ClipfastError(f"embed: cannot read parquet table {path}: {e}; check that it "
+                                "is a whole parquet file (copy it again if it was cut)") from e
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            cols = columns(list(reader.fieldnames or []))
-            rows: dict[str, list] = {c: [] for c in cols}
-            for row in reader:
-                for c in cols:
-                    rows[c].append(row.get(c) or None)
-                if len(rows[cols[0]]) >= 1024:
-                    yield rows
-                    rows = {c: [] for c in cols}
-            if rows[cols[0]]:
-                yield rows
+        yield from _csv_batches(path, columns)
     else:  # JSON lines, streamed line by line
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             first = True
             cols: list[str] = []
             rows = {}
-            for n, line in enumerate(f, start=1):
+            for n, line in enumerate(_lines(f, path), start=1):
                 if not line.strip():
                     continue
                 try:
@@ -317,6 +399,38 @@ def _table_batches(path: str, columns: Callable[[list[str]], list[str]]
                     rows = {c: [] for c in cols}
             if rows and rows[cols[0]]:
                 yield rows
+
+
+def _csv_batches(path: str, columns: Callable[[list[str]], list[str]]
+                 ) -> Iterator[dict[str, list]]:
+    """A CSV's rows, strictly: an unbalanced quote, or a row with more or fewer fields than
+    the header, is an error naming the line (a lenient reader merges the rows that follow)."""
+    with _open_text(path, newline="") as f:
+        reader = csv.reader(_lines(f, path), strict=True)
+        line = 1
+        try:
+            header = next(reader, [])
+            cols = columns(list(header))
+            idx = [header.index(c) for c in cols]
+            rows: dict[str, list] = {c: [] for c in cols}
+            line = reader.line_num + 1
+            for rec in reader:
+                if rec and len(rec) != len(header):
+                    raise ClipfastError(
+                        f"embed: {path} line {line}: {len(rec)} fields, the header has "
+                        f"{len(header)} (an unbalanced quote merges lines); fix the file")
+                if rec:
+                    for c, i in zip(cols, idx):
+                        rows[c].append(rec[i] or None)
+                line = reader.line_num + 1
+                if len(rows[cols[0]]) >= 1024:
+                    yield rows
+                    rows = {c: [] for c in cols}
+        except csv.Error as e:
+            raise ClipfastError(f"embed: {path}: the record starting at line {line} is not "
+                                f"valid CSV ({e}; an unbalanced quote?); fix the file") from e
+        if rows[cols[0]]:
+            yield rows
 
 
 def _table_items(spec: SourceSpec, load: bool) -> Iterator[tuple[str, str, Any]]:
@@ -380,25 +494,33 @@ def iter_items(specs: list[SourceSpec], want: Callable[[int], bool] | None = Non
     for spec in specs:
         if spec.kind == "folder":
             for p in _walk_folder(spec.path):
-                yield Item(ordinal, p, "path", p)
+                yield _item(ordinal, p, "path", p, want(ordinal))
                 ordinal += 1
         elif spec.kind == "list":
             for p in _read_list(spec.path):
-                yield Item(ordinal, p, "path", p)
+                yield _item(ordinal, p, "path", p, want(ordinal))
                 ordinal += 1
         elif spec.kind == "tar":
             for key, kind, value in _tar_samples(spec.path, want, ordinal,
                                                  spec.options.get("text_ext")):
-                yield Item(ordinal, key, kind, value)
+                yield _item(ordinal, key, kind, value, want(ordinal))
                 ordinal += 1
         elif spec.kind == "table":
             # Table rows are read in column batches anyway; only a skipped row's payload is
             # dropped (it costs the read, not the decode).
             for key, kind, value in _table_items(spec, load=True):
-                yield Item(ordinal, key, kind, value if want(ordinal) else None)
+                w = want(ordinal)
+                yield _item(ordinal, key, kind, value if w else None, w)
                 ordinal += 1
         else:  # pragma: no cover - resolve_sources only makes the kinds above
             raise ClipfastError(f"embed: unknown source kind {spec.kind!r}")
+
+
+def _item(ordinal: int, key: str, kind: str, value: Any, wanted: bool) -> Item:
+    item = Item(ordinal, key, kind, value)
+    if wanted:
+        item.fingerprint = fingerprint(item)
+    return item
 
 
 def plan(specs: list[SourceSpec]) -> Plan:

@@ -2,17 +2,25 @@
 
 >>> import ray, clipfast.ray                                   # doctest: +SKIP
 >>> ds = ray.data.read_parquet("s3://bucket/images/")           # doctest: +SKIP
+>>> actors = max(1, int(ray.cluster_resources()["CPU"]) - 1)    # doctest: +SKIP
 >>> ds = ds.map_batches(clipfast.ray.EmbedBatch,                # doctest: +SKIP
 ...                     fn_constructor_kwargs={"artifact": "/models/vit-b-32", "column": "image"},
-...                     concurrency=4, batch_size=64, num_gpus=0)
+...                     compute=ray.data.ActorPoolStrategy(size=actors), batch_size=64)
+
+(Each actor takes one CPU by default: leave one for the read tasks, or the pipeline waits
+forever for a CPU.)
 
 ``clipfast embed --ray`` runs the same class under the job's resumable shard writer
 (``run_ray_batches``): the driver enumerates the inputs, Ray actors decode and embed them, and
-the driver commits the shards, so the output folder is the local job's, row for row.
+the driver commits the shards, so the output folder is the local job's, row for row. Inputs
+whose results do not come back (a node lost mid-job) are sent again; each input's row is
+committed once, by the driver.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +33,32 @@ from clipfast.errors import ClipfastError
 from clipfast.fidelity import l2_normalize
 
 KINDS = ("auto", "image_bytes", "image_path", "text")
+# Rounds of resending a window's inputs whose results did not come back (a node lost).
+ATTEMPTS = 4
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (None: start a local one), with an error that says
+    what to do when none answers (Ray itself retries a dead address for minutes, or raises a
+    bare ConnectionError)."""
+    if ray.is_initialized():
+        return
+    hint = ("start one (`ray start --head` on the head node), check --address, or leave "
+            "--address out to run on a local Ray")
+    if address and address not in ("auto", "local"):
+        host, _, port = address.split("://", 1)[-1].rpartition(":")
+        if host and port.isdigit():
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except OSError as e:
+                raise ClipfastError(f"embed --ray: no Ray cluster answers at --address "
+                                    f"{address} ({e.strerror or e}); {hint}") from e
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    except ConnectionError as e:
+        raise ClipfastError(f"embed --ray: no Ray cluster answers at --address {address} "
+                            f"({e}); {hint}") from e
 
 
 class EmbedBatch:
@@ -111,47 +145,71 @@ def _window(batches: Iterator[list[Item]], items: int) -> list[list[Item]]:
     return out
 
 
+def _actor_cpus(concurrency: int) -> float:
+    """CPUs each actor asks for: one, or an equal share when the cluster has fewer CPUs than
+    actors (asking for more than exists leaves the pool waiting forever)."""
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return min(1.0, total / max(1, concurrency))
+
+
+def _embed_window(opts, items: list[Item], batch_size: int, column: str, kind: str,
+                  num_cpus: float) -> dict[int, tuple[Any, Any]]:
+    """ordinal -> (embedding, error) for the inputs of one window whose results came back."""
+    got: dict[int, tuple[Any, Any]] = {}
+    engine_kwargs = {"backend": opts.backend, "device": opts.device, "threads": opts.threads}
+    pending = items
+    for attempt in range(ATTEMPTS):
+        ds = ray.data.from_items([{"ordinal": it.ordinal, column: it.value} for it in pending])
+        ds = ds.map_batches(
+            EmbedBatch, fn_constructor_kwargs={
+                "artifact": opts.artifact, "column": column, "kind": kind,
+                "batch_size": batch_size, "fast_decode": opts.fast_decode, **engine_kwargs},
+            compute=ray.data.ActorPoolStrategy(size=opts.ray_concurrency),
+            batch_size=batch_size, num_cpus=num_cpus,
+            num_gpus=1 if opts.device.startswith("cuda") else 0, batch_format="numpy")
+        try:
+            for row in ds.select_columns(["ordinal", "embedding", "error"]).iter_rows():
+                got.setdefault(int(row["ordinal"]), (row["embedding"], row["error"]))
+        except (ray.exceptions.RayError, ConnectionError) as e:
+            # a node or actor lost past Ray's own retries: the rows that came back are kept
+            # (keyed by ordinal, so none twice), the others are sent again
+            log.warning("embed --ray: attempt %d of %d lost inputs (%s); resending them",
+                        attempt + 1, ATTEMPTS, e)
+        pending = [it for it in pending if it.ordinal not in got]
+        if not pending:
+            break
+    return got
+
+
 def run_ray_batches(opts, batches: Iterator[list[Item]], batch_size: int
                     ) -> Iterator[tuple[int, list[Item], np.ndarray | None, list]]:
     """``clipfast embed --ray``: the local job's per-batch results, computed by EmbedBatch
     actors. Inputs go to Ray a window at a time (a bounded number of inputs held by the driver:
     one shard, at least ``8 * batch_size * concurrency``), results come back in input order."""
-    if not ray.is_initialized():
-        ray.init(address=opts.ray_address, ignore_reinit_error=True,
-                 log_to_driver=False)
+    connect(opts.ray_address)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     column = "text" if opts.kind == "text" else "image"
     kind = "text" if opts.kind == "text" else "auto"
     window_items = max(opts.shard_size, 8 * batch_size * max(1, opts.ray_concurrency))
-    engine_kwargs = {"backend": opts.backend, "device": opts.device, "threads": opts.threads}
+    num_cpus = _actor_cpus(opts.ray_concurrency)
     while True:
         window = _window(batches, window_items)
         if not window:
             return
         flat = [it for b in window for it in b]
         sent = [it for it in flat if it.kind != "error"]
-        by_ordinal: dict[int, tuple[np.ndarray | None, str | None]] = {}
-        if sent:
-            ds = ray.data.from_items([{"ordinal": it.ordinal, column: it.value} for it in sent])
-            ds = ds.map_batches(
-                EmbedBatch, fn_constructor_kwargs={
-                    "artifact": opts.artifact, "column": column, "kind": kind,
-                    "batch_size": batch_size, "fast_decode": opts.fast_decode,
-                    **engine_kwargs},
-                compute=ray.data.ActorPoolStrategy(size=opts.ray_concurrency),
-                batch_size=batch_size,
-                num_gpus=1 if opts.device.startswith("cuda") else 0, batch_format="numpy")
-            for row in ds.select_columns(["ordinal", "embedding", "error"]).iter_rows():
-                by_ordinal[int(row["ordinal"])] = (row["embedding"], row["error"])
+        by_ordinal = (_embed_window(opts, sent, batch_size, column, kind, num_cpus)
+                      if sent else {})
         for b in window:
             good, rows, failures = [], [], []
             for it in b:
                 if it.kind == "error":
                     failures.append((it, str(it.value)))
                     continue
-                emb, err = by_ordinal.get(it.ordinal, (None, "lost by Ray (no result row)"))
+                emb, err = by_ordinal.get(it.ordinal, (
+                    None, f"no result from Ray after {ATTEMPTS} attempts (nodes lost)"))
                 if err is not None:
                     failures.append((it, str(err)))
                 else:
@@ -160,4 +218,4 @@ def run_ray_batches(opts, batches: Iterator[list[Item]], batch_size: int
             yield b[0].ordinal, good, (np.stack(rows) if rows else None), failures
 
 
-__all__ = ["EmbedBatch", "run_ray_batches"]
+__all__ = ["EmbedBatch", "connect", "run_ray_batches"]
