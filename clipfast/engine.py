@@ -194,6 +194,10 @@ class Engine:
             "artifact": str(self.manifest.directory),
             "family": self.manifest.family,
             "precision": self.manifest.precision,
+            # what the towers compute in (a backend may run bf16 on an fp32 artifact when
+            # asked to; never unsaid)
+            "compute_precision": getattr(self._backend, "precision", None)
+            or self.manifest.precision,
             "requested_device": self.device,
             "batch_size": self._chunk,
             "preprocess": self._preprocess_path,

@@ -5,7 +5,7 @@
   the CPU. The order is speed first, then how little the backend needs installed: onnxruntime
   on the CPU still serves a machine whose GPU stack is incomplete, and the torch backend (the
   source model; it needs the export extras and the weights) is the last resort.
-- device "cpu": onnxruntime, torch.
+- device "cpu": onnxruntime, openvino, torch.
 
 Backend options: each backend module declares the ones it accepts (``OPTIONS``) and its
 ``load()`` raises InputError for any other. ``resolve_backend`` checks the Engine's
@@ -25,17 +25,19 @@ from clipfast.errors import BackendUnavailable, ClipfastError, FidelityError
 AUTO_CHAIN = {
     "cuda": (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"),
              ("torch", "cuda"), ("torch", "cpu")),
-    "cpu": (("onnxruntime", "cpu"), ("torch", "cpu")),
+    "cpu": (("onnxruntime", "cpu"), ("openvino", "cpu"), ("torch", "cpu")),
 }
-AUTO_ORDER = tuple(dict.fromkeys(name for name, _ in AUTO_CHAIN["cuda"]))
+AUTO_ORDER = tuple(dict.fromkeys(name for chain in AUTO_CHAIN.values() for name, _ in chain))
 _MODULES = {
     "tensorrt": "clipfast.backends.tensorrt",
     "onnxruntime": "clipfast.backends.onnxruntime",
+    "openvino": "clipfast.backends.openvino",
     "torch": "clipfast.backends.torch",
 }
 _INSTALL = {
     "tensorrt": "pip install 'clipfast[tensorrt]'",
     "onnxruntime": "pip install onnxruntime (onnxruntime-gpu for CUDA)",
+    "openvino": "pip install 'clipfast[openvino]'",
     "torch": "pip install 'clipfast[export]'",
 }
 
