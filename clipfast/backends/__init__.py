@@ -96,7 +96,8 @@ def _label(name: str, device: str, requested: str) -> str:
 
 def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
                     check: Callable[[Backend, str], Any] | None = None,
-                    threads: int | None = None, **options
+                    threads: int | None = None, golden=None,
+                    allow_precisions: tuple[str, ...] = (), retune: bool = False, **options
                     ) -> tuple[Backend, list[tuple[str, str]]]:
     """Return ``(backend, fallbacks)`` where fallbacks lists ``(skipped_backend, reason)``.
 
@@ -110,6 +111,12 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     no backend ``name`` may load accepts raises InputError (``check_backend_options``). In
     ``auto`` each backend gets the options it accepts, so an option of one backend does not
     trouble the others. ``threads`` goes to every backend (the CPU ones use it).
+
+    ``auto`` on the CPU measures instead of walking a fixed order (``clipfast.backends.tune``):
+    the fastest of onnxruntime and openvino at the artifact's precision (and bf16 when
+    ``allow_precisions`` has it) that pass ``check``, timed on ``golden``, cached per host
+    (``retune`` measures afresh); torch only when none of them runs. ``CLIPFAST_AUTO_TUNE=0``
+    walks AUTO_CHAIN["cpu"] instead.
     """
     accepted = check_backend_options(name, options)
     if name != "auto":
@@ -119,7 +126,30 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
         return backend, []
     skipped: list[tuple[str, str]] = []
     failed_check = False
-    for candidate, dev in AUTO_CHAIN[device]:
+    chain = AUTO_CHAIN[device]
+    from clipfast import settings
+
+    if device == "cpu" and settings.CLIPFAST_AUTO_TUNE:
+        from clipfast.backends import tune
+        from clipfast.backends.onnxruntime import physical_cores
+
+        tunable = [n for n in ("onnxruntime", "openvino") if n in accepted]
+
+        def load_candidate(c: tune.Candidate) -> Backend:
+            own = {k: v for k, v in options.items() if k in accepted[c.backend]}
+            return load_backend(c.backend, manifest, "cpu", threads=threads,
+                                **{**own, **dict(c.options)})
+
+        backend, tune_skipped = tune.resolve_cpu(
+            manifest, load=load_candidate, check=check, golden=golden,
+            threads=threads or physical_cores(), allow=tune.parse_allow(allow_precisions),
+            available=tunable, fallback=fallback, retune=retune)
+        skipped.extend(tune_skipped)
+        if backend is not None:
+            return backend, skipped
+        failed_check = any(r.startswith("self-check failed") for _, r in tune_skipped)
+        chain = tuple((n, d) for n, d in chain if n not in tunable)
+    for candidate, dev in chain:
         label = _label(candidate, dev, device)
         own = {k: v for k, v in options.items() if k in accepted.get(candidate, ())}
         try:
