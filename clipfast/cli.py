@@ -1,4 +1,5 @@
-"""Command line: ``clipfast export | build-engines | verify | info | encode``."""
+"""Command line: ``clipfast export | build-engines | verify | info | encode | tune`` (and the
+subcommands registered from their own modules)."""
 
 from __future__ import annotations
 
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     from clipfast.serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    from clipfast.backends.tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
     return p
 
 

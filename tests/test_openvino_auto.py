@@ -185,3 +185,23 @@ def test_engine_auto_takes_bf16_only_when_allowed(art, monkeypatch):
     # the Engine argument overrides the setting
     strict = clipfast.Engine(art, allow_precisions=())
     assert strict.describe()["compute_precision"] == "fp32"
+
+
+def test_tune_command_measures_afresh_and_the_engine_reuses_it(art, monkeypatch, capsys):
+    pytest.importorskip("openvino")
+    import json
+
+    from clipfast.cli import main
+
+    monkeypatch.setenv("CLIPFAST_AUTO_TUNE", "1")
+    monkeypatch.delenv("CLIPFAST_ALLOW_PRECISIONS", raising=False)
+    monkeypatch.setattr(tune, "time_rounds", lambda backends, golden, **kw: {
+        "onnxruntime": 0.5, "openvino": 1.0})
+    assert main(["tune", str(art), "--threads", "2", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["label"] == "onnxruntime" and record["host"]["threads"] == 2
+    assert record["seconds_per_round"] == {"onnxruntime": 0.5, "openvino": 1.0}
+    engine = clipfast.Engine(art, threads=2)
+    assert engine.backend == "onnxruntime" and engine.describe()["auto"]["cached"] is True
+    assert main(["tune", str(art), "--allow", "fp16"]) == 1
+    assert "'fp16' cannot be allowed" in capsys.readouterr().err

@@ -261,5 +261,77 @@ def resolve_cpu(manifest, *, load: Callable[[Candidate], Any],
     return backend, skipped
 
 
+def tune_artifact(artifact: str, *, allow: Iterable[str] | str | None = None,
+                  threads: int | None = None) -> dict[str, Any]:
+    """Measure the CPU paths of ``artifact`` afresh on this host (``clipfast tune``), cache the
+    choice, and return the record (with ``skipped``)."""
+    from clipfast.backends import load_backend
+    from clipfast.backends.onnxruntime import physical_cores
+    from clipfast.manifest import load_manifest
+    from clipfast.selfcheck import load_golden, run_self_check
+
+    if allow is None:
+        from clipfast import settings
+
+        allow = settings.CLIPFAST_ALLOW_PRECISIONS
+    manifest = load_manifest(artifact)
+    golden = load_golden(manifest)
+    available = []
+    for name in ("onnxruntime", "openvino"):
+        try:
+            __import__(name)
+            available.append(name)
+        except ImportError:
+            pass
+
+    def check(backend, label):
+        run_self_check(backend, manifest, golden, label)
+
+    backend, skipped = resolve_cpu(
+        manifest, load=lambda c: load_backend(c.backend, manifest, "cpu", threads=threads,
+                                              **dict(c.options)),
+        check=check if golden is not None else None, golden=golden,
+        threads=threads or physical_cores(), allow=parse_allow(allow), available=available,
+        retune=True)
+    if backend is None:
+        raise BackendUnavailable("no CPU path runs this artifact here: " + "; ".join(
+            f"{n}: {r}" for n, r in skipped))
+    return {**backend.tuning, "skipped": [list(s) for s in skipped]}
+
+
+def add_parser(sub) -> None:
+    """``clipfast tune ARTIFACT``: the subcommand, registered by clipfast.cli."""
+    t = sub.add_parser("tune", help="measure the CPU paths of an artifact on this host and "
+                       "cache the fastest that passes its gates (what backend auto loads)")
+    t.add_argument("artifact")
+    t.add_argument("--allow", default=None, metavar="PRECISIONS",
+                   help="precisions below the artifact's auto may choose: bf16 (default: "
+                   "$CLIPFAST_ALLOW_PRECISIONS, else none)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="threads per tower (default: the physical cores available)")
+    t.add_argument("--json", action="store_true", help="print the record as JSON")
+    t.set_defaults(fn=_cmd_tune)
+
+
+def _cmd_tune(args) -> int:
+    record = tune_artifact(args.artifact, allow=args.allow, threads=args.threads)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    host = record["host"]
+    print(f"host: {host['cpu']} ({host['isa']}), {host['threads']} threads; "
+          f"allowed below the artifact: {', '.join(record['allow_precisions']) or 'none'}")
+    times = record["seconds_per_round"]
+    base = times.get("onnxruntime")
+    for label, sec in sorted(times.items(), key=lambda kv: kv[1]):
+        ratio = f"  {base / sec:5.2f}x onnxruntime" if base else ""
+        mark = "  <- chosen" if label == record["label"] else ""
+        print(f"  {label:20s} {sec * 1e3:9.1f} ms/round{ratio}{mark}")
+    for label, reason in record["skipped"]:
+        print(f"  {label:20s} skipped: {reason}")
+    print(f"chosen: {record['label']} ({record['why']}); cached in {record['file']}")
+    return 0
+
+
 __all__ = ["ALLOWABLE", "Candidate", "cache_file", "candidates", "choose", "host_fingerprint",
-           "parse_allow", "resolve_cpu", "time_rounds"]
+           "parse_allow", "resolve_cpu", "time_rounds", "tune_artifact"]
