@@ -1,5 +1,4 @@
-"""Command line: ``clipfast export | build-engines | verify | info | encode | tune`` (and the
-subcommands registered from their own modules)."""
+"""Command line: ``clipfast export | build-engines | verify | info | encode``."""
 
 from __future__ import annotations
 
