@@ -184,3 +184,49 @@ def test_int8_runs_clipfasts_graph_on_integer_kernels(small_int8_artifact):
     assert abs(err_ov - err_ort) <= 0.1 * err_ort + 1e-3, (err_ov, err_ort)
     np.testing.assert_allclose(l2_normalize(ov.encode_texts(texts)),
                                l2_normalize(ort.encode_texts(texts)), atol=0.05)
+
+
+_EMULATED = """
+import json, sys
+import clipfast
+from clipfast.backends import openvino as ovb
+from clipfast.cpu import host_cpu
+e = clipfast.Engine(sys.argv[1], backend="openvino", backend_options={"ov_cache": False})
+print(json.dumps({"isa": host_cpu().isa, "bf16": ovb.bf16_unavailable_reason(),
+                  "self_check": e.self_check_figures}))
+"""
+
+
+@pytest.mark.slow
+def test_fp32_passes_and_bf16_is_refused_on_emulated_avx2(small_clip_artifact):
+    """Under ``qemu-x86_64 -cpu EPYC-Rome`` (AVX2 only; minutes under emulation): OpenVINO's
+    AVX2 kernels pass the golden self-check, and bf16 is refused naming the CPU."""
+    import json
+    import os
+    import platform
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import openvino
+
+    from clipfast import settings
+
+    exe = shutil.which("qemu-x86_64")
+    if platform.machine() != "x86_64" or exe is None:
+        if settings.CLIPFAST_REQUIRE_QEMU and platform.machine() == "x86_64":
+            pytest.fail("qemu-x86_64 is required here (CLIPFAST_REQUIRE_QEMU=1)")
+        pytest.skip("qemu-x86_64 not installed (apt-get install qemu-user)")
+    # the interpreter's real file (qemu runs binaries, not a venv's symlink), with this
+    # process's clipfast and openvino on its path
+    path = [str(Path(clipfast.__file__).parents[1]), str(Path(openvino.__file__).parents[1])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    done = subprocess.run([exe, "-cpu", "EPYC-Rome", os.path.realpath(sys.executable), "-c",
+                           _EMULATED, str(small_clip_artifact)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["isa"] == "AVX2"
+    assert got["self_check"]["passed"] and got["self_check"]["image_centred_rel_error"] < 1e-4
+    assert "AVX512_BF16 or AMX" in got["bf16"] and "AVX2" in got["bf16"]
