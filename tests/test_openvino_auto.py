@@ -205,3 +205,16 @@ def test_tune_command_measures_afresh_and_the_engine_reuses_it(art, monkeypatch,
     assert engine.backend == "onnxruntime" and engine.describe()["auto"]["cached"] is True
     assert main(["tune", str(art), "--allow", "fp16"]) == 1
     assert "'fp16' cannot be allowed" in capsys.readouterr().err
+
+
+def test_the_engine_reports_the_chosen_paths_self_check(art, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("CLIPFAST_AUTO_TUNE", "1")
+    monkeypatch.delenv("CLIPFAST_ALLOW_PRECISIONS", raising=False)
+    # onnxruntime is checked first and chosen: its figures, not openvino's (checked last)
+    monkeypatch.setattr(tune, "time_rounds", lambda backends, golden, **kw: {
+        "onnxruntime": 0.5, "openvino": 1.0})
+    engine = clipfast.Engine(art)
+    assert engine.backend == "onnxruntime"
+    assert engine.self_check_figures == engine.check_golden() | {
+        "seconds": engine.self_check_figures["seconds"]}
