@@ -218,3 +218,25 @@ def test_the_engine_reports_the_chosen_paths_self_check(art, monkeypatch):
     assert engine.backend == "onnxruntime"
     assert engine.self_check_figures == engine.check_golden() | {
         "seconds": engine.self_check_figures["seconds"]}
+
+
+def test_manifest_precision_gates_are_read_and_checked(art):
+    import json
+
+    from clipfast.errors import ArtifactError
+    from clipfast.fidelity import GATES
+    from clipfast.selfcheck import self_check_gates
+
+    m = load_manifest(art)
+    assert m.precision_gates("bf16") == GATES["bf16"]  # written by the export
+    assert self_check_gates(m, "bf16")["image_centred_rel_error_max"] == 0.08
+    assert self_check_gates(m, "fp32") == self_check_gates(m)  # the artifact's own
+    path = art / "manifest.json"
+    data = json.loads(path.read_text())
+    data["precision_gates"]["bf16"]["image_centred_rel_error_max"] = 0.05
+    path.write_text(json.dumps(data))
+    assert self_check_gates(load_manifest(art), "bf16")["image_centred_rel_error_max"] == 0.05
+    data["precision_gates"] = {"bf16": 3}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="precision_gates.bf16 must be an object"):
+        load_manifest(art)
