@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ import numpy as np
 
 from clipfast.backends.base import check_options, host_array, option_bool, option_choice
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
+
+log = logging.getLogger("clipfast")
 
 OPTIONS = ("ov_precision", "ov_cache")
 PRECISIONS = ("auto", "f32", "bf16")
@@ -201,6 +204,9 @@ class OpenVinoBackend:
             # The plugin took another precision than the one stated: never run it unsaid.
             raise BackendUnavailable(f"openvino: inference precision {hint} was asked for, the "
                                      f"CPU plugin compiled {self.inference_precision}")
+        if self.precision == "bf16":
+            log.info("clipfast openvino: computing in bf16, below the artifact's %s (asked for; "
+                     "held to the bf16 gates)", artifact)
         image_in = self._compiled["image"].inputs[0]
         self._image_dtype = _numpy_dtype(image_in.get_element_type())
         # A port can carry several tensor names (an input feeding a Cast keeps both): the
