@@ -500,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_index_parser(sub)
     add_search_parser(sub)
+    from clipfast.backends.tune import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
     return p
 
 

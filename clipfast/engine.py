@@ -64,8 +64,10 @@ class Engine:
     >>> engine.encode_images(["cat.jpg"]).shape          # doctest: +SKIP
     (1, 512)
 
-    backend: "auto", "tensorrt", "onnxruntime" or "torch". "auto" tries, on device "cuda",
-        tensorrt, onnxruntime (CUDA, then CPU), torch; on "cpu", onnxruntime then torch; each
+    backend: "auto", "tensorrt", "onnxruntime", "openvino" or "torch". "auto" tries, on device
+        "cuda", tensorrt, onnxruntime (CUDA, then CPU), torch; on "cpu" it measures onnxruntime
+        and openvino on this host and keeps the fastest that passes the gates (cached per host,
+        ``clipfast.backends.tune``), torch when neither runs; each
         skipped one is listed with its reason in ``fallbacks``. ``fallback=False`` makes "auto"
         raise at the first backend that cannot run instead of trying the next.
     device: "cpu" (default) or "cuda". ``backend_device`` says where the towers really run.
@@ -81,6 +83,11 @@ class Engine:
     exif_transpose / alpha_background: image loading policy (see ``clipfast.preprocess``).
     max_image_bytes: the most bytes read from one image path or file object; None (default)
         follows ``clipfast.image_io.MAX_IMAGE_BYTES`` (256 MiB).
+    allow_precisions: precisions below the artifact's that ``backend="auto"`` may pick on the
+        CPU when measured faster: ``("bf16",)`` (OpenVINO on AVX512_BF16 / AMX CPUs, held to the
+        bf16 gates). None (default) reads ``CLIPFAST_ALLOW_PRECISIONS`` (unset: none, so the
+        artifact's precision is never lowered unasked). ``describe()["compute_precision"]``
+        names what runs, ``describe()["auto"]`` the measured choice.
     self_check: run the artifact's golden inputs through the chosen backend and compare with the
         fp32 source's outputs stored at export, with the artifact's gates
         (``clipfast.selfcheck``). Below the gate, "auto" moves on to the next
@@ -104,6 +111,7 @@ class Engine:
         prompt_template: str = DEFAULT_TEMPLATE,
         backend_options: dict[str, Any] | None = None,
         self_check: bool = True,
+        allow_precisions: Sequence[str] | str | None = None,
     ):
         from clipfast.selfcheck import load_golden, run_self_check
         from clipfast.tokenizer import Tokenizer
@@ -145,9 +153,16 @@ class Engine:
         def check(candidate, label: str) -> None:
             self.self_check_figures = run_self_check(candidate, self.manifest, golden, label)
 
+        from clipfast.backends.tune import parse_allow
+
+        if allow_precisions is None:
+            from clipfast import settings
+
+            allow_precisions = settings.CLIPFAST_ALLOW_PRECISIONS
         self._backend, self.fallbacks = resolve_backend(
             backend, self.manifest, device, fallback=fallback, threads=threads,
-            check=check if golden is not None else None, **(backend_options or {}))
+            check=check if golden is not None else None, golden=golden,
+            allow_precisions=parse_allow(allow_precisions), **(backend_options or {}))
         if self.backend_device != device:
             log.warning("clipfast: device %r was asked for; the %s backend runs on %r (%s)",
                         device, self._backend.name, self.backend_device,
@@ -194,12 +209,18 @@ class Engine:
             "artifact": str(self.manifest.directory),
             "family": self.manifest.family,
             "precision": self.manifest.precision,
+            # what the towers compute in (a backend may run bf16 on an fp32 artifact when
+            # asked to; never unsaid)
+            "compute_precision": getattr(self._backend, "precision", None)
+            or self.manifest.precision,
             "requested_device": self.device,
             "batch_size": self._chunk,
             "preprocess": self._preprocess_path,
             "embed_dim": self.embed_dim,
             "fallbacks": list(self.fallbacks),
             "self_check": self.self_check_figures,
+            # backend="auto" on the CPU: the measured choice (clipfast.backends.tune)
+            "auto": getattr(self._backend, "tuning", None),
         }
 
     def check_golden(self) -> dict[str, Any] | None:

@@ -229,6 +229,13 @@ class Manifest:
     def gates(self) -> dict[str, Any]:
         return dict(self.data.get("gates") or {})
 
+    def precision_gates(self, precision: str) -> dict[str, Any] | None:
+        """The gates the artifact states for running its towers at ``precision`` other than its
+        own (``precision_gates``, e.g. ``{"bf16": {...}}`` in an fp32 artifact), or None."""
+        section = self.data.get("precision_gates") or {}
+        gates = section.get(precision)
+        return dict(gates) if isinstance(gates, dict) else None
+
     @property
     def graph(self) -> dict[str, Any]:
         return dict(self.data.get("graph") or {})
@@ -279,7 +286,7 @@ _REQUIRED = ("source", "family", "embed_dim", "precision", "image", "text", "pre
              "tokenizer", "logits", "files")
 _DICTS = ("source", "image", "text", "preprocess", "tokenizer", "logits")
 _OPTIONAL_DICTS = ("graph", "gates", "quantization", "tensorrt", "architecture", "fidelity",
-                   "exported_on")
+                   "exported_on", "precision_gates")
 
 
 def _is_int(v: Any) -> bool:
@@ -317,6 +324,10 @@ def _check_types(data: dict, path: Path) -> None:
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ArtifactError(f"{path}: {key!r} must be an object (or absent), got "
                                 f"{type(data[key]).__name__}")
+    for precision, gates in (data.get("precision_gates") or {}).items():
+        if not isinstance(gates, dict):
+            raise ArtifactError(f"{path}: precision_gates.{precision} must be an object of "
+                                f"gates, got {type(gates).__name__}")
     if not isinstance(data["family"], str):
         raise ArtifactError(f"{path}: 'family' must be a string, got {data['family']!r}")
     if not isinstance(data["precision"], str):

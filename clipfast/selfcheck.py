@@ -36,9 +36,10 @@ GOLDEN_TEXTS = 16
 EMBEDDING_GATES = ("image_centred_rel_error_max", "image_cosine_min",
                    "text_centred_rel_error_max", "text_cosine_min")
 # Precisions from strictest to loosest gates: a backend that computes in a lower precision than
-# the artifact states (the torch backend in fp16 on CUDA running an fp32 artifact) is held to the
-# looser of the two.
-_PRECISION_ORDER = ("fp32", "fp16", "int8")
+# the artifact states (the torch backend in fp16 on CUDA running an fp32 artifact, OpenVINO in
+# bf16) is held to the looser of the two: the artifact's ``precision_gates`` for that precision
+# when it records them, else clipfast.fidelity.GATES.
+_PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass
@@ -101,7 +102,7 @@ def self_check_gates(manifest, backend_precision: str | None = None) -> dict[str
     gates = manifest.gates or dict(GATES.get(precision, {}))
     if backend_precision in _PRECISION_ORDER and precision in _PRECISION_ORDER and \
             _PRECISION_ORDER.index(backend_precision) > _PRECISION_ORDER.index(precision):
-        gates = dict(GATES[backend_precision])
+        gates = manifest.precision_gates(backend_precision) or dict(GATES[backend_precision])
     return {k: v for k, v in gates.items() if k in EMBEDDING_GATES}
 
 

@@ -115,6 +115,18 @@ _DECLARED = (
         "when --api-key is not given; unset: no key.",
         _text),
     Setting(
+        "CLIPFAST_ALLOW_PRECISIONS", "comma list (bf16)", "",
+        "Precisions below the artifact's that backend auto may choose on the CPU when measured "
+        "faster (bf16: OpenVINO on AVX512_BF16 / AMX CPUs); the Engine's allow_precisions "
+        "overrides it. Unset: none, the artifact's precision is never lowered.",
+        _text),
+    Setting(
+        "CLIPFAST_AUTO_TUNE", "flag", True,
+        "0 turns the measurement of backend auto on the CPU off: it then takes the first of "
+        "onnxruntime, openvino, torch that loads and passes its gates (the same path on every "
+        "host, e.g. for bit-identical results across machines).",
+        _flag),
+    Setting(
         "CLIPFAST_REQUIRE_QEMU", "flag (1)", False,
         "1: the int8 tests that emulate an AVX2-only CPU fail without qemu-x86_64 instead of "
         "skipping (CI sets it).",

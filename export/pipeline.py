@@ -441,7 +441,11 @@ def _manifest_data(source, options: ExportOptions, graph: dict[str, dict[str, An
         graph=graph, gates=gates, golden=golden, quantization=quantization,
         # Where the gates were measured: int8 kernels (and so results) differ by CPU family
         # (clipfast.cpu); every Engine re-checks the golden outputs on its own host.
-        exported_on=host_cpu().to_dict())
+        exported_on=host_cpu().to_dict(),
+        # Gates for running the fp32 / fp16 towers in bf16 (OpenVINO on AVX512_BF16 / AMX
+        # CPUs, only when asked for): the runtime's self-check holds bf16 paths to these.
+        extra={"precision_gates": {"bf16": dict(GATES["bf16"])}}
+        if options.precision in ("fp32", "fp16") else {})
 
 
 def _write_artifact(source, options: ExportOptions, work: Path,

@@ -11,6 +11,10 @@ import pytest
 # Tests never reach a hub: fail fast instead of hanging on a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# backend="auto" on the CPU walks its fixed order here instead of measuring (tests compare auto
+# engines with onnxruntime ones bit for bit); tests/test_openvino_auto.py covers the measured
+# choice with injected timings.
+os.environ.setdefault("CLIPFAST_AUTO_TUNE", "0")
 
 
 def _export(model: str, out: Path, pretrained: str | None = "none") -> Path:

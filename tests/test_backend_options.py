@@ -12,13 +12,15 @@ import pytest
 import clipfast
 from clipfast import backends
 from clipfast.backends import onnxruntime as ort_backend
+from clipfast.backends import openvino as ov_backend
 from clipfast.backends import tensorrt as trt_backend
 from clipfast.backends import torch as torch_backend
 from clipfast.backends.base import check_options
 from clipfast.errors import BackendUnavailable, InputError
 from clipfast.manifest import Manifest
 
-MODULES = {"tensorrt": trt_backend, "onnxruntime": ort_backend, "torch": torch_backend}
+MODULES = {"tensorrt": trt_backend, "onnxruntime": ort_backend, "openvino": ov_backend,
+           "torch": torch_backend}
 NOWHERE = Manifest(Path("/nonexistent"), {})
 
 
@@ -30,7 +32,7 @@ def test_every_backend_declares_its_options():
     assert "cuda_graphs" not in ort_backend.OPTIONS
 
 
-@pytest.mark.parametrize("name", ["tensorrt", "onnxruntime", "torch"])
+@pytest.mark.parametrize("name", ["tensorrt", "onnxruntime", "openvino", "torch"])
 def test_every_reported_option_is_accepted_by_the_backend(name):
     """What ``backend_options`` reports (the list the Engine checks against up front and error
     messages show) is what the backend's ``load`` takes: each option passes both checks, and
@@ -48,7 +50,7 @@ def test_every_reported_option_is_accepted_by_the_backend(name):
             pass
 
 
-@pytest.mark.parametrize("name", ["tensorrt", "onnxruntime", "torch"])
+@pytest.mark.parametrize("name", ["tensorrt", "onnxruntime", "openvino", "torch"])
 def test_load_rejects_an_unknown_option_before_loading_anything(name):
     """The check comes first: no runtime is imported and the (missing) artifact is not read."""
     module = MODULES[name]
@@ -103,7 +105,7 @@ def test_auto_checks_every_option_before_loading(recorded_loads):
     with pytest.raises(InputError) as info:
         backends.resolve_backend("auto", NOWHERE, "cpu", cuda_graph=False)
     msg = str(info.value)
-    assert msg.startswith("backend auto (tensorrt, onnxruntime, torch): unknown option "
+    assert msg.startswith("backend auto (tensorrt, onnxruntime, torch, openvino): unknown option "
                           "'cuda_graph' (did you mean 'cuda_graphs'?); valid options: ")
     for name, module in MODULES.items():
         assert f"{name}: {', '.join(sorted(module.OPTIONS))}" in msg

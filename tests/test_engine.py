@@ -118,6 +118,7 @@ def test_torch_backend_matches_onnxruntime(vitb32_artifact, vitb32_engine, photo
 
 def test_auto_falls_back_and_says_why(vitb32_artifact, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    monkeypatch.setitem(sys.modules, "openvino", None)
     eng = clipfast.Engine(vitb32_artifact, backend="auto")
     assert eng.backend == "torch"
     assert eng.fallbacks and eng.fallbacks[0][0] == "onnxruntime"

@@ -26,7 +26,8 @@ def test_every_setting_is_declared_with_type_default_and_doc():
         assert s.type and s.doc.strip() and s.scope in ("runtime", "tests", "benchmarks")
         assert s.describe_default()
     runtime = {n for n, s in settings.SETTINGS.items() if s.scope == "runtime"}
-    assert runtime == {"CLIPFAST_API_KEY", "CLIPFAST_CACHE_DIR", "CLIPFAST_DISABLE_KERNELS",
+    assert runtime == {"CLIPFAST_ALLOW_PRECISIONS", "CLIPFAST_API_KEY", "CLIPFAST_AUTO_TUNE",
+                       "CLIPFAST_CACHE_DIR", "CLIPFAST_DISABLE_KERNELS",
                        "CLIPFAST_KERNELS_LIB", "CLIPFAST_TORCH_ATTENTION"}
 
 

@@ -5,7 +5,7 @@
   the CPU. The order is speed first, then how little the backend needs installed: onnxruntime
   on the CPU still serves a machine whose GPU stack is incomplete, and the torch backend (the
   source model; it needs the export extras and the weights) is the last resort.
-- device "cpu": onnxruntime, torch.
+- device "cpu": onnxruntime, openvino, torch.
 
 Backend options: each backend module declares the ones it accepts (``OPTIONS``) and its
 ``load()`` raises InputError for any other. ``resolve_backend`` checks the Engine's
@@ -25,17 +25,19 @@ from clipfast.errors import BackendUnavailable, ClipfastError, FidelityError
 AUTO_CHAIN = {
     "cuda": (("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"),
              ("torch", "cuda"), ("torch", "cpu")),
-    "cpu": (("onnxruntime", "cpu"), ("torch", "cpu")),
+    "cpu": (("onnxruntime", "cpu"), ("openvino", "cpu"), ("torch", "cpu")),
 }
-AUTO_ORDER = tuple(dict.fromkeys(name for name, _ in AUTO_CHAIN["cuda"]))
+AUTO_ORDER = tuple(dict.fromkeys(name for chain in AUTO_CHAIN.values() for name, _ in chain))
 _MODULES = {
     "tensorrt": "clipfast.backends.tensorrt",
     "onnxruntime": "clipfast.backends.onnxruntime",
+    "openvino": "clipfast.backends.openvino",
     "torch": "clipfast.backends.torch",
 }
 _INSTALL = {
     "tensorrt": "pip install 'clipfast[tensorrt]'",
     "onnxruntime": "pip install onnxruntime (onnxruntime-gpu for CUDA)",
+    "openvino": "pip install 'clipfast[openvino]'",
     "torch": "pip install 'clipfast[export]'",
 }
 
@@ -94,7 +96,8 @@ def _label(name: str, device: str, requested: str) -> str:
 
 def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
                     check: Callable[[Backend, str], Any] | None = None,
-                    threads: int | None = None, **options
+                    threads: int | None = None, golden=None,
+                    allow_precisions: tuple[str, ...] = (), retune: bool = False, **options
                     ) -> tuple[Backend, list[tuple[str, str]]]:
     """Return ``(backend, fallbacks)`` where fallbacks lists ``(skipped_backend, reason)``.
 
@@ -108,6 +111,12 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     no backend ``name`` may load accepts raises InputError (``check_backend_options``). In
     ``auto`` each backend gets the options it accepts, so an option of one backend does not
     trouble the others. ``threads`` goes to every backend (the CPU ones use it).
+
+    ``auto`` on the CPU measures instead of walking a fixed order (``clipfast.backends.tune``):
+    the fastest of onnxruntime and openvino at the artifact's precision (and bf16 when
+    ``allow_precisions`` has it) that pass ``check``, timed on ``golden``, cached per host
+    (``retune`` measures afresh); torch only when none of them runs. ``CLIPFAST_AUTO_TUNE=0``
+    walks AUTO_CHAIN["cpu"] instead.
     """
     accepted = check_backend_options(name, options)
     if name != "auto":
@@ -117,7 +126,30 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
         return backend, []
     skipped: list[tuple[str, str]] = []
     failed_check = False
-    for candidate, dev in AUTO_CHAIN[device]:
+    chain = AUTO_CHAIN[device]
+    from clipfast import settings
+
+    if device == "cpu" and settings.CLIPFAST_AUTO_TUNE:
+        from clipfast.backends import tune
+        from clipfast.backends.onnxruntime import physical_cores
+
+        tunable = [n for n in ("onnxruntime", "openvino") if n in accepted]
+
+        def load_candidate(c: tune.Candidate) -> Backend:
+            own = {k: v for k, v in options.items() if k in accepted[c.backend]}
+            return load_backend(c.backend, manifest, "cpu", threads=threads,
+                                **{**own, **dict(c.options)})
+
+        backend, tune_skipped = tune.resolve_cpu(
+            manifest, load=load_candidate, check=check, golden=golden,
+            threads=threads or physical_cores(), allow=tune.parse_allow(allow_precisions),
+            available=tunable, fallback=fallback, retune=retune)
+        skipped.extend(tune_skipped)
+        if backend is not None:
+            return backend, skipped
+        failed_check = any(r.startswith("self-check failed") for _, r in tune_skipped)
+        chain = tuple((n, d) for n, d in chain if n not in tunable)
+    for candidate, dev in chain:
         label = _label(candidate, dev, device)
         own = {k: v for k, v in options.items() if k in accepted.get(candidate, ())}
         try:

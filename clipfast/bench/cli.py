@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     b.add_argument("artifact", nargs="+", help="artifact directories (one precision each)")
     b.add_argument("--backends", type=_csv(str), default=DEFAULT_BACKENDS,
                    help="comma-separated (default onnxruntime,tensorrt,torch; unavailable ones "
-                        "are skipped with the reason; torch is the eager baseline)")
+                        "are skipped with the reason; torch is the eager baseline); also "
+                        "openvino, openvino-bf16, auto, auto-bf16 (the host's measured choice)")
     b.add_argument("--batch-sizes", type=_csv(int), default=DEFAULT_BATCH_SIZES,
                    help="comma-separated (default 1,8,32,128)")
     b.add_argument("--towers", type=_csv(str), default=TOWERS, help="image,text (default both)")

@@ -255,7 +255,9 @@ class _Run:
              times: list[float], mem: dict[str, Any], load: tuple[float, float | None]
              ) -> dict[str, Any]:
         tower, mode, batch = where
-        precision = "fp32" if backend == BASELINE else a.precision
+        # what the towers compute in (bf16 on an fp32 artifact is said, not implied)
+        precision = "fp32" if backend == BASELINE else (
+            getattr(engine._backend, "precision", None) or a.precision)
         stats = summarize(times, batch)
         row: dict[str, Any] = {
             "model": a.label, "artifact": str(a.path), "backend": backend,
@@ -269,6 +271,9 @@ class _Run:
         row["load_rss_mb"] = load[1]
         if engine.backend == "onnxruntime":
             row["providers"] = getattr(engine._backend, "providers", None)
+        tuning = getattr(engine._backend, "tuning", None)
+        if tuning:
+            row["auto_choice"] = tuning.get("label")
         row.update(_utilisation(a.flops_per_item.get(tower), stats["items_per_s"],
                                 peak_for(precision, self.peak)))
         return row

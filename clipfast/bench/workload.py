@@ -131,10 +131,21 @@ def cuda_sync(device: str) -> Callable[[], Any] | None:
     return torch.cuda.synchronize if torch.cuda.is_available() else None
 
 
+# Bench paths beyond the backend names: a backend with the options that select a precision,
+# and auto (the host's measured choice, clipfast.backends.tune) with what it may lower to.
+PATHS = {
+    "openvino-bf16": ("openvino", {"backend_options": {"ov_precision": "bf16"}}),
+    "auto": ("auto", {"allow_precisions": ()}),
+    "auto-bf16": ("auto", {"allow_precisions": ("bf16",)}),
+}
+
+
 def load_engine(artifact: Path, backend: str, config: BenchConfig, verify: bool):
-    """The artifact on one backend, no fallback: a backend that cannot run is skipped."""
+    """The artifact on one backend (or a path of ``PATHS``), no fallback: a backend that cannot
+    run is skipped."""
     import clipfast
 
-    return clipfast.Engine(artifact, backend=backend, device=config.device, fallback=False,
+    name, extra = PATHS.get(backend, (backend, {}))
+    return clipfast.Engine(artifact, backend=name, device=config.device, fallback=False,
                            batch_size=max(config.batch_sizes), threads=config.threads,
-                           verify_checksums=verify)
+                           verify_checksums=verify, **extra)
