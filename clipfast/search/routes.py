@@ -9,12 +9,12 @@
 - ``GET /v1/search/thumbnails/{id}``: a JPEG thumbnail of the indexed item ``id``, read from the
   path its key names (only keys of the index, never a path from the request) by the project's
   image loading policy, in the decode pool, resized and kept in a bounded cache.
+- ``GET /``: the search page (static HTML and JS from this package, no external resources); its
+  calls carry the API key the user types in.
 
 The routes obey the serving core's rules: the body is parsed, validated and checked off the
 event loop (``--max-text-chars``, ``--max-labels``, literal templates, per-item image limits),
 every client error is an OpenAI-shaped 4xx, and the paths have their own metrics labels.
-- ``GET /``: the search page (static HTML and JS from this package, no external resources); its
-  calls carry the API key the user types in.
 """
 
 from __future__ import annotations
@@ -165,17 +165,6 @@ def mount(app: Any, service: Any, index_path: str | os.PathLike, *,
         the text tokenized or the image's base64 decoded, the filter's prompts filled."""
         if (req.text is None) == (req.image is None):
             raise invalid("a search needs \"text\" or \"image\" (exactly one)", "text")
-        tokens = data = None
-        if req.text is not None:
-            if not req.text.strip():
-                raise invalid("text: empty query", "text")
-            check_texts([req.text], config.max_text_chars, "text")
-            tokens = engine.tokenize([req.text])
-        else:
-            try:
-                data = decode_inline(req.image, 0)
-            except BadItem as e:
-                data = Failure(0, e.item or "", str(e))
         prompts: list[str] = []
         flt = req.filter
         if flt is not None:
@@ -198,6 +187,17 @@ def mount(app: Any, service: Any, index_path: str | os.PathLike, *,
             except InputError as e:
                 raise invalid(f"filter.{e}", "filter.template", "invalid_template") from None
             prompts = [fill_template(template, label) for label in flt.labels]
+        tokens = data = None  # the filter is checked first: it may refuse the request
+        if req.text is not None:
+            if not req.text.strip():
+                raise invalid("text: empty query", "text")
+            check_texts([req.text], config.max_text_chars, "text")
+            tokens = engine.tokenize([req.text])
+        else:
+            try:
+                data = decode_inline(req.image, 0)
+            except BadItem as e:
+                data = Failure(0, e.item or "", str(e))
         return Prepared(req, tokens, data, prompts)
 
     async def query_embedding(p: Prepared) -> np.ndarray:
