@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -19,7 +20,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 from test_search import clipfast, clustered, fake_embed_dir, make_photos  # noqa: E402
-from test_serve_support import ThreadServer  # noqa: E402
+from test_serve_support import StubEngine, ThreadServer, jpeg  # noqa: E402
 
 from clipfast.errors import InputError  # noqa: E402
 from clipfast.search.index import build_index  # noqa: E402
@@ -220,3 +221,275 @@ def test_serve_cli_passes_the_index(monkeypatch):
                         lambda artifact, config, **kw: seen.update(config=config) or 0)
     assert main(["serve", "art", "--index", "idx"]) == 0
     assert seen["config"].index == "idx"
+
+
+# -- the serving core's rules, with a stand-in engine (no model) ------------------------------
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (no pixel data follows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                                 0, 0, 0)) + chunk(b"IEND", b""))
+
+
+def stub_index(root: Path) -> tuple[Any, Path, dict[str, int]]:
+    """A StubEngine (4-d embeddings) and a flat index of its artifact whose keys name generated
+    photos and, by name, files no thumbnail can come from: over --max-image-pixels (10 000 in
+    ``stub_config``), a header past Pillow's decompression-bomb limit, a FIFO, a folder, a text
+    file, a file deleted after indexing. Returns (engine, index folder, name -> id)."""
+    from PIL import Image
+
+    from clipfast.manifest import artifact_digest
+    from clipfast.search.index import build_index
+
+    engine = StubEngine()
+    engine.manifest.files = {"stub.onnx": {"sha256": "0" * 64}}
+    photos = make_photos(root / "photos", 4)
+    files = {f"photo{i}": p for i, p in enumerate(photos)}
+    files["big"] = root / "big.png"
+    Image.fromarray(np.zeros((120, 100, 3), np.uint8)).save(files["big"])  # 12 000 pixels
+    files["bomb"] = root / "bomb.png"
+    files["bomb"].write_bytes(_png_header(30_000, 30_000))
+    files["fifo"] = root / "fifo.jpg"
+    os.mkfifo(files["fifo"])
+    files["folder"] = root / "photos"
+    files["text"] = root / "notes.jpg"
+    files["text"].write_text("not an image")
+    files["gone"] = root / "gone.jpg"
+    files["gone"].write_bytes(jpeg(np.zeros((8, 8, 3), np.uint8)))
+    names = list(files)
+    emb = clustered(len(names), 4)
+    build_index([fake_embed_dir(root / "emb", emb, digest=artifact_digest(engine.manifest),
+                                keys=[str(files[n]) for n in names])], root / "idx")
+    files["gone"].unlink()
+    return engine, root / "idx", {n: i for i, n in enumerate(names)}
+
+
+def stub_config(index: Path, **kw) -> ServeConfig:
+    opts = {"max_items": 4, "max_queue": 8, "max_body_bytes": 4_000_000,
+            "max_image_pixels": 10_000, "max_wait_ms": 0.0, "max_labels": 16,
+            "max_text_chars": 1000, "index": str(index)}
+    opts.update(kw)
+    return ServeConfig(**opts)
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    return stub_index(tmp_path_factory.mktemp("stub-index"))
+
+
+def _run(app, fn):
+    import asyncio
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await fn(client)
+    return asyncio.run(main())
+
+
+def _client_error(r: httpx.Response, what: str) -> dict:
+    assert 400 <= r.status_code < 500, (what, r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, (what, r.text[:300])
+    assert err["type"] == "invalid_request_error" and err["message"], (what, err)
+    return err
+
+
+def _search_cases() -> list[tuple[str, bytes, int | None, str | None]]:
+    """(what, body, status or None for any 4xx, error code or None)."""
+    from test_serve_support import data_url
+
+    big = data_url(jpeg(np.zeros((120, 100, 3), np.uint8), "PNG"), "image/png")
+    flt = {"labels": ["cat", "dog"], "exclude": ["cat"]}
+    cases = [
+        ("JSON nested 10,000 deep", b"[" * 10_000 + b"]" * 10_000, None, None),
+        ("JSON nested 10,000 deep in a field",
+         b'{"text":"a","x":' + b"[" * 10_000 + b"]" * 10_000 + b"}", None, None),
+        ("5,000-digit integer", b'{"text":"a","k":' + b"7" * 5000 + b"}", 422, None),
+        ("a body of 500,000 integers", b'{"text":"a","x":[' + b"1," * 499_999 + b"1]}", 413,
+         "max_json_values"),
+        ("invalid JSON", b"{not json", 422, "invalid_json"),
+        ("text over --max-text-chars", json.dumps({"text": "b" * 1001}).encode(), 413,
+         "max_text_chars"),
+        ("label over --max-text-chars", json.dumps({"text": "a", "filter": {
+            "labels": ["b" * 1001]}}).encode(), 413, "max_text_chars"),
+        ("labels over --max-labels", json.dumps({"text": "a", "filter": {
+            "labels": [f"l{i}" for i in range(17)]}}).encode(), 413, "max_labels"),
+        ("exclude over --max-labels", json.dumps({"text": "a", "filter": {
+            "labels": ["cat"], "exclude": ["cat"] * 17}}).encode(), 413, "max_labels"),
+        ("image over --max-image-pixels", json.dumps({"image": big}).encode(), 422, "bad_items"),
+        ("image URL", json.dumps({"image": "https://example.com/x.jpg"}).encode(), 422,
+         "bad_items"),
+        ("k over the limit", json.dumps({"text": "a", "k": 10**6}).encode(), 422, None),
+    ]
+    for t in ("{.__class__.__mro__}{{}}", "{:>20000000}{{}}", "{} {0}", "{0}", "{} and {}",
+              "{.x}", "{!r}", "{}{{}}", "no slot", "", "x" * 1001 + "{}"):
+        cases.append((f"template {t[:30]!r}", json.dumps({"text": "a", "filter": {
+            **flt, "template": t}}).encode(), 413 if len(t) > 1000 else 422,
+            "max_template_chars" if len(t) > 1000 else "invalid_template"))
+    return cases
+
+
+def test_search_obeys_every_limit_of_the_serving_core(stub):
+    """The body's JSON is counted before parsing; the text, the labels, the template and the
+    image get the limits of /v1/embeddings and /v1/classify; each refusal is an OpenAI-shaped
+    4xx, and no refused request reaches a tower."""
+    engine, idx, _ = stub
+    app = create_app(engine, stub_config(idx))
+
+    async def fn(c):
+        for what, body, status, code in _search_cases():
+            r = await c.post("/v1/search", content=body,
+                             headers={"content-type": "application/json"})
+            err = _client_error(r, what)
+            assert status is None or r.status_code == status, (what, r.status_code, err)
+            assert code is None or err["code"] == code, (what, err)
+        r = await c.post("/v1/search", content=b"x" * 4_000_001,
+                         headers={"content-type": "application/json"})
+        assert _client_error(r, "body over the cap")["code"] == "max_body_bytes"
+        # What is allowed still answers.
+        r = await c.post("/v1/search", json={"text": "a" * 1000, "k": 3, "filter": {
+            "labels": ["cat", "dog"], "exclude": ["cat"], "template": "a {} (photo) %s",
+            "threshold": 1.0}})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"]) == 3
+
+    calls_before = len(engine.calls)
+    _run(app, fn)
+    # Only the allowed request reached the towers: its query and its two prompts.
+    assert sum(engine.calls[calls_before:]) == 3
+
+
+def test_search_template_is_filled_by_replacement(stub, monkeypatch):
+    engine, idx, _ = stub
+    seen: list[str] = []
+    tokenize = engine.tokenize
+
+    def recording(texts):
+        seen.extend(texts)
+        return tokenize(texts)
+
+    app = create_app(engine, stub_config(idx))
+    monkeypatch.setattr(engine, "tokenize", recording, raising=False)
+    r = _run(app, lambda c: c.post("/v1/search", json={"text": "q", "filter": {
+        "labels": ["{0}", "a.b"], "template": "x {} %s "}}))
+    assert r.status_code == 200, r.text
+    assert seen == ["q", "x {0} %s ", "x a.b %s "]
+
+
+def test_search_body_is_parsed_and_tokenized_off_the_event_loop(stub, monkeypatch):
+    """A body over the inline size is counted and parsed in a decode thread (as on the other
+    routes), and /health answers while its text is being tokenized."""
+    import asyncio
+    import threading
+
+    import clipfast.serve.app as app_mod
+
+    engine, idx, _ = stub
+    threads: list[str] = []
+    check_json = app_mod.check_json
+
+    def recording_check(body, max_values):
+        threads.append(threading.current_thread().name)
+        return check_json(body, max_values)
+
+    monkeypatch.setattr(app_mod, "check_json", recording_check)
+    entered, release = threading.Event(), threading.Event()
+    released_by_health: list[bool] = []
+    tokenize = engine.tokenize
+
+    def held(texts):
+        entered.set()
+        released_by_health.append(release.wait(5))
+        return tokenize(texts)
+
+    app = create_app(engine, stub_config(idx))
+    monkeypatch.setattr(engine, "tokenize", held, raising=False)
+
+    async def fn(c):
+        body = {"text": "a" * 900, "filter": {"labels": ["b" * 900, "c" * 900]}}
+        task = asyncio.create_task(c.post("/v1/search", json=body))
+        for _ in range(5000):
+            if entered.is_set():
+                break
+            await asyncio.sleep(0.001)
+        assert (await c.get("/health")).status_code == 200
+        release.set()
+        r = await task
+        assert r.status_code == 200, r.text
+
+    _run(app, fn)
+    assert released_by_health[:1] == [True]
+    assert threads and all(t.startswith("clipfast-decode") for t in threads), threads
+
+
+def test_search_routes_are_known_to_metrics_and_to_routing_errors(stub):
+    engine, idx, _ = stub
+    app = create_app(engine, stub_config(idx, api_key="k"))
+    auth = {"Authorization": "Bearer k"}
+
+    async def fn(c):
+        assert (await c.post("/v1/search", json={"text": "a"})).status_code == 401
+        r = await c.post("/v1/search", json={"text": "a"}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert (await c.get("/v1/search/thumbnails/0", headers=auth)).status_code == 200
+        _client_error(await c.get("/v1/search/thumbnails/x", headers=auth), "thumbnail x")
+        r = await c.get("/nowhere", headers=auth)
+        err = _client_error(r, "unknown path")
+        assert r.status_code == 404
+        assert "/v1/search" in err["message"] and "/v1/search/thumbnails/{id}" in err["message"]
+        for method, path in (("PUT", "/v1/search"), ("GET", "/v1/search"),
+                             ("POST", "/v1/search/thumbnails/0"), ("DELETE", "/")):
+            r = await c.request(method, path, headers=auth)
+            assert r.status_code == 405, (method, path, r.status_code)
+            _client_error(r, f"{method} {path}")
+        return (await c.get("/metrics", headers=auth)).text
+
+    metrics = _run(app, fn)
+    for line in ('clipfast_requests_total{endpoint="/v1/search",status="401"}',
+                 'clipfast_requests_total{endpoint="/v1/search",status="200"}',
+                 'clipfast_requests_total{endpoint="/v1/search/thumbnails",status="200"}',
+                 'clipfast_requests_total{endpoint="/v1/search/thumbnails",status="404"}',
+                 'clipfast_errors_total{endpoint="/v1/search",kind="unauthorized"}'):
+        assert line in metrics, line
+
+
+def test_thumbnails_come_only_from_readable_indexed_images(stub):
+    """Ids outside the index, ids that are not plain integers, and keys that are over the
+    pixel limit, past Pillow's bomb limit, a FIFO, a folder, not an image or gone: each an
+    OpenAI-shaped 404 (a FIFO is never opened: the request answers)."""
+    from PIL import Image
+
+    engine, idx, ids = stub
+    # The bomb is within the server's own pixel limit: the loading policy refuses it.
+    app = create_app(engine, stub_config(idx, max_image_pixels=10**10))
+    small = create_app(engine, stub_config(idx))
+
+    async def fn(c):
+        r = await c.get(f"/v1/search/thumbnails/{ids['photo1']}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        import io
+
+        with Image.open(io.BytesIO(r.content)) as img:
+            assert max(img.size) <= 256
+        bad = ["99999", str(len(ids)), "-1", "abc", "1.5", "1e3", " 1", "+1", "٣", "9" * 5000,
+               "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd"]
+        bad += [str(ids[n]) for n in ("bomb", "fifo", "folder", "text", "gone")]
+        for item in bad:
+            r = await asyncio.wait_for(c.get(f"/v1/search/thumbnails/{item}"), 30)
+            err = _client_error(r, item)
+            assert r.status_code == 404, (item, r.status_code, err)
+            assert b"root:" not in r.content
+        return (await c.get(f"/v1/search/thumbnails/{ids['gone']}")).json()["error"]["message"]
+
+    import asyncio
+
+    assert "not found" in _run(app, fn)
+    r = _run(small, lambda c: c.get(f"/v1/search/thumbnails/{ids['big']}"))
+    assert r.status_code == 404 and "--max-image-pixels" in r.json()["error"]["message"]
+    assert _run(app, lambda c: c.get(f"/v1/search/thumbnails/{ids['big']}")).status_code == 200

@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -39,27 +39,52 @@ def _rss_mb(pid: int) -> float:
 
 
 class Served:
-    def __init__(self, artifact, *flags: str):
+    """``clipfast serve`` in a child process; its log (stdout and stderr) is read as it comes
+    by a thread, so the test can wait on its lines and the pipe never fills."""
+
+    READY = "clipfast serve: m ready ("  # each process logs it once its app has started
+
+    def __init__(self, artifact, *flags: str, workers: int = 1):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "clipfast.cli", "serve", str(artifact), "--port",
-             str(self.port), "--backend", "onnxruntime", "--model-name", "m", *flags],
+             str(self.port), "--backend", "onnxruntime", "--model-name", "m",
+             "--workers", str(workers), *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: "
-                                     f"{self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError("server not ready within 120 s")
-            time.sleep(0.1)
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # Every worker ready (its lifespan has started, so its signal handlers are installed:
+        # SIGTERM now drains it instead of killing it while it loads), or the server gone.
+        with self._changed:
+            done = self._changed.wait_for(
+                lambda: self._eof or self.log().count(self.READY) >= workers, timeout=180)
+        if not done or self._eof:
+            self.proc.kill()
+            self._reader.join(10)
+            raise AssertionError(f"{workers} worker(s) not ready within 180 s (exit "
+                                 f"{self.proc.poll()}): {self.log()}")
+        assert httpx.get(self.url + "/ready", timeout=30).status_code == 200
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def log(self) -> str:
+        """What the server has logged so far (all of it once ``wait_closed`` returned)."""
+        return "".join(self._lines)
+
+    def wait_closed(self) -> str:
+        self._reader.join(30)
+        return self.log()
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -177,8 +202,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(small_clip_artifact, sma
         want = small_clip_engine.encode_texts(texts[:6])
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
         assert s.proc.wait(60) == 0
-        log = s.proc.stdout.read()
-        assert "SIGTERM received, draining" in log
+        assert "SIGTERM received, draining" in s.wait_closed()
         with pytest.raises(httpx.ConnectError):
             httpx.get(s.url + "/health", timeout=2)
     finally:
@@ -189,7 +213,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(small_clip_artifact, sma
 def test_workers_share_one_port_and_all_exit_0_on_sigterm(small_clip_artifact, small_clip_engine,
                                                           inputs):
     texts, _ = inputs
-    s = Served(small_clip_artifact, "--workers", "2")
+    s = Served(small_clip_artifact, workers=2)  # returns once both workers are ready
     try:
         for i in range(6):
             r = httpx.post(s.url + "/v1/embeddings", json={"model": "m", "input": [texts[i]]},
@@ -198,7 +222,9 @@ def test_workers_share_one_port_and_all_exit_0_on_sigterm(small_clip_artifact, s
             np.testing.assert_allclose(decode_rows(r.json())[0], small_clip_engine.encode_texts(
                 [texts[i]])[0], rtol=0, atol=ATOL)
         assert s.stop() == 0
-        assert s.proc.stdout.read().count("SIGTERM received, draining") == 2
+        log = s.wait_closed()
+        assert log.count(Served.READY) == 2
+        assert log.count("SIGTERM received, draining") == 2, log
     finally:
         if s.proc.poll() is None:
             s.proc.kill()

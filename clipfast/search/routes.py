@@ -7,27 +7,31 @@
   probabilities. The query is embedded through the server's batchers, exactly as
   ``clipfast search`` embeds it.
 - ``GET /v1/search/thumbnails/{id}``: a JPEG thumbnail of the indexed item ``id``, read from the
-  path its key names (only keys of the index, never a path from the request), resized and kept
-  in a bounded cache.
+  path its key names (only keys of the index, never a path from the request) by the project's
+  image loading policy, in the decode pool, resized and kept in a bounded cache.
 - ``GET /``: the search page (static HTML and JS from this package, no external resources); its
   calls carry the API key the user types in.
+
+The routes obey the serving core's rules: the body is parsed, validated and checked off the
+event loop (``--max-text-chars``, ``--max-labels``, literal templates, per-item image limits),
+every client error is an OpenAI-shaped 4xx, and the paths have their own metrics labels.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import io
 import os
 import threading
-import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from clipfast.errors import InputError
 from clipfast.search.index import SearchIndex
@@ -35,6 +39,7 @@ from clipfast.search.index import SearchIndex
 THUMB_SIZE = 256
 THUMB_CACHE_BYTES = 64 * 1024 * 1024
 MAX_K = 1000
+THUMBNAILS = "/v1/search/thumbnails"  # + "/{id}"
 _OVERSAMPLE = 4  # candidates per result fetched when a filter may drop some
 
 
@@ -55,6 +60,17 @@ class SearchRequest(BaseModel):
     image: str | None = None
     k: int = Field(default=10, ge=1, le=MAX_K)
     filter: SearchFilter | None = None
+
+
+@dataclass
+class Prepared:
+    """A search request after its checks: the text's tokens or the image's bytes (or that
+    item's Failure), and the filter's prompts."""
+
+    request: SearchRequest
+    tokens: dict[str, np.ndarray] | None
+    image: Any
+    prompts: list[str]
 
 
 class ThumbnailCache:
@@ -88,100 +104,131 @@ class ThumbnailCache:
 
 
 def make_thumbnail(path: str, size: int, max_pixels: int) -> bytes:
-    """A JPEG of the image at ``path`` fitted in ``size`` x ``size``."""
-    from PIL import Image, ImageOps
+    """A JPEG of the image at ``path`` fitted in ``size`` x ``size``, read and decoded by the
+    project's loading policy (``clipfast.image_io``: regular files only, never a FIFO or a
+    device, a read limit, the decompression-bomb limit, EXIF orientation, modes to RGB) and
+    refused past ``max_pixels`` (the server's --max-image-pixels) before decoding. Runs in a
+    decode thread; ImageLoadError / InputError name the file and the problem."""
+    from clipfast.image_io import load_image, read_image_bytes
+    from clipfast.serve.inputs import check_pixels
 
-    with Image.open(path) as img:
-        if img.width * img.height > max_pixels:
-            raise InputError(f"{path}: {img.width}x{img.height} pixels, more than the limit "
-                             f"of {max_pixels}")
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale (cheap)
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=85)
-        return buf.getvalue()
+    data = read_image_bytes(path)
+    over = check_pixels(data, 0, max_pixels)
+    if over is not None:
+        raise InputError(f"{path}: {over.error.split(': ', 1)[-1]}")
+    # JPEG: decoded at a reduced scale (Pillow's draft), each side still at least ``size``.
+    img = load_image(data, draft=lambda stored: (size, size))
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
 
 
 def page_html() -> bytes:
     return resources.files("clipfast.search").joinpath("static/index.html").read_bytes()
 
 
-def mount(app: Any, service: Any, index_path: str | os.PathLike) -> SearchIndex:
-    """Add the search routes to the serve app; refuses an index of another artifact."""
-    from clipfast.serve.app import ApiError, _json, _validation_message
-    from clipfast.serve.inputs import BadItem, LimitExceeded, decode_inline
+def mount(app: Any, service: Any, index_path: str | os.PathLike, *,
+          handle: Callable[..., Awaitable[Response]],
+          read_model: Callable[..., Awaitable[Any]]) -> SearchIndex:
+    """Add the search routes to the serve app; refuses an index of another artifact.
+
+    ``handle`` and ``read_model`` are the serve app's own (``clipfast.serve.app.create_app``):
+    errors answered in the OpenAI shape and counted, and the body's JSON values counted, then
+    parsed, validated and checked in the decode pool, as on every other route."""
+    from clipfast.serve.app import ApiError, _json
+    from clipfast.serve.inputs import (
+        BadItem,
+        LimitExceeded,
+        check_template,
+        check_texts,
+        decode_inline,
+        fill_template,
+    )
+    from clipfast.types import Failure
 
     index = SearchIndex(index_path)
     index.check_artifact(service.engine)
     thumbs = ThumbnailCache()
-    metrics = service.metrics
+    config = service.config
+    engine = service.engine
     page = page_html()
     app.state.search_index = index
+    service.routes.update({"/v1/search", "/"})
+    service.param_routes.add(THUMBNAILS)
 
-    async def handle(endpoint: str, work) -> Response:
-        started = time.perf_counter()
-        try:
-            response = await work()
-        except ApiError as e:
-            metrics.errors.labels(endpoint, e.kind).inc()
-            response = e.response()
-        except LimitExceeded as e:
-            metrics.errors.labels(endpoint, "limit").inc()
-            response = ApiError(e.status, str(e), code=e.limit, kind="limit").response()
-        except ValidationError as e:
-            metrics.errors.labels(endpoint, "invalid").inc()
-            response = ApiError(422, _validation_message(e), code="invalid_request",
-                                kind="invalid").response()
-        except InputError as e:
-            metrics.errors.labels(endpoint, "invalid").inc()
-            response = ApiError(422, str(e), code="invalid_request", kind="invalid").response()
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    def invalid(message: str, param: str, code: str = "invalid_request") -> ApiError:
+        return ApiError(422, message, code=code, kind="invalid", param=param)
 
-    def invalid(message: str, param: str) -> ApiError:
-        return ApiError(422, message, code="invalid_request", kind="invalid", param=param)
-
-    async def query_embedding(req: SearchRequest) -> np.ndarray:
+    def prepare(req: SearchRequest) -> Prepared:
+        """In the decode pool (the body is parsed there too): the limits every route applies,
+        the text tokenized or the image's base64 decoded, the filter's prompts filled."""
         if (req.text is None) == (req.image is None):
             raise invalid("a search needs \"text\" or \"image\" (exactly one)", "text")
+        prompts: list[str] = []
+        flt = req.filter
+        if flt is not None:
+            for what, values in (("filter.labels", flt.labels), ("filter.exclude", flt.exclude)):
+                if len(values) > config.max_labels:
+                    raise LimitExceeded(f"{what}: {len(values)}, more than the limit of "
+                                        f"{config.max_labels} per request (--max-labels)",
+                                        limit="max_labels", status=413)
+            check_texts(flt.labels, config.max_text_chars, "filter.labels")
+            known = set(flt.labels)
+            unknown = [x for x in flt.exclude if x not in known]
+            if unknown:
+                raise invalid(f"filter.exclude: {unknown[:5]} are not among filter.labels",
+                              "filter.exclude")
+            template = flt.template if flt.template is not None else engine.prompt_template
+            try:
+                check_template(template)
+            except LimitExceeded:
+                raise
+            except InputError as e:
+                raise invalid(f"filter.{e}", "filter.template", "invalid_template") from None
+            prompts = [fill_template(template, label) for label in flt.labels]
+        tokens = data = None  # the filter is checked first: it may refuse the request
         if req.text is not None:
             if not req.text.strip():
                 raise invalid("text: empty query", "text")
-            emb, _ = await service.with_timeout(service.embed_texts([req.text]))
+            check_texts([req.text], config.max_text_chars, "text")
+            tokens = engine.tokenize([req.text])
+        else:
+            try:
+                data = decode_inline(req.image, 0)
+            except BadItem as e:
+                data = Failure(0, e.item or "", str(e))
+        return Prepared(req, tokens, data, prompts)
+
+    async def query_embedding(p: Prepared) -> np.ndarray:
+        if p.tokens is not None:
+            emb, _ = await service.embed_texts([p.request.text], p.tokens)
             return emb
-        try:
-            data = decode_inline(req.image, 0)
-        except BadItem as e:
-            raise invalid(f"image: {e}", "image") from None
-        emb, idx, failures = await service.with_timeout(service.embed_images([data]))
+        emb, idx, failures = await service.embed_images([p.image])
         if not idx:
             raise ApiError(422, failures[0].error if failures else "image: unreadable",
                            code="bad_items", kind="bad_item", param="image")
         return emb
 
-    async def filtered(hits: list, flt: SearchFilter, k: int) -> list[dict[str, Any]]:
-        unknown = [x for x in flt.exclude if x not in flt.labels]
-        if unknown:
-            raise invalid(f"filter.exclude: {unknown} are not among filter.labels", "filter")
-        if len(flt.labels) > service.config.max_labels:
-            raise LimitExceeded(f"filter.labels: {len(flt.labels)}, more than the limit of "
-                                f"{service.config.max_labels} (--max-labels)",
-                                limit="max_labels", status=413)
-        template = flt.template or service.engine.prompt_template
-        if "{}" not in template:
-            raise invalid(f"filter.template {template!r} must contain '{{}}'", "filter")
-        text = await service.with_timeout(
-            service.prompt_embeddings([template.format(x) for x in flt.labels]))
+    def ranked(emb: np.ndarray, req: SearchRequest, text: np.ndarray | None
+               ) -> list[dict[str, Any]]:
+        """In the decode pool: the index searched (k is the client's) and the filter applied."""
+        fetch = min(len(index), req.k * (_OVERSAMPLE if req.filter else 1))
+        hits = index.search(emb, fetch)[0]
+        flt = req.filter
+        if flt is None or text is None:
+            return [h.to_dict() for h in hits[:req.k]]
         probs = service.probabilities(index.vectors([h.id for h in hits]), text)
-        cols = [flt.labels.index(x) for x in flt.exclude]
+        column = {}
+        for i, label in enumerate(flt.labels):
+            column.setdefault(label, i)
+        cols = sorted({column[x] for x in flt.exclude})
         out = []
         for h, p in zip(hits, probs):
             if cols and float(p[cols].max()) >= flt.threshold:
                 continue
             out.append({**h.to_dict(), "labels": dict(zip(flt.labels, p.tolist()))})
-            if len(out) == k:
+            if len(out) == req.k:
                 break
         return out
 
@@ -191,56 +238,54 @@ def mount(app: Any, service: Any, index_path: str | os.PathLike) -> SearchIndex:
         endpoint = "/v1/search"
 
         async def work():
-            try:
-                body = await request.json()
-            except ValueError as e:
-                raise ApiError(422, f"the body is not valid JSON ({e})", code="invalid_json",
-                               kind="invalid") from None
-            req = SearchRequest.model_validate(body)
-            emb = await query_embedding(req)
-            fetch = min(len(index), req.k * (_OVERSAMPLE if req.filter else 1))
-            hits = index.search(emb, fetch)[0]
-            if req.filter is not None:
-                data = await filtered(hits, req.filter, req.k)
-            else:
-                data = [h.to_dict() for h in hits[:req.k]]
+            p = await read_model(request, SearchRequest, prepare)
+            req = p.request
+
+            async def embed():
+                emb = await query_embedding(p)
+                text = await service.prompt_embeddings(p.prompts) if p.prompts else None
+                return emb, text
+
+            emb, text = await service.with_timeout(embed())
+            data = await service.in_pool(ranked, emb, req, text)
             for rank, d in enumerate(data, 1):
                 d["rank"] = rank
-                d["thumbnail"] = f"/v1/search/thumbnails/{d['id']}"
+                d["thumbnail"] = f"{THUMBNAILS}/{d['id']}"
             return _json({"object": "list", "data": data, "model": service.model_name,
                           "k": req.k, "index": {"count": len(index), "kind": index.info["kind"]}})
 
-        return await handle(endpoint, work)
+        return await handle(endpoint, request, work)
 
-    @app.get("/v1/search/thumbnails/{item}")
-    async def thumbnail(item: int) -> Response:
+    def thumbnail_of(item: int) -> bytes:
+        """In the decode pool: the cached thumbnail of ``item``, or one made from its key."""
+        data = thumbs.get(item)
+        if data is None:
+            data = make_thumbnail(index.keys[item], THUMB_SIZE, config.max_image_pixels)
+            thumbs.put(item, data)
+        return data
+
+    @app.get(THUMBNAILS + "/{item}")
+    async def thumbnail(item: str, request: Request) -> Response:
         """A thumbnail of indexed item ``item`` (its key must name a readable image file)."""
-        endpoint = "/v1/search/thumbnails"
 
         async def work():
-            if not 0 <= item < len(index):
-                raise ApiError(404, f"no item {item} in the index ({len(index)} items)",
-                               code="not_found", kind="invalid")
-            data = thumbs.get(item)
-            if data is None:
-                key = index.keys[item]
-                if not os.path.isfile(key):
-                    raise ApiError(404, f"item {item}: its key {key!r} names no image file "
-                                   "here (keys of tar shards and tables have no thumbnail)",
-                                   code="not_found", kind="invalid")
-                loop = asyncio.get_running_loop()
-                try:
-                    data = await loop.run_in_executor(
-                        service.decode_pool, make_thumbnail, key, THUMB_SIZE,
-                        service.config.max_image_pixels)
-                except (OSError, ValueError) as e:
-                    raise ApiError(404, f"item {item}: {key!r} is not a readable image ({e})",
-                                   code="not_found", kind="invalid") from None
-                thumbs.put(item, data)
+            n = len(index)
+            # Only the ids of the index, written as plain decimal integers (never a path).
+            if not (item.isascii() and item.isdigit() and len(item) <= 19
+                    and int(item) < n):
+                raise ApiError(404, f"no item {item[:40]!r} in the index: ids are the integers "
+                               f"0 to {n - 1}", code="not_found", kind="invalid", param="id")
+            i = int(item)
+            try:
+                data = await service.in_pool(thumbnail_of, i)
+            except InputError as e:
+                raise ApiError(404, f"item {i} ({index.keys[i][:200]!r}) has no thumbnail: "
+                               f"{e}", code="not_found",
+                               kind="invalid", param="id") from None
             return Response(data, media_type="image/jpeg",
                             headers={"Cache-Control": "private, max-age=3600"})
 
-        return await handle(endpoint, work)
+        return await handle(THUMBNAILS, request, work)
 
     @app.get("/")
     async def home() -> Response:

@@ -173,6 +173,11 @@ class Service:
             for tower, run in (("text", self._run_text), ("image", self._run_image))
         }
         self._label_cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        # Paths with their own metrics label and listed in a 404's message; mounted routes
+        # (the search routes) add theirs. ``param_routes``: prefixes of routes that end in one
+        # path parameter (``prefix/{id}``), labelled by the prefix.
+        self.routes: set[str] = set(_ROUTES)
+        self.param_routes: set[str] = set()
         pad = getattr(getattr(engine.manifest, "tokenizer", None), "pad_id", 0)
         self._pad_id = pad if isinstance(pad, int) else 0
 
@@ -191,6 +196,16 @@ class Service:
         self.tower_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- helpers ----------------------------------------------------------------------------
+    def endpoint(self, path: str) -> str:
+        """The metrics label of ``path``: its route, or "other" (bounded cardinality)."""
+        if path in self.routes:
+            return path
+        head = path.rpartition("/")[0]
+        return head if head in self.param_routes else "other"
+
+    def route_names(self) -> list[str]:
+        return sorted(self.routes | {p + "/{id}" for p in self.param_routes})
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise ApiError(404, f"model {model!r} is not served here; this server serves "
@@ -331,7 +346,7 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         service = self.service
         # Metric labels: the known routes, everything else as one (bounded cardinality).
-        endpoint = scope["path"] if scope["path"] in _ROUTES else "other"
+        endpoint = service.endpoint(scope["path"])
         if service.connections.over_limit and scope["path"] not in _OPEN_PATHS:
             service.metrics.errors.labels(endpoint, "overloaded").inc()
             service.metrics.requests.labels(endpoint, "503").inc()
@@ -442,7 +457,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         """Routing's own errors (unknown path 404, wrong method 405) in the OpenAI shape."""
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid")
         message = {404: f"no route {request.url.path!r}: the routes are " + ", ".join(
-            sorted(_ROUTES)), 405: f"{request.method} is not allowed on {request.url.path}"
+            service.route_names()), 405: f"{request.method} is not allowed on {request.url.path}"
                    }.get(exc.status_code, str(exc.detail))
         return ApiError(exc.status_code, message, code=code, kind="invalid",
                         headers=getattr(exc, "headers", None)).response()
@@ -688,7 +703,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
     if config.index is not None:  # POST /v1/search, thumbnails and the search page at /
         from clipfast.search.routes import mount
 
-        mount(app, service, config.index)
+        mount(app, service, config.index, handle=handle, read_model=read_model)
     app.add_middleware(GuardMiddleware, service=service)
     return app
 
