@@ -349,22 +349,11 @@ class Tokenizer:
         path gives the same result for any padding. Right padding only (the dynamic path's
         condition): a left-padded tokenizer gets ``context_length`` for every row.
         """
-        L = self.config.context_length
-        first = next(iter(inputs.values()))
-        n = len(first)
-        if self.config.padding_side != "right":
-            return np.full(n, L, dtype=np.int64)
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            m = np.asarray(mask) != 0
-        else:
-            m = np.asarray(inputs["input_ids"]) != self.config.pad_id
-        width = m.shape[1] if m.ndim == 2 else 0
-        last = np.where(m.any(axis=1), width - np.argmax(m[:, ::-1], axis=1), 0) if n else \
-            np.zeros(0, dtype=np.int64)
-        if mask is None and self.config.kind == "hf":
-            last = last + 1
-        return np.clip(last, 1, max(width, 1)).astype(np.int64)
+        from clipfast.text_batching import row_lengths
+
+        return row_lengths(inputs, pad_id=self.config.pad_id,
+                           padding_side=self.config.padding_side,
+                           pad_may_end=self.config.kind == "hf")
 
     def encode(self, texts: Sequence[str] | str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """``(self(texts), lengths)``: the same arrays, and int64 ``(N,)`` the number of tokens

@@ -92,3 +92,120 @@ def test_dynamic_graph_matches_the_source_at_every_length(tiny_openclip):
     got = engine.encode_texts(LENGTH_TEXTS)
     err = centred_relative_error(got, ref)
     assert float(np.max(err)) <= GATES["fp32"]["text_centred_rel_error_max"]
+
+
+class _ShapeSpy:
+    """Wraps a backend's ``run_text`` to record the shapes it is given."""
+
+    def __init__(self, engine):
+        self.shapes: list[tuple[int, ...]] = []
+        backend = engine._backend
+        original = backend.run_text
+
+        def run_text(inputs):
+            self.shapes.append(next(iter(inputs.values())).shape)
+            return original(inputs)
+
+        backend.run_text = run_text
+        self._undo = lambda: setattr(backend, "run_text", original)
+        # one call per batch, so each shape is seen
+        backend.run_text_batches = None
+
+    def close(self) -> None:
+        self._undo()
+
+
+def test_runtime_pads_each_batch_to_its_longest_text_in_input_order(tiny_openclip):
+    engine = clipfast.Engine(tiny_openclip, backend="onnxruntime", batch_size=4)
+    rng = np.random.default_rng(0)
+    texts = [LENGTH_TEXTS[i] for i in rng.integers(0, len(LENGTH_TEXTS), size=23)]
+    full = engine.tokenize(texts)
+    # reference: every row alone at the full context (the fixed path)
+    ref = np.concatenate([engine._backend.run_text({k: v[i:i + 1] for k, v in full.items()})
+                          for i in range(len(texts))])
+    spy = _ShapeSpy(engine)
+    try:
+        got = engine.encode_texts(texts, normalize=False)
+    finally:
+        spy.close()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    _, lengths = engine.tokenizer.encode(texts)
+    assert sum(s[0] for s in spy.shapes) == len(texts)
+    assert all(s[0] <= 4 for s in spy.shapes)
+    assert min(s[1] for s in spy.shapes) <= 4 and max(s[1] for s in spy.shapes) == 77
+    # grouped by length: no batch of short texts is padded to the long one's length
+    assert sum(s[0] * s[1] for s in spy.shapes) < len(texts) * 77 / 2
+    # token ids are those of the fixed path
+    ids, _ = engine.tokenizer.encode(texts)
+    np.testing.assert_array_equal(ids["input_ids"], full["input_ids"])
+
+
+def test_artifact_with_a_fixed_graph_and_no_sequence_field_keeps_padding_to_77(tiny_openclip,
+                                                                              tmp_path):
+    """Artifacts exported before the dynamic path: a [batch, 77] graph, no text.sequence."""
+    import shutil
+
+    from clipfast.export.onnx_export import export_text_tower
+    from clipfast.export.sources import load_source_from_spec
+    from clipfast.manifest import write_manifest
+
+    art = tmp_path / "old"
+    shutil.copytree(tiny_openclip, art)
+    data = json.loads((art / "manifest.json").read_text())
+    export_text_tower(load_source_from_spec(data["source"]), art / "text.onnx", fusable=False)
+    g = onnx.load(str(art / "text.onnx"))
+    assert g.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 77
+    for key in ("sequence", "sequence_reason"):
+        del data["text"][key]
+    write_manifest(art, data, list(data["files"]))
+    engine = clipfast.Engine(art, backend="onnxruntime")  # self-check passes at 77
+    assert not engine.text_dynamic
+    spy = _ShapeSpy(engine)
+    try:
+        got = engine.encode_texts(LENGTH_TEXTS)
+    finally:
+        spy.close()
+    assert {s[1] for s in spy.shapes} == {77}
+    ref = _reference(tiny_openclip, LENGTH_TEXTS)
+    assert float(centred_relative_error(got, ref).max()) <= \
+        GATES["fp32"]["text_centred_rel_error_max"]
+
+
+def test_plan_groups_by_length_and_covers_every_row_once():
+    from clipfast.text_batching import length_buckets, plan_text_batches
+
+    lengths = np.array([5] * 31 + [77])
+    plan = plan_text_batches(lengths, 32, context=77)
+    # the long text is not allowed to pad 31 short ones to 77
+    assert sorted(b.length for b in plan) == [5, 77]
+    rows = np.concatenate([b.rows for b in plan])
+    assert sorted(rows.tolist()) == list(range(32))
+    for b in plan:
+        assert lengths[b.rows].max() <= b.length
+    # a batch limit is respected, buckets round lengths up, the context caps them
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 78, size=300)
+    buckets = length_buckets(77)
+    assert buckets == (8, 16, 32, 48, 64, 77)
+    plan = plan_text_batches(lengths, 16, context=77, allowed=buckets)
+    assert all(len(b.rows) <= 16 and b.length in buckets for b in plan)
+    assert all(lengths[b.rows].max() <= b.length for b in plan)
+    assert sorted(np.concatenate([b.rows for b in plan]).tolist()) == list(range(300))
+    # equal lengths: full batches, nothing split for nothing
+    plan = plan_text_batches(np.full(64, 9), 32, context=77)
+    assert [len(b.rows) for b in plan] == [32, 32]
+    assert plan_text_batches(np.zeros(0, dtype=np.int64), 8, context=77) == []
+
+
+def test_row_lengths_from_ids_and_masks():
+    from clipfast.text_batching import row_lengths
+
+    ids = np.array([[49406, 320, 49407, 0, 0], [49406, 49407, 0, 0, 0], [1, 2, 3, 4, 5]])
+    assert row_lengths({"input_ids": ids}, pad_id=0).tolist() == [3, 2, 5]
+    # a pad token that is also the end token: one more position, capped at the width
+    eos = np.array([[49406, 320, 49407, 49407, 49407], [49406, 1, 2, 3, 49407]])
+    assert row_lengths({"input_ids": eos}, pad_id=49407, pad_may_end=True).tolist() == [3, 5]
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert row_lengths({"input_ids": np.ones((2, 4)), "attention_mask": mask},
+                       pad_id=1).tolist() == [2, 4]
+    assert row_lengths({"input_ids": ids}, pad_id=0, padding_side="left").tolist() == [5, 5, 5]
