@@ -209,3 +209,91 @@ def test_row_lengths_from_ids_and_masks():
     assert row_lengths({"input_ids": np.ones((2, 4)), "attention_mask": mask},
                        pad_id=1).tolist() == [2, 4]
     assert row_lengths({"input_ids": ids}, pad_id=0, padding_side="left").tolist() == [5, 5, 5]
+
+
+def _held_out_texts() -> list[str]:
+    """24 captions from 1 word to past the context (truncated), none of the golden ones."""
+    words = ("red blue small old bright wooden cat dog boat tree river house street lamp "
+             "child bird window mountain car bridge").split()
+    rng = np.random.default_rng(7)
+    counts = [1, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 70,
+              75, 90]
+    return [" ".join(rng.choice(words, size=c)) for c in counts]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_precisions_stay_dynamic_and_pass_their_gates_at_every_length(precision, tmp_path):
+    from clipfast.export.sources import load_source_from_spec
+    from clipfast.export.verify import measure
+    from clipfast.fidelity import check_gates
+
+    art = _export_tiny(tmp_path, precision)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["text"]["sequence"] == "dynamic", m["text"]
+    g = onnx.load(str(art / "text.onnx"), load_external_data=False)
+    assert g.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "sequence"
+    engine = clipfast.Engine(art, backend="onnxruntime")
+    assert engine.text_dynamic
+    texts = _held_out_texts()
+    _, lengths = engine.tokenizer.encode(texts)
+    assert lengths.min() <= 3 and lengths.max() == 77
+    figures = measure(load_source_from_spec(m["source"]), engine, texts=texts)
+    gates = {k: v for k, v in GATES[precision].items() if not k.startswith("image_")}
+    assert not check_gates(figures, gates), figures
+
+
+@pytest.mark.parametrize("family,sequence", [("clip", "dynamic"), ("align", "dynamic"),
+                                             ("metaclip2", "dynamic"), ("siglip", "fixed")])
+def test_transformers_families_declare_their_sequence_and_match_the_source(
+        family, sequence, tmp_path, export_fn, small_clip_artifact):
+    """transformers CLIP / MetaCLIP 2 (causal, EOS pooling) and ALIGN (attention mask) take the
+    dynamic path; SigLIP (no mask, last-token pooling, trained on padding) keeps 64."""
+    import hf_models
+
+    from clipfast.export.sources import load_source_from_spec
+    from clipfast.export.verify import measure
+    from clipfast.fidelity import check_gates
+
+    if family == "clip":
+        art = small_clip_artifact
+    else:
+        builder = {"align": lambda p: hf_models.save_align(p, full=False),
+                   "siglip": hf_models.save_siglip,
+                   "metaclip2": hf_models.save_metaclip2}[family]
+        builder(tmp_path / "src")
+        art = export_fn(f"transformers:{tmp_path / 'src'}", tmp_path / "art", pretrained=None)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["text"]["sequence"] == sequence, m["text"]
+    engine = clipfast.Engine(art, backend="onnxruntime")
+    assert engine.text_dynamic == (sequence == "dynamic")
+    texts = _held_out_texts()
+    spy = _ShapeSpy(engine)
+    try:
+        figures = measure(load_source_from_spec(m["source"]), engine, texts=texts)
+    finally:
+        spy.close()
+    context = m["tokenizer"]["context_length"]
+    widths = {s[1] for s in spy.shapes}
+    assert (min(widths) < context) == (sequence == "dynamic"), widths
+    gates = {k: v for k, v in GATES["fp32"].items() if not k.startswith("image_")}
+    assert not check_gates(figures, gates), figures
+
+
+def test_non_causal_text_tower_keeps_fixed_length_and_a_wrong_claim_is_caught(
+        tiny_openclip, monkeypatch):
+    """A text tower whose attention sees the padding (no causal mask, as MobileCLIP's) keeps its
+    fixed length; a family that wrongly declares it padding-free is caught on the source."""
+    from clipfast.export.families._openclip import OpenClipFamily
+    from clipfast.export.onnx_export import text_sequence_plan
+    from clipfast.export.sources import load_source_from_spec
+
+    m = json.loads((tiny_openclip / "manifest.json").read_text())
+    source = load_source_from_spec(m["source"])
+    assert text_sequence_plan(source)[0] is True
+    source.text_tower.model.attn_mask = None  # bidirectional: padding reaches every token
+    dynamic, reason = text_sequence_plan(source)
+    assert dynamic is False and "not causal" in reason
+    monkeypatch.setattr(OpenClipFamily, "text_padding_free",
+                        lambda self, tower: (True, "wrongly declared"))
+    dynamic, reason = text_sequence_plan(source)
+    assert dynamic is False and "changes with the padding" in reason, reason
