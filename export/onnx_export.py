@@ -153,7 +153,9 @@ def export_text_tower(source: SourceModel, path: Path, opset: int = DEFAULT_OPSE
     (a positional embedding or mask not sliced to the input) fails the trace or the check in
     ``check_dynamic_text_graph`` instead of passing unnoticed.
     """
-    module, note = _export_module(source, "text", fusable)
+    # nn.MultiheadAttention's traced graph holds the traced length in its reshapes: a dynamic
+    # export always goes through the eager rewrite (the same maths, any length)
+    module, note = _export_module(source, "text", fusable or dynamic)
     feed = example_text_inputs(source)
     if dynamic:
         _, lengths = source_tokenizer(source).encode(

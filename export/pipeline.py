@@ -426,8 +426,8 @@ def _export_text(source, options: ExportOptions, path: Path) -> tuple[str | None
             if diff <= FUSION_CHECK_TOL:
                 return note, (True, reason)
             why = f"max relative difference {diff:.2e} to the source at short lengths"
-        except ExportError as e:
-            why = str(e)
+        except Exception as e:  # the exporter or ONNX Runtime refusing the shorter input
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning("export: text tower keeps the fixed length: the dynamic graph failed (%s)",
                     why)
         reason = f"dynamic graph failed ({why}): fixed length"

@@ -31,14 +31,16 @@ def _edit_tiny_vit(cfg: dict[str, Any]) -> None:
     cfg["embed_dim"] = 32
 
 
-def _export_tiny(tmp: Path, precision: str = "fp32", base: str = "ViT-B-32") -> Path:
+def _export_tiny(tmp: Path, precision: str = "fp32", base: str = "ViT-B-32", *,
+                 fuse: bool = True) -> Path:
     from clipfast.export.families.offline import register_offline_config
     from clipfast.export.pipeline import ExportOptions, run_export
 
     oc = register_offline_config(base, tmp / "cfg", None, edit=_edit_tiny_vit,
                                  suffix="@textlen")
     return run_export(ExportOptions(model=oc.name, out=tmp / f"art-{precision}",
-                                    pretrained="none", precision=precision, progress=False))
+                                    pretrained="none", precision=precision, progress=False,
+                                    fuse=fuse))
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +299,63 @@ def test_non_causal_text_tower_keeps_fixed_length_and_a_wrong_claim_is_caught(
                         lambda self, tower: (True, "wrongly declared"))
     dynamic, reason = text_sequence_plan(source)
     assert dynamic is False and "changes with the padding" in reason, reason
+
+
+def test_golden_self_check_catches_a_wrong_dynamic_claim_at_load(tiny_openclip, tmp_path):
+    """An artifact whose text graph depends on padding but claims ``sequence: dynamic`` fails
+    the self-check at load (its short golden texts run at their own length); the same graph
+    declared fixed passes."""
+    import shutil
+
+    from clipfast.errors import FidelityError
+    from clipfast.export.fusion import EagerSelfAttention
+    from clipfast.export.sources import load_source_from_spec
+    from clipfast.manifest import load_manifest, write_manifest
+    from clipfast.selfcheck import GOLDEN_TEXTS, load_golden, write_golden
+
+    art = tmp_path / "wrong"
+    shutil.copytree(tiny_openclip, art)
+    data = json.loads((art / "manifest.json").read_text())
+    source = load_source_from_spec(data["source"])
+    tower = source.text_tower
+    tower.model.attn_mask = None  # bidirectional: depends on the padding
+    for block in tower.model.transformer.resblocks:  # traceable at any length
+        block.attn = EagerSelfAttention(block.attn, causal=False)
+    ids = torch.from_numpy(np.asarray(source.reference_tokenize(["a cat", "two dogs"])
+                                      ["input_ids"], dtype=np.int32)[:, :8])
+    torch.onnx.export(tower, (ids,), str(art / "text.onnx"), input_names=["input_ids"],
+                      output_names=["text_embeds"], dynamo=False, opset_version=17,
+                      dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                    "text_embeds": {0: "batch"}})
+    golden = load_golden(load_manifest(tiny_openclip))
+    assert len(golden.text_embeds) == GOLDEN_TEXTS
+    with torch.no_grad():
+        golden.text_embeds = tower(torch.from_numpy(golden.text["input_ids"])).numpy()
+    write_golden(art, golden)
+    write_manifest(art, data, list(data["files"]))
+    with pytest.raises(FidelityError, match="text_centred_rel_error"):
+        clipfast.Engine(art, backend="onnxruntime")
+    data["text"]["sequence"] = "fixed"
+    write_manifest(art, data, list(data["files"]))
+    engine = clipfast.Engine(art, backend="onnxruntime")
+    assert engine.self_check_figures["passed"]
+
+
+def test_golden_texts_span_short_and_long(tiny_openclip):
+    engine = clipfast.Engine(tiny_openclip, backend="onnxruntime")
+    figures = engine.self_check_figures
+    assert figures["passed"] and figures["text_lengths_run"] >= 4, figures
+
+
+def test_unfused_export_is_dynamic_too(tmp_path):
+    """--no-fuse (and --tensorrt, whose graphs are unfused): nn.MultiheadAttention's traced
+    graph holds the traced length, so the dynamic export traces the eager rewrite instead."""
+    art = _export_tiny(tmp_path, fuse=False)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["text"]["sequence"] == "dynamic", m["text"]
+    assert m["graph"]["text"]["fused"] is None
+    engine = clipfast.Engine(art, backend="onnxruntime")
+    got = engine.encode_texts(LENGTH_TEXTS)
+    ref = _reference(art, LENGTH_TEXTS)
+    assert float(centred_relative_error(got, ref).max()) <= \
+        GATES["fp32"]["text_centred_rel_error_max"]
