@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["BATCH_OVERHEAD_TOKENS", "TextBatch", "length_buckets", "plan_text_batches",
-           "row_lengths", "run_planned"]
+__all__ = ["BATCH_OVERHEAD_TOKENS", "SEQUENCE_OPT", "TextBatch", "length_buckets",
+           "plan_text_batches", "row_lengths", "run_planned", "sequence_profile"]
 
 # The fixed cost of one tower call, in token-rows of work: what splitting a batch in two must
 # save to be worth it. On a 2-core AVX2 host a ViT-B-32 text tower call costs about as much as
@@ -133,3 +133,17 @@ def run_planned(run, inputs: dict[str, np.ndarray], plan: list[TextBatch], dim: 
     for b, out in zip(plan, outs, strict=True):
         result[b.rows] = out
     return result
+
+
+# The sequence length TensorRT optimises text engines for: captions are mostly 8-20 tokens.
+SEQUENCE_OPT = 16
+
+
+def sequence_profile(manifest) -> tuple[int, int, int] | None:
+    """``(min, opt, max)`` sequence lengths a fixed-shape builder (TensorRT, its ONNX Runtime
+    execution provider) covers for the text tower: ``(1, 16, context_length)`` on the dynamic
+    path, None for a fixed-length tower (built at ``context_length`` only)."""
+    if not manifest.text.dynamic:
+        return None
+    context = int(manifest.tokenizer.context_length)
+    return 1, min(SEQUENCE_OPT, context), context

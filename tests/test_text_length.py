@@ -359,3 +359,20 @@ def test_unfused_export_is_dynamic_too(tmp_path):
     ref = _reference(art, LENGTH_TEXTS)
     assert float(centred_relative_error(got, ref).max()) <= \
         GATES["fp32"]["text_centred_rel_error_max"]
+
+
+def test_torch_backend_runs_the_dynamic_path(tiny_openclip):
+    """The torch backend (source towers, eager on CPU) takes every length; its self-check runs
+    the golden texts at their own lengths."""
+    engine = clipfast.Engine(tiny_openclip, backend="torch")
+    assert engine.text_dynamic and engine._backend.text_lengths is None
+    assert engine.self_check_figures["text_lengths_run"] >= 4
+    spy = _ShapeSpy(engine)
+    try:
+        got = engine.encode_texts(LENGTH_TEXTS)
+    finally:
+        spy.close()
+    assert min(s[1] for s in spy.shapes) < 77
+    ref = _reference(tiny_openclip, LENGTH_TEXTS)
+    assert float(centred_relative_error(got, ref).max()) <= \
+        GATES["fp32"]["text_centred_rel_error_max"]
