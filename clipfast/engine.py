@@ -427,7 +427,9 @@ class Engine:
                                 f"{type(t).__name__}") for i, t in enumerate(items)
                         if not isinstance(t, str)]
             items = [items[i] for i in good]
-        emb = self.run_text_tower(*self.tokenizer.encode(items))
+        # lengths read from the padding, as for the server's and embed's token batches: the
+        # same texts in the same batch then run at the same shape through every front door
+        emb = self.run_text_tower(self.tokenizer(items))
         if normalize:
             emb = l2_normalize(emb)
         if errors == "skip":
