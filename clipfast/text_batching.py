@@ -21,9 +21,10 @@ import numpy as np
 __all__ = ["BATCH_OVERHEAD_TOKENS", "SEQUENCE_OPT", "TextBatch", "length_buckets",
            "plan_text_batches", "row_lengths", "run_planned", "sequence_profile"]
 
-# The fixed cost of one tower call, in token-rows of work: what splitting a batch in two must
-# save to be worth it. On a 2-core AVX2 host a ViT-B-32 text tower call costs about as much as
-# 60-100 tokens through it (session overhead, thread wake-ups, GEMMs too small to block well).
+# The fixed cost charged per tower call, in token-rows of work: what splitting a sorted batch
+# in two must save to be worth it (a call's session overhead, thread wake-ups and the poorer
+# efficiency of smaller GEMMs). A set value, not measured per host: 96 is about 1.2 rows of 77
+# tokens, so a batch is split only where that saves more than one full-length row of work.
 BATCH_OVERHEAD_TOKENS = 96
 # Above this many texts the sorted order is simply cut into full batches: neighbours in a long
 # sorted list have nearly equal lengths, and the exact partition costs O(texts x batch).
