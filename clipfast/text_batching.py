@@ -112,7 +112,9 @@ def plan_text_batches(lengths: np.ndarray, max_batch: int, *, context: int,
         for j in range(1, n + 1):
             i = np.arange(max(0, j - max_batch), j)
             cost = best[i] + (j - i) * padded[j - 1] + overhead
-            k = int(np.argmin(cost))
+            # ties go to the latest start: batches fill in order and the remainder comes last,
+            # as plain chunking would cut texts of one length
+            k = len(cost) - 1 - int(np.argmin(cost[::-1]))
             best[j], start[j] = cost[k], i[k]
         cuts = [n]
         while cuts[-1] > 0:

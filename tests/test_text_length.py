@@ -196,6 +196,8 @@ def test_plan_groups_by_length_and_covers_every_row_once():
     # equal lengths: full batches, nothing split for nothing
     plan = plan_text_batches(np.full(64, 9), 32, context=77)
     assert [len(b.rows) for b in plan] == [32, 32]
+    plan = plan_text_batches(np.full(3, 4), 2, context=77)  # remainder last, as chunking does
+    assert [b.rows.tolist() for b in plan] == [[0, 1], [2]]
     assert plan_text_batches(np.zeros(0, dtype=np.int64), 8, context=77) == []
 
 
