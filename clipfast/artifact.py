@@ -18,6 +18,8 @@ from clipfast.errors import ArtifactError
 
 LOGIT_KINDS = ("softmax", "sigmoid")
 TOWERS = ("image", "text")
+# text.sequence: "dynamic" (any length up to context_length, padding-independent) or "fixed"
+SEQUENCE_KINDS = ("dynamic", "fixed")
 
 
 def _fail(where: str, field_name: str, problem: str) -> ArtifactError:
@@ -74,17 +76,31 @@ class ImageTower:
 @dataclass(frozen=True)
 class TextTower:
     """The text tower's graph: ``file`` takes ``inputs`` int ``(batch, context_length)`` and
-    gives ``output`` ``(batch, embed_dim)``."""
+    gives ``output`` ``(batch, embed_dim)``.
+
+    sequence: "dynamic" when the graph takes ``(batch, L)`` for any ``L <= context_length`` and
+    its result does not depend on trailing padding (the runtime then pads each batch only to its
+    longest text); "fixed" (artifacts exported before the field existed, and towers whose result
+    depends on padding) when every row must be padded to ``context_length``.
+    sequence_reason: why the export chose it, in words.
+    """
 
     file: str
     inputs: tuple[str, ...]
     output: str = "text_embeds"
     dtype: str = "int32"
     output_dtype: str = "float32"
+    sequence: str = "fixed"
+    sequence_reason: str = ""
+
+    @property
+    def dynamic(self) -> bool:
+        return self.sequence == "dynamic"
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "inputs": list(self.inputs), "output": self.output,
-                "dtype": self.dtype, "output_dtype": self.output_dtype}
+                "dtype": self.dtype, "output_dtype": self.output_dtype,
+                "sequence": self.sequence, "sequence_reason": self.sequence_reason}
 
 
 @dataclass
@@ -129,10 +145,15 @@ def parse_text(d: Any, where: str) -> TextTower:
     inputs = d.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(n, str) for n in inputs):
         raise _fail(where, "text.inputs", f"must be a non-empty list of names, got {inputs!r}")
+    sequence = _str(d, "sequence", where, "text", "fixed")
+    if sequence not in SEQUENCE_KINDS:
+        raise _fail(where, "text.sequence", f"must be one of {SEQUENCE_KINDS}, got {sequence!r}")
     return TextTower(file=_str(d, "file", where, "text"), inputs=tuple(inputs),
                      output=_str(d, "output", where, "text", "text_embeds"),
                      dtype=_str(d, "dtype", where, "text", "int32"),
-                     output_dtype=_str(d, "output_dtype", where, "text", "float32"))
+                     output_dtype=_str(d, "output_dtype", where, "text", "float32"),
+                     sequence=sequence,
+                     sequence_reason=_str(d, "sequence_reason", where, "text", ""))
 
 
 def parse_golden(d: Any, where: str) -> GoldenSection | None:

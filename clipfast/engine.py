@@ -406,11 +406,35 @@ class Engine:
         """Texts -> ``{name: int64 (N, L)}``, exactly what the text tower receives."""
         return self.tokenizer(_as_list(texts, "texts"))
 
-    def run_text_tower(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """``{name: int (N, L)}`` -> float32 ``(N, D)``, not normalised; chunked."""
+    @property
+    def text_dynamic(self) -> bool:
+        """Whether text batches are padded only to their longest text (the artifact's text
+        tower takes any length and its result does not depend on padding) rather than to the
+        full context length."""
+        return self.manifest.text.dynamic and self.tokenizer.config.padding_side == "right"
+
+    def run_text_tower(self, inputs: dict[str, np.ndarray],
+                       lengths: np.ndarray | None = None) -> np.ndarray:
+        """``{name: int (N, L)}`` -> float32 ``(N, D)``, not normalised; chunked.
+
+        On the dynamic path (``text_dynamic``) the rows are grouped by length
+        (``clipfast.text_batching``) and each batch is cut to its longest row (or the next
+        length the backend accepts); rows come back in input order. ``lengths``: tokens per
+        row before padding (``Tokenizer.encode``), else read from the padding.
+        """
         n = len(next(iter(inputs.values())))
         if n == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
+        if self.text_dynamic:
+            from clipfast.text_batching import plan_text_batches, run_planned
+
+            if lengths is None:
+                lengths = self.tokenizer.lengths(inputs)
+            plan = plan_text_batches(lengths, self._chunk,
+                                     context=self.tokenizer.context_length,
+                                     allowed=getattr(self._backend, "text_lengths", None))
+            return run_planned(lambda chunks: self._run_chunks("text", chunks), inputs, plan,
+                               self.embed_dim)
         out = self._run_chunks("text", [{k: v[s:s + self._chunk] for k, v in inputs.items()}
                                         for s in range(0, n, self._chunk)])
         return np.concatenate(out).astype(np.float32, copy=False)
@@ -428,6 +452,8 @@ class Engine:
                                 f"{type(t).__name__}") for i, t in enumerate(items)
                         if not isinstance(t, str)]
             items = [items[i] for i in good]
+        # lengths read from the padding, as for the server's and embed's token batches: the
+        # same texts in the same batch then run at the same shape through every front door
         emb = self.run_text_tower(self.tokenizer(items))
         if normalize:
             emb = l2_normalize(emb)

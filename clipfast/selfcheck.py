@@ -106,11 +106,46 @@ def self_check_gates(manifest, backend_precision: str | None = None) -> dict[str
     return {k: v for k, v in gates.items() if k in EMBEDDING_GATES}
 
 
-def measure_golden(backend, golden: Golden) -> dict[str, Any]:
-    """Run the golden inputs through ``backend``; the figures against the stored outputs."""
+def golden_texts() -> list[str]:
+    """The golden captions: ``GOLDEN_TEXTS`` of them, from one word to past any context length,
+    so that a text tower wrongly exported as padding-independent (``text.sequence``
+    "dynamic") fails the self-check: its short texts, run padded only to their own length,
+    would differ from the source's outputs at the full context."""
+    from clipfast.samples import sample_captions
+
+    long = ("a long and detailed caption of a busy city street at night with many people "
+            "cars shops lights signs trees dogs bicycles buses and rain")
+    tail = ["a", "cat", long, " ".join([long] * 4)]
+    return sample_captions(GOLDEN_TEXTS - len(tail)) + tail
+
+
+def _run_golden_texts(backend, text: dict[str, np.ndarray], manifest) -> tuple[np.ndarray, int]:
+    """The golden ids through ``backend``: on the dynamic path each row padded only to its own
+    length (or the next length the backend accepts), as the Engine runs them; else as stored.
+    Returns ``(embeddings, distinct lengths run)``."""
+    inputs = {k: v.astype(np.int64) for k, v in text.items()}
+    if not getattr(getattr(manifest, "text", None), "dynamic", False):
+        return backend.run_text(inputs), 1
+    from clipfast.text_batching import plan_text_batches, row_lengths, run_planned
+
+    tok = manifest.tokenizer
+    lengths = row_lengths(inputs, pad_id=tok.pad_id, padding_side=tok.padding_side,
+                          pad_may_end=tok.kind == "hf")
+    # no per-call overhead: every distinct length is its own batch, the strictest check
+    plan = plan_text_batches(lengths, len(lengths), context=tok.context_length,
+                             allowed=getattr(backend, "text_lengths", None), overhead=0)
+    out = run_planned(lambda chunks: [backend.run_text(c) for c in chunks], inputs, plan,
+                      int(manifest.embed_dim))
+    return out, len({b.length for b in plan})
+
+
+def measure_golden(backend, golden: Golden, manifest=None) -> dict[str, Any]:
+    """Run the golden inputs through ``backend``; the figures against the stored outputs.
+    ``manifest``: the artifact's, for its text tower's sequence path (None: ids as stored)."""
     t0 = time.perf_counter()
     img = l2_normalize(backend.run_image(golden.pixel_values))
-    txt = l2_normalize(backend.run_text({k: v.astype(np.int64) for k, v in golden.text.items()}))
+    raw_txt, text_lengths = _run_golden_texts(backend, golden.text, manifest)
+    txt = l2_normalize(raw_txt)
     ref_img, ref_txt = l2_normalize(golden.image_embeds), l2_normalize(golden.text_embeds)
     if img.shape != ref_img.shape or txt.shape != ref_txt.shape:
         raise ArtifactError(f"golden outputs have shapes {ref_img.shape} / {ref_txt.shape}, the "
@@ -122,6 +157,7 @@ def measure_golden(backend, golden: Golden) -> dict[str, Any]:
         "text_cosine": float(cosine(txt, ref_txt).min()),
         "images": int(ref_img.shape[0]),
         "texts": int(ref_txt.shape[0]),
+        "text_lengths_run": text_lengths,
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -135,7 +171,7 @@ def run_self_check(backend, manifest, golden: Golden | None, label: str) -> dict
     if golden is None:
         return None
     gates = self_check_gates(manifest, getattr(backend, "precision", None))
-    figures = measure_golden(backend, golden)
+    figures = measure_golden(backend, golden, manifest)
     failures = check_gates(figures, gates)
     figures.update(gates=gates, passed=not failures)
     if failures:

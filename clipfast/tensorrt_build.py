@@ -205,13 +205,17 @@ class EngineKey:
     profile: BatchProfile
     trt_version: str
     compute_capability: tuple[int, int]
+    # (min, opt, max) text lengths of a dynamic-sequence text engine; None: fixed length
+    sequence: tuple[int, int, int] | None = None
 
     def stem(self) -> str:
-        """File name stem: ``image.fp16-io32.b1-64-256.trt10.8.0.sm89.0123456789ab``."""
+        """File name stem: ``image.fp16-io32.b1-64-256.trt10.8.0.sm89.0123456789ab`` (a
+        dynamic-sequence text engine adds ``.s1-16-77`` after the batch profile)."""
         io = {"fp32": "io32", "fp16": "io16"}.get(self.io_dtype, f"io-{self.io_dtype}")
         cc = f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
-        return (f"{self.tower}.{self.precision}-{io}.{self.profile.tag()}.trt{self.trt_version}."
-                f"{cc}.{self.onnx_sha256[:12]}")
+        seq = "" if self.sequence is None else ".s" + "-".join(map(str, self.sequence))
+        return (f"{self.tower}.{self.precision}-{io}.{self.profile.tag()}{seq}."
+                f"trt{self.trt_version}.{cc}.{self.onnx_sha256[:12]}")
 
     @property
     def engine_name(self) -> str:
@@ -225,16 +229,19 @@ class EngineKey:
         return {"tower": self.tower, "onnx_sha256": self.onnx_sha256,
                 "precision": self.precision, "io_dtype": self.io_dtype,
                 "profile": self.profile.as_dict(), "tensorrt": self.trt_version,
-                "compute_capability": _cc_text(self.compute_capability)}
+                "compute_capability": _cc_text(self.compute_capability),
+                **({"sequence": list(self.sequence)} if self.sequence is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EngineKey:
         try:
             major, minor = str(d["compute_capability"]).split(".")
+            seq = d.get("sequence")
             return cls(tower=str(d["tower"]), onnx_sha256=str(d["onnx_sha256"]),
                        precision=str(d["precision"]), io_dtype=str(d["io_dtype"]),
                        profile=profile_from(d["profile"]), trt_version=str(d["tensorrt"]),
-                       compute_capability=(int(major), int(minor)))
+                       compute_capability=(int(major), int(minor)),
+                       sequence=None if seq is None else tuple(int(v) for v in seq))
         except (KeyError, TypeError, ValueError, ClipfastError) as e:
             raise ArtifactError(f"engine sidecar key is malformed ({e}): {d!r}") from e
 
@@ -244,7 +251,8 @@ class EngineKey:
         labels = {"tower": "tower", "onnx_sha256": "tower graph sha256",
                   "precision": "precision", "io_dtype": "I/O dtype", "profile": "batch profile",
                   "trt_version": "TensorRT version",
-                  "compute_capability": "GPU compute capability"}
+                  "compute_capability": "GPU compute capability",
+                  "sequence": "text sequence profile"}
         out = []
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
@@ -270,11 +278,14 @@ def tower_sha256(manifest, tower: str) -> str:
 
 def engine_key(manifest, tower: str, profile: BatchProfile, trt_version: str,
                compute_capability: tuple[int, int]) -> EngineKey:
+    from clipfast.text_batching import sequence_profile
+
     return EngineKey(tower=tower, onnx_sha256=tower_sha256(manifest, tower),
                      precision=manifest.precision,
                      io_dtype=manifest.io_dtype, profile=profile,
                      trt_version=str(trt_version),
-                     compute_capability=(int(compute_capability[0]), int(compute_capability[1])))
+                     compute_capability=(int(compute_capability[0]), int(compute_capability[1])),
+                     sequence=sequence_profile(manifest) if tower == "text" else None)
 
 
 def check_sidecar(sidecar: dict[str, Any], wanted: EngineKey) -> str | None:
@@ -432,15 +443,21 @@ def create_network(trt, builder):
     return builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
 
 
-def _profile_shapes(network, profile: BatchProfile, static_dims: dict[str, tuple[int, ...]]
+def _profile_shapes(network, profile: BatchProfile, static_dims: dict[str, tuple[int, ...]],
+                    sequence: tuple[int, int, int] | None = None
                     ) -> dict[str, tuple[tuple[int, ...], ...]]:
     """``{input: (min_shape, opt_shape, max_shape)}``: dim 0 from the batch profile, the others
-    from the graph, or from ``static_dims`` (the manifest) where the graph leaves them dynamic."""
+    from the graph, or from ``static_dims`` (the manifest) where the graph leaves them dynamic.
+    ``sequence``: ``(min, opt, max)`` of a dynamic dim 1 (a text engine on the dynamic path)."""
     shapes = {}
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         dims = list(tensor.shape)
         rest = dims[1:]
+        if sequence is not None and len(rest) == 1 and rest[0] < 0:
+            shapes[tensor.name] = tuple((b, s) for b, s in zip(
+                (profile.min, profile.opt, profile.max), sequence))
+            continue
         if any(d < 0 for d in rest):
             given = static_dims.get(tensor.name)
             if given is None or len(given) != len(rest):
@@ -473,7 +490,8 @@ def build_engine(onnx_path: Path, key: EngineKey, cache_dir: Path, *,
     if key.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)
     opt = builder.create_optimization_profile()
-    for name, (lo, mid, hi) in _profile_shapes(network, key.profile, static_dims or {}).items():
+    for name, (lo, mid, hi) in _profile_shapes(network, key.profile, static_dims or {},
+                                               key.sequence).items():
         opt.set_shape(name, lo, mid, hi)
     config.add_optimization_profile(opt)
 

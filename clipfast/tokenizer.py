@@ -337,6 +337,27 @@ class Tokenizer:
 
         Returns ``{name: int64 (N, context_length)}`` for each name in ``config.outputs``.
         """
+        return self.encode(texts)[0]
+
+    def lengths(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """int64 ``(N,)``: how many leading positions of each row are not padding, from
+        tokenized ``inputs`` alone (``encode`` gives the exact figure for texts).
+
+        From ``attention_mask`` when it is there; else from the ids: up to the last id that is
+        not ``pad_id``, plus one position for an ``hf`` tokenizer, whose pad token may be the
+        end token itself (OpenAI CLIP's). Overcounting only costs time: a tower on the dynamic
+        path gives the same result for any padding. Right padding only (the dynamic path's
+        condition): a left-padded tokenizer gets ``context_length`` for every row.
+        """
+        from clipfast.text_batching import row_lengths
+
+        return row_lengths(inputs, pad_id=self.config.pad_id,
+                           padding_side=self.config.padding_side,
+                           pad_may_end=self.config.kind == "hf")
+
+    def encode(self, texts: Sequence[str] | str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(self(texts), lengths)``: the same arrays, and int64 ``(N,)`` the number of tokens
+        of each text before padding (special tokens included)."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -348,7 +369,8 @@ class Tokenizer:
                 )
         L = self.config.context_length
         if not texts:
-            return {name: np.zeros((0, L), dtype=np.int64) for name in self.config.outputs}
+            return ({name: np.zeros((0, L), dtype=np.int64) for name in self.config.outputs},
+                    np.zeros(0, dtype=np.int64))
         if self._pattern is not None:
             words = [self._words(t) for t in texts]
             shown = [" ".join(w) for w in words]
@@ -380,7 +402,8 @@ class Tokenizer:
             else:
                 arr = np.array([e.type_ids for e in encodings], dtype=np.int64)
             out[name] = arr.reshape(len(texts), L)
-        return out
+        lengths = np.array([sum(e.attention_mask) for e in encodings], dtype=np.int64)
+        return out, lengths
 
     def _words(self, text: str) -> list[str]:
         """open_clip's words of ``clean_text(text)`` (open_clip_bpe), stopping at the first

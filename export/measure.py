@@ -183,13 +183,13 @@ def golden_data(source):
     """Golden inputs and the fp32 source's outputs (clipfast.selfcheck): the first generated
     images of the fidelity set as the reference transform's pixels, and captions as the
     reference tokenizer's ids."""
-    from clipfast.samples import sample_captions, sample_images
-    from clipfast.selfcheck import GOLDEN_IMAGES, GOLDEN_TEXTS, Golden
+    from clipfast.samples import sample_images
+    from clipfast.selfcheck import GOLDEN_IMAGES, Golden, golden_texts
 
     rgb = load_rgb(sample_images()[:GOLDEN_IMAGES])
     pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)
                        for im in rgb])
-    tokens = source.reference_tokenize(sample_captions(GOLDEN_TEXTS))
+    tokens = source.reference_tokenize(golden_texts())
     tokens = {k: np.asarray(tokens[k], dtype=np.int32) for k in source.text_inputs}
     return Golden(pixels, tokens, tower_reference(source, "image", {"pixel_values": pixels}),
                   tower_reference(source, "text", tokens))

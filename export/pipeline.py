@@ -373,7 +373,7 @@ def _fp32_graphs(options: ExportOptions, stages: _Stages, build: Path
                  ) -> tuple[Any, dict[str, Path], dict[str, dict[str, Any]]]:
     """Load the source, export both towers and fuse them: ``(source, {tower: fp32 graph to
     use}, manifest["graph"])``."""
-    from clipfast.export.onnx_export import export_image_tower, export_text_tower
+    from clipfast.export.onnx_export import check_dynamic_text_graph, export_image_tower
     from clipfast.export.sources import load_source
 
     stages.start("load source")
@@ -383,8 +383,7 @@ def _fp32_graphs(options: ExportOptions, stages: _Stages, build: Path
     notes["image"] = export_image_tower(source, build / "image.fp32.onnx", options.opset,
                                         fusable=options.fuse_graphs)
     stages.start("export text tower")
-    notes["text"] = export_text_tower(source, build / "text.fp32.onnx", options.opset,
-                                      fusable=options.fuse_graphs)
+    notes["text"], sequence = _export_text(source, options, build / "text.fp32.onnx")
     stages.start("fuse graphs")
     graph: dict[str, dict[str, Any]] = {}
     fp32_graphs: dict[str, Path] = {}
@@ -392,7 +391,48 @@ def _fp32_graphs(options: ExportOptions, stages: _Stages, build: Path
         fp32_graphs[which], graph[which] = _fuse_tower(
             source, which, build / f"{which}.fp32.onnx", build / f"{which}.fused.onnx",
             notes[which], options.fusion_off_reason)
+    if sequence[0] and graph["text"].get("fused") is not None:
+        # the fused graph must still take every length (ORT's fusions rewrite the mask)
+        diff = check_dynamic_text_graph(source, fp32_graphs["text"])
+        if not diff <= FUSION_CHECK_TOL:
+            msg = (f"fused graph differs from the source tower at short lengths (max relative "
+                   f"difference {diff:.2e}); unfused graph kept")
+            log.warning("export: text tower: %s", msg)
+            graph["text"].update(fusion=f"failed: {msg}", rejected_counts=graph["text"]["fused"],
+                                 fused=None)
+            fp32_graphs["text"] = build / "text.fp32.onnx"
+    graph["text"]["sequence"], graph["text"]["sequence_reason"] = \
+        ("dynamic" if sequence[0] else "fixed"), sequence[1]
     return source, fp32_graphs, graph
+
+
+def _export_text(source, options: ExportOptions, path: Path) -> tuple[str | None,
+                                                                      tuple[bool, str]]:
+    """Export the text tower with a dynamic sequence axis when ``text_sequence_plan`` allows it
+    and the exported graph reproduces the source at every length; otherwise (the reason
+    recorded) with the fixed context length. Returns ``(fusion note, (dynamic, reason))``."""
+    from clipfast.export.onnx_export import (
+        check_dynamic_text_graph,
+        export_text_tower,
+        text_sequence_plan,
+    )
+
+    dynamic, reason = text_sequence_plan(source)
+    if dynamic:
+        try:
+            note = export_text_tower(source, path, options.opset, fusable=options.fuse_graphs,
+                                     dynamic=True)
+            diff = check_dynamic_text_graph(source, path)
+            if diff <= FUSION_CHECK_TOL:
+                return note, (True, reason)
+            why = f"max relative difference {diff:.2e} to the source at short lengths"
+        except Exception as e:  # the exporter or ONNX Runtime refusing the shorter input
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("export: text tower keeps the fixed length: the dynamic graph failed (%s)",
+                    why)
+        reason = f"dynamic graph failed ({why}): fixed length"
+    note = export_text_tower(source, path, options.opset, fusable=options.fuse_graphs)
+    return note, (False, reason)
 
 
 def _convert_precision(source, options: ExportOptions, stages: _Stages, build: Path, work: Path,
@@ -436,7 +476,9 @@ def _manifest_data(source, options: ExportOptions, graph: dict[str, dict[str, An
         image=ImageTower(file=IMAGE_FILE, shape=(3, *source.preprocess.image_size),
                          dtype=io_dtype, output_dtype=io_dtype),
         text=TextTower(file=TEXT_FILE, inputs=tuple(source.text_inputs),
-                       output_dtype=io_dtype),
+                       output_dtype=io_dtype,
+                       sequence=graph["text"].pop("sequence", "fixed"),
+                       sequence_reason=graph["text"].pop("sequence_reason", "")),
         preprocess=source.preprocess, tokenizer=source.tokenizer, logits=source.logits,
         graph=graph, gates=gates, golden=golden, quantization=quantization,
         # Where the gates were measured: int8 kernels (and so results) differ by CPU family

@@ -41,7 +41,8 @@ class OpenClipImageTower(torch.nn.Module):
 
 
 class OpenClipTextTower(torch.nn.Module):
-    """``input_ids (batch, L) int32 -> (batch, D)``, not normalised.
+    """``input_ids (batch, L) int32 -> (batch, D)``, not normalised; ``L <= context_length``
+    for the built-in CLIP text tower (any padding length), ``L = context_length`` otherwise.
 
     For open_clip's built-in CLIP text tower this re-states ``encode_text`` so that the EOT
     position is an ArgMax over the int32 ids (TensorRT has no int64 ArgMax); other text towers
@@ -62,9 +63,14 @@ class OpenClipTextTower(torch.nn.Module):
         if not self._builtin:
             return m.encode_text(ids)
         cast_dtype = m.transformer.get_cast_dtype()
+        # Sliced to the batch's length L <= context_length (traced as Shape -> Slice, so the
+        # exported graph takes any L): with the causal mask and EOT pooling, rows padded to L
+        # give what they give padded to the full context.
+        length = ids.shape[1]
         x = m.token_embedding(ids).to(cast_dtype)
-        x = x + m.positional_embedding.to(cast_dtype)
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = x + m.positional_embedding[:length].to(cast_dtype)
+        mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
+        x = m.transformer(x, attn_mask=mask)
         x = m.ln_final(x)
         eot = input_ids.argmax(dim=-1)
         x = x[torch.arange(x.shape[0], device=x.device), eot]

@@ -396,9 +396,18 @@ def test_bench_run_on_a_tiny_artifact(tiny_artifact, tmp_path, photos, capsys):
     assert rc == 0
     doc = json.loads(out.read_text())
     rows = doc["rows"]
-    keys = {(r["backend"], r["tower"], r["mode"]) for r in rows}
-    assert keys == {(b, t, m) for b in ("onnxruntime", "torch") for t in ("image", "text")
-                    for m in ("tower", "end_to_end")}
+    keys = {(r["backend"], r["tower"], r["mode"], r.get("text_length")) for r in rows}
+    context = json.loads((tiny_artifact / "manifest.json").read_text())["tokenizer"][
+        "context_length"]
+    lengths = sorted({min(n, context) for n in (8, 16, 32, 77)})
+    assert keys == {(b, t, m, None) for b in ("onnxruntime", "torch") for t in ("image", "text")
+                    for m in ("tower", "end_to_end") if (t, m) != ("text", "tower")} | {
+        (b, "text", "tower", n) for b in ("onnxruntime", "torch") for n in lengths}
+    # text rows at each length: the dynamic path runs that many tokens, torch pads to the context
+    for r in rows:
+        if r.get("text_length"):
+            ran = context if r["backend"] == "torch" else r["text_length"]
+            assert r["tokens_run"] == ran
     assert [s["backend"] for s in doc["skipped"]] == ["tensorrt"]
     assert "tensorrt" in doc["skipped"][0]["reason"]
     flops = doc["artifacts"][0]["flops"]
@@ -407,7 +416,9 @@ def test_bench_run_on_a_tiny_artifact(tiny_artifact, tmp_path, photos, capsys):
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["items_per_s"] == pytest.approx(1000 / r["p50_ms"], rel=1e-3)
         assert r["peak_rss_mb"] > 0
-        assert r["gflop_per_item"] == pytest.approx(flops[r["tower"]]["gflop"], rel=1e-4)
+        share = r["tokens_run"] / context if r.get("text_length") else 1.0
+        assert r["gflop_per_item"] == pytest.approx(flops[r["tower"]]["gflop"] * share,
+                                                    rel=1e-4)
         assert r["peak_gflops"] == doc["peak"]["fp32_gflops"] > 0
         assert r["utilisation"] == pytest.approx(
             r["gflop_per_item"] * r["items_per_s"] / r["peak_gflops"], rel=1e-3)
@@ -430,6 +441,6 @@ def test_bench_run_on_a_tiny_artifact(tiny_artifact, tmp_path, photos, capsys):
                  "--max-iters", "2", "--min-seconds", "0", "--no-peak", "--interleave",
                  "--quiet", "--out", str(out2)]) == 0
     rows = json.loads(out2.read_text())["rows"]
-    assert [(r["backend"], r["group"], r["iterations"]) for r in rows] == [
-        ("onnxruntime", 0, 2), ("torch", 0, 2)]
+    assert [(r["backend"], r["group"], r["iterations"], r["text_length"]) for r in rows] == [
+        (b, 0, 2, n) for n in lengths for b in ("onnxruntime", "torch")]
     assert rows[1]["speedup_vs_torch"] == 1.0 and rows[0]["utilisation"] is None

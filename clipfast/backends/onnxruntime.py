@@ -180,12 +180,22 @@ def trt_profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, s
                      for tower in ("image", "text")}
     except (KeyError, TypeError, ValueError):
         return None
+    from clipfast.text_batching import sequence_profile
+
     out: dict[str, dict[str, str]] = {}
     for tower, dims in per_tower.items():
         out[tower] = {
             f"trt_profile_{which}_shapes": ",".join(f"{n}:{batch}x{tail}" for n, tail in dims)
             for which, batch in (("min", profile.min), ("opt", profile.opt), ("max", profile.max))
         }
+    # a dynamic-sequence text tower: one profile over the lengths too, so no length rebuilds
+    seq = sequence_profile(manifest)
+    if seq is not None:
+        names = list(manifest.text.inputs)
+        out["text"] = {
+            f"trt_profile_{which}_shapes": ",".join(f"{n}:{batch}x{length}" for n in names)
+            for which, batch, length in zip(("min", "opt", "max"),
+                                            (profile.min, profile.opt, profile.max), seq)}
     return out
 
 

@@ -44,6 +44,7 @@ from clipfast.backends.base import (
 )
 from clipfast.batching import BatchProfile, bucket_for, chunks
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
+from clipfast.text_batching import length_buckets
 
 log = logging.getLogger("clipfast.tensorrt")
 
@@ -73,6 +74,17 @@ def plan_chunks(n: int, profile: BatchProfile) -> list[Chunk]:
         raise InputError(f"batch of {n} rows: a row count cannot be negative")
     buckets = profile.buckets()
     return [Chunk(s, e, bucket_for(e - s, buckets)) for s, e in chunks(n, profile.max)]
+
+
+def _shape_key(bucket: int, length: int | None) -> int | tuple[int, int]:
+    """Contexts and graphs are keyed by batch bucket, and by length too on a dynamic-sequence
+    text engine."""
+    return bucket if length is None else (bucket, length)
+
+
+def _shape_text(key: int | tuple[int, int]) -> int | str:
+    """A shape key as ``describe()`` shows it: the bucket, or ``"<bucket>x<length>"``."""
+    return key if isinstance(key, int) else f"{key[0]}x{key[1]}"
 
 
 def stage_rows(dst: np.ndarray, src: np.ndarray, bucket: int) -> np.ndarray:
@@ -108,8 +120,9 @@ class Slot:
         self.device: dict[str, Any] = {}
         self.host: dict[str, np.ndarray] = {}
         self._pinned = []
-        self.contexts: dict[int, Any] = {}
-        self.graphs: dict[int, Any] = {}
+        # keyed by batch bucket, or (bucket, length) on a dynamic-sequence text engine
+        self.contexts: dict[int | tuple[int, int], Any] = {}
+        self.graphs: dict[int | tuple[int, int], Any] = {}
         self.pending: tuple[np.ndarray, Chunk] | None = None
         try:  # a failed allocation (out of memory) must not leak what was already allocated
             self.stream = cudart.Stream()
@@ -147,7 +160,7 @@ class TowerRunner:
         self.name = name
         self.profile = profile
         self.cuda_graphs = cuda_graphs
-        self.graph_failures: dict[int, str] = {}
+        self.graph_failures: dict[int | tuple[int, int], str] = {}
         since = logger.mark()
         self.engine = runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
@@ -160,6 +173,11 @@ class TowerRunner:
         self.inputs: dict[str, tuple] = {}
         for n in input_names:
             self.inputs[n] = (self._np_dtype(n), self._row_shape(n))
+        # a text engine built over a range of lengths (dim 1 of its inputs is -1): buffers hold
+        # rows of the longest, each chunk runs at its own length
+        self.dynamic_sequence = any(
+            len(self.engine.get_tensor_shape(n)) == 2 and self.engine.get_tensor_shape(n)[1] < 0
+            for n in input_names)
         self.output = (output_name, self._np_dtype(output_name), self._row_shape(output_name))
         # TensorRT 11 removed device_memory_size (superseded by _v2 since 10.1); a v2 of 0 is
         # a valid answer, not a reason to ask the old attribute.
@@ -192,8 +210,8 @@ class TowerRunner:
         return row
 
     # -- contexts and graphs -------------------------------------------------------------------
-    def _context(self, slot: Slot, bucket: int):
-        ctx = slot.contexts.get(bucket)
+    def _context(self, slot: Slot, bucket: int, length: int | None = None):
+        ctx = slot.contexts.get(_shape_key(bucket, length))
         if ctx is not None:
             return ctx
         trt = self.trt
@@ -208,14 +226,15 @@ class TowerRunner:
         except (AttributeError, TypeError):
             ctx.device_memory = slot.scratch.ptr  # 10.0: one-argument property setter
         for n, (_, row) in self.inputs.items():
-            if not ctx.set_input_shape(n, (bucket, *row)):
-                raise ClipfastError(f"{self.name} engine rejected input shape {(bucket, *row)} "
+            shape = (bucket, *row) if length is None else (bucket, length)
+            if not ctx.set_input_shape(n, shape):
+                raise ClipfastError(f"{self.name} engine rejected input shape {shape} "
                                     f"for {n!r} (profile {self.profile.tag()}): "
                                     + " | ".join(self.logger.errors(since)))
         for n, buf in slot.device.items():
             if not ctx.set_tensor_address(n, buf.ptr):
                 raise ClipfastError(f"{self.name} engine rejected the address of {n!r}")
-        slot.contexts[bucket] = ctx
+        slot.contexts[_shape_key(bucket, length)] = ctx
         return ctx
 
     def _execute(self, ctx, slot: Slot) -> None:
@@ -224,21 +243,26 @@ class TowerRunner:
             raise ClipfastError(f"TensorRT {self.name} execution failed: "
                                 + (" | ".join(self.logger.errors(since)) or "no error message"))
 
-    def _enqueue(self, slot: Slot, bucket: int) -> None:
-        ctx = self._context(slot, bucket)
-        if not self.cuda_graphs or bucket in self.graph_failures:
+    def _enqueue(self, slot: Slot, bucket: int, length: int | None = None) -> None:
+        """Run the staged chunk: ``bucket`` rows, each ``length`` tokens (a dynamic-sequence
+        text engine; None: the engine's fixed row shape). One context, and one CUDA graph, per
+        ``(bucket, length)``: the Engine pads text batches to a few lengths
+        (``text_lengths``), so their number stays small."""
+        key = _shape_key(bucket, length)
+        ctx = self._context(slot, bucket, length)
+        if not self.cuda_graphs or key in self.graph_failures:
             self._execute(ctx, slot)
             return
-        graph = slot.graphs.get(bucket)
+        graph = slot.graphs.get(key)
         if graph is not None:
             graph.launch(slot.stream)
             return
-        # First run of this bucket on this slot: an ordinary enqueue (TensorRT's shape setup
+        # First run of this shape on this slot: an ordinary enqueue (TensorRT's shape setup
         # after set_input_shape happens here; it also computes this chunk), then capture.
         self._execute(ctx, slot)
-        self._capture(ctx, slot, bucket)
+        self._capture(ctx, slot, key)
 
-    def _capture(self, ctx, slot: Slot, bucket: int) -> None:
+    def _capture(self, ctx, slot: Slot, bucket: int | tuple[int, int]) -> None:
         cudart = self.cudart
         slot.stream.synchronize()
         since = self.logger.mark()
@@ -254,17 +278,26 @@ class TowerRunner:
         except Exception as e:  # noqa: BLE001 - the stream must leave capture mode whatever failed
             cudart.abort_capture(slot.stream)
             slot.graphs[bucket] = None
-            reason = f"CUDA graph capture failed for batch {bucket}: {e}"
+            shape = (f"batch {bucket}" if isinstance(bucket, int)
+                     else f"batch {bucket[0]}, length {bucket[1]}")
+            reason = f"CUDA graph capture failed for {shape}: {e}"
             self.graph_failures[bucket] = reason
             log.warning("clipfast tensorrt %s: %s; plain enqueue is used for it", self.name,
                         reason)
 
     # -- the pipeline --------------------------------------------------------------------------
-    def _stage(self, slot: Slot, feed: dict[str, Any], chunk: Chunk) -> None:
+    def _stage(self, slot: Slot, feed: dict[str, Any], chunk: Chunk) -> int | None:
+        """Copy the chunk's rows into the slot's device buffers; returns the chunk's sequence
+        length on a dynamic-sequence engine (rows shorter than the buffer's: staged packed,
+        ``(bucket, length)`` contiguous), else None."""
         cudart = self.cudart
+        length = None
         for n, (dtype, row) in self.inputs.items():
             src = feed[n]
             dev = slot.device[n]
+            if self.dynamic_sequence:
+                length = int(src.shape[1])
+                row = (length,)
             row_bytes = int(np.prod(row, dtype=np.int64)) * dtype.itemsize
             if is_torch_tensor(src, "cuda"):
                 # already on the GPU (GPU preprocessing): device-to-device into the slot buffer
@@ -275,12 +308,19 @@ class TowerRunner:
                     cudart.memset_async(dev.ptr + chunk.rows * row_bytes, 0,
                                         (chunk.bucket - chunk.rows) * row_bytes, slot.stream)
             else:
-                staged = stage_rows(slot.host[n], src[chunk.start:chunk.stop], chunk.bucket)
+                host = slot.host[n]
+                if self.dynamic_sequence:
+                    # the pinned buffer holds (capacity, max length); view its start as
+                    # (capacity, length) rows, the layout the engine reads for this shape
+                    host = host.reshape(-1)[:host.shape[0] * length].reshape(host.shape[0],
+                                                                             length)
+                staged = stage_rows(host, src[chunk.start:chunk.stop], chunk.bucket)
                 cudart.memcpy_htod_async(dev.ptr, staged.ctypes.data, staged.nbytes, slot.stream)
+        return length
 
     def _submit(self, slot: Slot, feed: dict[str, Any], chunk: Chunk, out: np.ndarray) -> None:
-        self._stage(slot, feed, chunk)
-        self._enqueue(slot, chunk.bucket)
+        length = self._stage(slot, feed, chunk)
+        self._enqueue(slot, chunk.bucket, length)
         name, dtype, row = self.output
         host = slot.host[name]
         nbytes = chunk.rows * int(np.prod(row, dtype=np.int64)) * dtype.itemsize
@@ -394,6 +434,10 @@ class TensorRTBackend:
             self.close()
             raise
         self._text_inputs = list(manifest.text.inputs)
+        # The Engine pads text batches up to one of these lengths: one execution context and
+        # one CUDA graph per (batch bucket, length) instead of one per length seen.
+        self.text_lengths = (length_buckets(int(manifest.tokenizer.context_length))
+                             if self._towers["text"].dynamic_sequence else None)
 
     def _load_tower(self, tb, cudart, tower: str, build: str, cuda_graphs: bool) -> TowerRunner:
         m = self._manifest
@@ -464,7 +508,11 @@ class TensorRTBackend:
                 raise ArtifactError(f"text tower expects input {n!r}; tokenizer gave "
                                     f"{sorted(inputs)}")
             x = host_array(inputs[n], dtype)
-            if tuple(x.shape[1:]) != row:
+            if tower.dynamic_sequence:
+                if x.ndim != 2 or not 1 <= x.shape[1] <= row[0]:
+                    raise InputError(f"text input {n!r}: expected shape (N, L) with 1 <= L <= "
+                                     f"{row[0]}, got {tuple(x.shape)}")
+            elif tuple(x.shape[1:]) != row:
                 raise InputError(f"text input {n!r}: expected shape (N, "
                                  f"{', '.join(map(str, row))}), got {tuple(x.shape)}")
             feed[n] = x
@@ -496,9 +544,12 @@ class TensorRTBackend:
         graphs = {}
         for tower, runner in self._towers.items():
             captured = sorted({b for s in runner.slots for b, g in s.graphs.items()
-                               if g is not None})
-            graphs[tower] = {"enabled": runner.cuda_graphs, "captured_buckets": captured,
-                             "failures": dict(runner.graph_failures)}
+                               if g is not None}, key=lambda b: (b, 0) if isinstance(b, int)
+                              else b)
+            graphs[tower] = {"enabled": runner.cuda_graphs,
+                             "captured_buckets": [_shape_text(b) for b in captured],
+                             "failures": {_shape_text(b): r
+                                          for b, r in runner.graph_failures.items()}}
         return {"backend": self.name, "device": self.device, "gpu": self._gpu,
                 "compute_capability": f"{self._cc[0]}.{self._cc[1]}",
                 "tensorrt": self._trt.__version__, "profile": self.profile.as_dict(),

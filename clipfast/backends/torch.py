@@ -250,6 +250,9 @@ class TorchBackend:
         self._compiled: dict[str, Any] = {}
         self._graphs = GraphCache()
         self._lock = threading.Lock()
+        # Text lengths the Engine pads batches up to on the dynamic path: any on the CPU (eager
+        # runs), a few buckets with CUDA graphs (one graph per batch bucket and length).
+        self.text_lengths: tuple[int, ...] | None = None
         if device == "cpu":
             self.max_batch = None
             self.buckets: tuple[int, ...] | None = None
@@ -257,6 +260,10 @@ class TorchBackend:
             return
         self.max_batch = opts.profile.max
         self.buckets = opts.profile.buckets() if opts.cuda_graphs else None
+        if self.buckets is not None and manifest.text.dynamic:
+            from clipfast.text_batching import length_buckets
+
+            self.text_lengths = length_buckets(int(manifest.tokenizer.context_length))
         with torch.cuda.device(self._tdevice):
             self._setup_cuda()
 
@@ -489,6 +496,7 @@ class TorchBackend:
             out.update({"gpu": torch.cuda.get_device_name(self._tdevice),
                         "profile": self.options.profile.as_dict(),
                         "buckets": list(self.buckets or ()),
+                        "text_lengths": list(self.text_lengths or ()),
                         "graphs": self._graphs.describe()})
         return out
 

@@ -14,6 +14,9 @@ SCHEMA_VERSION = 1
 DEFAULT_BACKENDS = ("onnxruntime", "tensorrt", "torch")
 DEFAULT_BATCH_SIZES = (1, 8, 32, 128)
 TOWERS = ("image", "text")
+# Text tower rows run texts of exactly these many tokens (capped at the context length): on the
+# dynamic sequence path the cost follows the length, padded to the context it does not.
+TEXT_LENGTHS = (8, 16, 32, 77)
 MODES = ("tower", "end_to_end")
 BASELINE = "torch"
 # Above this 1-minute load average other jobs share the cores and timings are not clean.

@@ -26,6 +26,12 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def tower_label(row: dict[str, Any]) -> str:
+    """``"image"``, ``"text"``, or ``"text L16"`` for a text row at one length."""
+    length = row.get("text_length")
+    return row["tower"] if length is None else f"{row['tower']} L{length}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as one markdown table (model, backend, precision, tower, mode, batch, latency
     percentiles, items/s, speedup against torch, peak memory, GFLOP/item, utilisation)."""
@@ -37,7 +43,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         util = r.get("utilisation")
-        cells = [r["model"], r["backend"], r["precision"], r["tower"],
+        cells = [r["model"], r["backend"], r["precision"], tower_label(r),
                  "end-to-end" if r["mode"] == "end_to_end" else "tower", str(r["batch_size"]),
                  _fmt(r["p50_ms"]), _fmt(r["p90_ms"]), _fmt(r["p99_ms"]),
                  _fmt(r["items_per_s"], 1),
@@ -107,9 +113,10 @@ def plot_latency(doc: dict[str, Any], path: str | os.PathLike) -> Path | None:
     except ImportError:
         return None
     rows = doc["rows"]
-    panels = sorted({(r["tower"], r["mode"]) for r in rows},
-                    key=lambda p: (TOWERS.index(p[0]) if p[0] in TOWERS else 9,
-                                   MODES.index(p[1]) if p[1] in MODES else 9))
+    panels = sorted({(tower_label(r), r["mode"]) for r in rows},
+                    key=lambda p: (TOWERS.index(p[0].split()[0]) if p[0].split()[0] in TOWERS
+                                   else 9, MODES.index(p[1]) if p[1] in MODES else 9,
+                                   int(p[0].split(" L")[1]) if " L" in p[0] else 0))
     multi_model = len({r["model"] for r in rows}) > 1
     cols = min(len(panels), 2)
     nrows = math.ceil(len(panels) / cols)
@@ -119,7 +126,7 @@ def plot_latency(doc: dict[str, Any], path: str | os.PathLike) -> Path | None:
     for ax, (tower, mode) in zip(axes.flat, panels):
         series: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
-            if (r["tower"], r["mode"]) == (tower, mode):
+            if (tower_label(r), r["mode"]) == (tower, mode):
                 name = f"{r['backend']} {r['precision']}"
                 if multi_model:
                     name = f"{r['model']} {name}"
@@ -182,16 +189,17 @@ def headline_table(docs: Sequence[dict[str, Any]], batch_sizes: Sequence[int] | 
     for doc in docs:
         rows = doc["rows"]
         isa = machine_isa(doc.get("machine") or {}) or "not recorded"
-        base = {(r["model"], r["tower"], r["mode"], r["batch_size"]): r
+        base = {(r["model"], tower_label(r), r["mode"], r["batch_size"]): r
                 for r in rows if r["backend"] == BASELINE}
         for r in rows:
             if r["backend"] != backend or (batch_sizes and r["batch_size"] not in batch_sizes):
                 continue
-            b = base.get((r["model"], r["tower"], r["mode"], r["batch_size"]))
+            b = base.get((r["model"], tower_label(r), r["mode"], r["batch_size"]))
             speedup = r.get("speedup_vs_torch")
             mode = "end-to-end" if r["mode"] == "end_to_end" else "tower"
             lines.append(
-                f"| {r['model']} ({r['precision']}) | {r['tower']} | {mode} | {r['batch_size']} "
+                f"| {r['model']} ({r['precision']}) | {tower_label(r)} | {mode} | "
+                f"{r['batch_size']} "
                 f"| {_fmt(b['items_per_s'], 1) if b else '-'} | {_fmt(r['items_per_s'], 1)} | "
                 f"{f'{speedup:.2f}x' if speedup else '-'} | {_fmt(r['p50_ms'])} | {isa} |")
     return "\n".join(lines)

@@ -21,7 +21,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipfast.bench.config import BASELINE, BUSY_LOAD, SCHEMA, SCHEMA_VERSION, BenchConfig
+from clipfast.bench.config import (
+    BASELINE,
+    BUSY_LOAD,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TEXT_LENGTHS,
+    BenchConfig,
+)
 from clipfast.bench.flops import count_tower_flops
 from clipfast.bench.machine import load_average, machine_info
 from clipfast.bench.memory import MemoryProbe, current_rss_mb
@@ -119,7 +126,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         c = self.config
-        per_artifact = len(c.backends) * len(c.towers) * len(self.modes) * len(self.batch_sizes)
+        per_artifact = len(c.backends) * self._rows_per_backend()
         return tqdm(total=per_artifact * len(c.artifacts), unit="row", desc="bench",
                     file=sys.stderr)
 
@@ -143,7 +150,7 @@ class _Run:
         flops = self._count_flops(manifest, label, info["flops"])
         inputs = prepare_inputs(manifest, self.batch_sizes[-1], c.images, c.towers)
         a = _Artifact(index, art, label, manifest.precision, flops, inputs,
-                      len(c.towers) * len(self.modes) * len(self.batch_sizes))
+                      self._rows_per_backend())
         # Sequential: one backend loaded at a time (clean per-backend memory figures).
         # Interleaved: all loaded, calls alternating, so every backend sees the same load.
         wanted = [b for b in c.backends
@@ -218,19 +225,37 @@ class _Run:
         probe = MemoryProbe(self.config.device)
         for tower in self.config.towers:
             for mode in self.modes:
-                for batch in self.batch_sizes:
-                    self._time_rows(a, engines, loads, (tower, mode, batch), sync, probe)
+                for length in self._text_lengths(a, tower, mode):
+                    for batch in self.batch_sizes:
+                        self._time_rows(a, engines, loads, (tower, mode, batch, length), sync,
+                                        probe)
+
+    def _rows_per_backend(self) -> int:
+        c = self.config
+        per_tower = {t: len(self.modes) + (len(TEXT_LENGTHS) - 1 if t == "text" else 0)
+                     for t in c.towers}
+        return sum(per_tower.values()) * len(self.batch_sizes)
+
+    @staticmethod
+    def _text_lengths(a: _Artifact, tower: str, mode: str) -> list[int | None]:
+        """Text tower rows: one set per text length (``TEXT_LENGTHS``); others: one."""
+        if tower == "text" and mode == "tower" and a.inputs.texts_by_length:
+            return sorted(a.inputs.texts_by_length)
+        return [None]
 
     def _time_rows(self, a: _Artifact, engines: dict[str, Any],
-                   loads: dict[str, tuple[float, float | None]], where: tuple[str, str, int],
+                   loads: dict[str, tuple[float, float | None]],
+                   where: tuple[str, str, int, int | None],
                    sync: Callable[[], Any] | None, probe: MemoryProbe) -> None:
-        """Time one tower, mode and batch size on every loaded backend (interleaved when more
-        than one is loaded) and add their rows."""
+        """Time one tower, mode, batch size (and text length) on every loaded backend
+        (interleaved when more than one is loaded) and add their rows."""
         c = self.config
-        tower, mode, batch = where
+        tower, mode, batch, length = where
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{a.label} {'+'.join(engines)} {tower} {mode} b{batch}")
-        fns = {b: row_callable(e, tower, mode, batch, a.inputs) for b, e in engines.items()}
+            self.bar.set_postfix_str(f"{a.label} {'+'.join(engines)} {tower} {mode} b{batch}"
+                                     + (f" L{length}" if length else ""))
+        fns = {b: row_callable(e, tower, mode, batch, a.inputs, length)
+               for b, e in engines.items()}
         probe.start()
         timed = time_interleaved(fns, warmup=c.warmup, min_iters=c.min_iters,
                                  max_iters=c.max_iters, min_seconds=c.min_seconds, sync=sync)
@@ -251,10 +276,10 @@ class _Run:
                 row["group"] = a.index
             self.rows.append(row)
 
-    def _row(self, a: _Artifact, backend: str, engine, where: tuple[str, str, int],
+    def _row(self, a: _Artifact, backend: str, engine, where: tuple[str, str, int, int | None],
              times: list[float], mem: dict[str, Any], load: tuple[float, float | None]
              ) -> dict[str, Any]:
-        tower, mode, batch = where
+        tower, mode, batch, length = where
         # what the towers compute in (bf16 on an fp32 artifact is said, not implied)
         precision = "fp32" if backend == BASELINE else (
             getattr(engine._backend, "precision", None) or a.precision)
@@ -264,6 +289,17 @@ class _Run:
             "device": self.config.device, "precision": precision, "tower": tower, "mode": mode,
             "batch_size": batch, "warmup": self.config.warmup,
         }
+        flops = a.flops_per_item.get(tower)
+        if length is not None:
+            ids, _ = a.inputs.texts_by_length[length]
+            context = next(iter(ids.values())).shape[1]
+            # tokens the tower actually ran per text: the length on the dynamic path (the torch
+            # baseline pads to the context)
+            ran = length if (getattr(engine, "text_dynamic", False) and backend != BASELINE) \
+                else context
+            row.update(text_length=length, tokens_run=ran)
+            if flops is not None:  # counted at the context; linear in tokens to within the
+                flops = flops * ran / context  # attention scores' share (a few % at 77)
         row.update({k: (round_sig(v, 6) if isinstance(v, float) else v)
                     for k, v in stats.items()})
         row.update(mem)
@@ -274,7 +310,7 @@ class _Run:
         tuning = getattr(engine._backend, "tuning", None)
         if tuning:
             row["auto_choice"] = tuning.get("label")
-        row.update(_utilisation(a.flops_per_item.get(tower), stats["items_per_s"],
+        row.update(_utilisation(flops, stats["items_per_s"],
                                 peak_for(precision, self.peak)))
         return row
 

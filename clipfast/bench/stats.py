@@ -118,7 +118,8 @@ def add_speedups(rows: list[dict[str, Any]], baseline: str = BASELINE) -> None:
     compare only within their group."""
     def key(r: dict[str, Any]) -> tuple:
         # "group": rows timed together (--interleave) compare only with each other.
-        return r["model"], r["tower"], r["mode"], r["batch_size"], r.get("group")
+        return (r["model"], r["tower"], r["mode"], r["batch_size"], r.get("text_length"),
+                r.get("group"))
 
     base = {key(r): r["items_per_s"] for r in rows if r["backend"] == baseline}
     for r in rows:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipfast.bench.config import BASELINE, BenchConfig
+from clipfast.bench.config import BASELINE, TEXT_LENGTHS, BenchConfig
 from clipfast.errors import ClipfastError
 from clipfast.types import IMAGE_SUFFIXES
 
@@ -53,6 +53,31 @@ class Inputs:
     tokens: dict[str, Any]
     captions: list[str]
     paths: list[str]
+    # text tower rows: {tokens per text: ({name: int64 (B, context)}, lengths int64 (B,))}
+    texts_by_length: dict[int, tuple[dict[str, Any], Any]] | None = None
+
+
+def texts_of_length(tokenizer, length: int, count: int) -> tuple[dict[str, Any], Any]:
+    """``count`` texts of ``length`` tokens each (special tokens included; fewer only where the
+    tokenizer cannot make exactly that many), tokenized: ``(ids, lengths)``. Words are taken
+    from the sample captions in turn and added one at a time until the text is that long."""
+    import numpy as np
+
+    from clipfast.samples import CAPTIONS
+
+    words = " ".join(CAPTIONS).split()
+    length = min(int(length), tokenizer.context_length)
+    texts = []
+    for i in range(count):
+        n, best = 1, ""
+        while n <= 4 * length:
+            text = " ".join(words[(i + k) % len(words)] for k in range(n))
+            if int(tokenizer.encode([text])[1][0]) > length:
+                break
+            best, n = text, n + 1
+        texts.append(best)
+    ids, lengths = tokenizer.encode(texts)
+    return ids, np.asarray(lengths)
 
 
 def prepare_inputs(manifest, max_batch: int, images: Path | None, towers: Iterable[str]
@@ -71,11 +96,17 @@ def prepare_inputs(manifest, max_batch: int, images: Path | None, towers: Iterab
         base = preprocess_batch(sample_images(min(max_batch, 12)), manifest.preprocess)
         pixels = np.ascontiguousarray(np.resize(base, (max_batch, *base.shape[1:])))
     captions = _cycle(CAPTIONS, max_batch)
+    by_length = None
     if "text" in towers:
         tok_cfg = manifest.tokenizer
-        tokens = Tokenizer(tok_cfg, manifest.path(tok_cfg.file))(captions)
+        tokenizer = Tokenizer(tok_cfg, manifest.path(tok_cfg.file))
+        tokens = tokenizer(captions)
+        lengths = sorted({min(n, tokenizer.context_length) for n in TEXT_LENGTHS})
+        by_length = {n: texts_of_length(tokenizer, n, min(max_batch, 16)) for n in lengths}
+        by_length = {n: ({k: np.resize(v, (max_batch, v.shape[1])) for k, v in ids.items()},
+                         np.resize(lens, max_batch)) for n, (ids, lens) in by_length.items()}
     paths = [str(p) for p in _cycle(image_files(images), max_batch)] if images else []
-    return Inputs(pixels, tokens or {}, captions, paths)
+    return Inputs(pixels, tokens or {}, captions, paths, by_length)
 
 
 def _source_of(engine) -> Any:
@@ -84,13 +115,25 @@ def _source_of(engine) -> Any:
     return getattr(engine._backend, "source", None)
 
 
-def row_callable(engine, tower: str, mode: str, batch: int, inputs: Inputs
-                 ) -> Callable[[], Any]:
-    """The work one timed call does."""
+def row_callable(engine, tower: str, mode: str, batch: int, inputs: Inputs,
+                 text_length: int | None = None) -> Callable[[], Any]:
+    """The work one timed call does. ``text_length``: text tower rows run texts of that many
+    tokens (``Inputs.texts_by_length``); the torch baseline pads them to the context, as
+    open_clip does, the other backends as the artifact's text path does (only to the longest
+    text on the dynamic path)."""
     if mode == "tower":
         if tower == "image":
             pix = inputs.pixels[:batch]
             return lambda: engine.run_image_tower(pix)
+        if text_length is not None and inputs.texts_by_length:
+            import numpy as np
+
+            ids, lengths = inputs.texts_by_length[text_length]
+            tok = {k: v[:batch] for k, v in ids.items()}
+            lens = lengths[:batch]
+            if engine.backend == BASELINE:
+                lens = np.full(batch, next(iter(tok.values())).shape[1], dtype=np.int64)
+            return lambda: engine.run_text_tower(tok, lens)
         tok = {k: v[:batch] for k, v in inputs.tokens.items()}
         return lambda: engine.run_text_tower(tok)
     source = _source_of(engine) if engine.backend == BASELINE else None

@@ -87,6 +87,19 @@ class OpenClipFamily(FamilySpec):
     # default text tower: open_clip's causal CLIP text transformer
     text_pooling = "EOT token (argmax of ids), ln_final, text_projection"
 
+    def text_padding_free(self, tower: nn.Module) -> tuple[bool, str]:
+        """open_clip's built-in CLIP text transformer with a causal mask and EOT (argmax)
+        pooling: no position attends past itself, so padding after EOT never reaches the pooled
+        token. Other text towers (HF encoders inside open_clip, SigLIP's last-token pooling,
+        MobileCLIP's non-causal tower) keep their fixed length."""
+        model = getattr(tower, "model", None)
+        if not getattr(tower, "_builtin", False) or model is None:
+            return False, ("text tower is not open_clip's built-in causal CLIP text transformer "
+                           "with EOT (argmax) pooling")
+        if not _is_causal_mask(getattr(model, "attn_mask", None)):
+            return False, "text attention mask is not causal: padding reaches every token"
+        return True, "causal attention mask and EOT (argmax) pooling"
+
     def owns_tower(self, tower: Any) -> bool:
         from clipfast.export.sources_openclip import OpenClipImageTower, OpenClipTextTower
 

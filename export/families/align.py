@@ -101,6 +101,11 @@ class AlignFamily(TransformersFamily):
                 text_pooling="cls"),
         )
 
+    def text_padding_free(self, tower: nn.Module) -> tuple[bool, str]:
+        if isinstance(tower, AlignTextTower):
+            return True, "attention mask over the padding, CLS pooling"
+        return False, "not an ALIGN text tower"
+
     def attention(self, tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
         if isinstance(tower, AlignImageTower):
             return None, "convolutional tower (EfficientNet): no attention to fuse"

@@ -129,6 +129,15 @@ class FamilySpec:
         """True when ``tower`` (a SourceModel tower) was built by this family."""
         return False
 
+    # -- sequence length ------------------------------------------------------------------------
+    def text_padding_free(self, tower: nn.Module) -> tuple[bool, str]:
+        """``(True, why)`` when the text tower's result provably does not depend on trailing
+        padding (causal attention with end-token pooling, or an attention mask), so that the
+        export may give it a dynamic sequence axis; ``(False, why not)`` keeps the fixed
+        length. The export also checks the claim on the source tower, and the artifact's golden
+        self-check (short and long texts) checks it again at load."""
+        return False, f"family {self.name} does not declare its text tower padding-independent"
+
     # -- fusion -------------------------------------------------------------------------------
     def attention(self, tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
         """``(spec, None)`` when ORT can fuse ``tower``'s attention, else ``(None, reason)``."""

@@ -18,7 +18,7 @@ from clipfast.export.families.base import (
     hf_attention,
 )
 
-__all__ = ["CLIPImageTower", "CLIPTextTower", "ClipFamily", "clip_towers"]
+__all__ = ["CLIPImageTower", "CLIPTextTower", "ClipFamily", "clip_padding_free", "clip_towers"]
 
 
 class CLIPImageTower(nn.Module):
@@ -92,6 +92,13 @@ def clip_towers(model: nn.Module, model_type: str) -> TowerParts:
     )
 
 
+def clip_padding_free(tower: nn.Module) -> tuple[bool, str]:
+    """CLIP-architecture text towers: causal attention, pooled at the (first) EOS token."""
+    if isinstance(tower, CLIPTextTower):
+        return True, "causal attention and EOS-token pooling"
+    return False, "not a CLIP text tower"
+
+
 def clip_attention(tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
     model = tower.vision_model if isinstance(tower, CLIPImageTower) else tower.text_model
     return hf_attention(model.config, "clip"), None
@@ -113,3 +120,6 @@ class ClipFamily(TransformersFamily):
 
     def attention(self, tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
         return clip_attention(tower, which)
+
+    def text_padding_free(self, tower: nn.Module) -> tuple[bool, str]:
+        return clip_padding_free(tower)

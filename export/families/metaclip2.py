@@ -8,7 +8,7 @@ from torch import nn
 from clipfast.export.families import register
 from clipfast.export.families._hf import TransformersFamily
 from clipfast.export.families.base import AttentionSpec, TowerParts
-from clipfast.export.families.clip import clip_attention, clip_towers
+from clipfast.export.families.clip import clip_attention, clip_padding_free, clip_towers
 
 
 @register
@@ -29,3 +29,6 @@ class MetaClip2Family(TransformersFamily):
 
     def attention(self, tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
         return clip_attention(tower, which)
+
+    def text_padding_free(self, tower: nn.Module) -> tuple[bool, str]:
+        return clip_padding_free(tower)
