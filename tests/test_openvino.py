@@ -230,3 +230,19 @@ def test_fp32_passes_and_bf16_is_refused_on_emulated_avx2(small_clip_artifact):
     assert got["isa"] == "AVX2"
     assert got["self_check"]["passed"] and got["self_check"]["image_centred_rel_error"] < 1e-4
     assert "AVX512_BF16 or AMX" in got["bf16"] and "AVX2" in got["bf16"]
+
+
+def test_fp32_runs_a_dynamic_text_graph_at_every_length(small_clip_artifact):
+    """On an artifact whose text graph has a dynamic sequence axis, the OpenVINO model compiled
+    with the graph's own shapes runs each batch at its longest text (one word to past the
+    context) and keeps fp32 parity with the PyTorch source at every length."""
+    engine = clipfast.Engine(small_clip_artifact, backend="openvino")
+    if not engine.text_dynamic:
+        pytest.skip("the test artifact's text graph is fixed-length")
+    ref = clipfast.Engine(small_clip_artifact, backend="torch", self_check=False)
+    texts = ["a", "a red car", *(" ".join(["word"] * n) for n in (5, 12, 30, 60, 90))]
+    got, want = engine.encode_texts(texts), ref.encode_texts(texts)
+    assert float(centred_relative_error(got, want).max()) < 1e-4
+    # the batches really ran shorter than the context
+    ids, lengths = engine.tokenizer.encode(texts)
+    assert int(np.min(lengths)) < next(iter(ids.values())).shape[1]
