@@ -132,6 +132,11 @@ _DECLARED = (
         "skipping (CI sets it).",
         _one, scope="tests"),
     Setting(
+        "CLIPFAST_REQUIRE_BROWSER", "flag (1)", False,
+        "1: the search page's browser test fails without Chromium instead of skipping (also "
+        "when CI=true).",
+        _one, scope="tests"),
+    Setting(
         "CLIPFAST_BENCH_ARTIFACT", "path", None,
         "The artifact the benchmark suite times; unset: a ViT-B-32 export with random weights, "
         "made once in CLIPFAST_BENCH_CACHE.",

@@ -22,6 +22,7 @@ pytest.importorskip("prometheus_client")
 from test_search import clipfast, clustered, fake_embed_dir, make_photos  # noqa: E402
 from test_serve_support import StubEngine, ThreadServer, jpeg  # noqa: E402
 
+from clipfast import settings  # noqa: E402
 from clipfast.errors import InputError  # noqa: E402
 from clipfast.search.index import build_index  # noqa: E402
 from clipfast.serve.app import create_app  # noqa: E402
@@ -142,7 +143,7 @@ def test_serve_refuses_index_of_another_artifact(tmp_path, small_clip_engine):
 
 # -- the page in a real browser ----------------------------------------------------------------
 def _browser_or_skip():
-    required = os.environ.get("CI") == "true" or os.environ.get("CLIPFAST_REQUIRE_BROWSER") == "1"
+    required = os.environ.get("CI") == "true" or settings.CLIPFAST_REQUIRE_BROWSER
     why = None
     try:
         import playwright.sync_api  # noqa: F401
