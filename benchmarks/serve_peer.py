@@ -4,14 +4,14 @@ One random-weight transformers CLIP (ViT-B/32 shapes by default, built by the te
 builder ``tests/hf_models.save_clip``) is saved once; clipfast exports it (fp32, ONNX Runtime,
 defaults) and infinity-emb loads the same directory (``--engine torch --device cpu``,
 defaults otherwise). Both servers run at once on 127.0.0.1; clients (``serve_load``'s closed
-loop: one item per request) drive texts (short captions) and images (JPEG data URLs) at
+loop: one item per request) drive texts and images (JPEG data URLs) at
 concurrency 1, 8 and 32, the two servers interleaved in rounds so both see the same background
 load. Texts come in three workloads: short captions (7-16 tokens, end tokens included), long
 texts (past the 77-token context: each server cuts them to what it runs) and, on request
-(``--kinds``), texts of 18-20 tokens, which infinity-emb's default cut at 20 leaves whole. Reported per level: items/s of each, and the
-median over rounds of clipfast / infinity. The offline ceiling of each (its engine at batch 32,
-no HTTP, JPEG decode included for images) is measured in the same run; the host's ISA and the
-load average during the run are recorded.
+(``--kinds``), texts of 18-20 tokens, which infinity-emb's default cut at 20 leaves whole.
+Reported per level: items/s of each, and the median over rounds of clipfast / infinity. The
+offline ceiling of each (its engine at batch 32, no HTTP, JPEG decode included for images) is
+measured in the same run; the host's ISA and the load average during the run are recorded.
 
 After the timed rounds both servers get the same checks: short and long texts and one image
 against the source transformers model in fp32 (centred relative error, cosine; for long texts,
