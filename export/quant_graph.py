@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,20 @@ def node_attr(node, name: str, default: Any) -> Any:
     return default
 
 
+@contextlib.contextmanager
+def _scratch_cwd():
+    """A temporary working directory for the block (removed after), the previous one restored.
+    os.chdir is process-wide: the export's quantization step runs on one thread and passes
+    absolute paths, so only ONNX Runtime's own relative writes move."""
+    before = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="clipfast-quant-") as scratch:
+        os.chdir(scratch)
+        try:
+            yield
+        finally:
+            os.chdir(before)
+
+
 def preprocess_graph(fp32_path: Path, out: Path) -> str:
     """``quant_pre_process`` into ``out``; returns which steps ran.
 
@@ -173,8 +189,12 @@ def preprocess_graph(fp32_path: Path, out: Path) -> str:
     big = graph_bytes(fp32_path) > PROTOBUF_LIMIT
     kw = dict(save_as_external_data=big, all_tensors_to_one_file=True,
               external_data_location=out.name + ".data")
+    fp32_path, out = Path(fp32_path).resolve(), Path(out).resolve()
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        # When symbolic inference gives up, ONNX Runtime saves its partial graph as
+        # sym_shape_infer_temp.onnx (+ a .data file) in the working directory: run it in a
+        # scratch one so nothing lands in the user's folder.
+        with contextlib.redirect_stdout(io.StringIO()), _scratch_cwd():
             quant_pre_process(str(fp32_path), str(out), **kw)
         return "symbolic shape inference + basic optimisation + onnx shape inference"
     except Exception as e:  # noqa: BLE001 - the symbolic inferencer raises bare assertions

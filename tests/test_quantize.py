@@ -411,3 +411,20 @@ def test_options_are_validated(tower, tmp_path):
     with pytest.raises(ExportError, match="nothing is left to quantize"):
         quantize_tower(tower.path, tmp_path / "x.onnx", tower.calibration,
                        options=QuantOptions(exclude_op_types=("MatMul", "Gemm", "Conv")))
+
+
+def test_quantization_preprocessing_leaves_nothing_in_the_working_directory(
+        small_clip_artifact, tmp_path, monkeypatch):
+    """Where ONNX Runtime's symbolic shape inference gives up (the dynamic-length text graph),
+    it saves its partial graph in the working directory; the export runs it elsewhere."""
+    from clipfast.export.quant_graph import preprocess_graph
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    for tower in ("image", "text"):
+        out = tmp_path / f"{tower}-pre.onnx"
+        preprocess_graph(small_clip_artifact / f"{tower}.onnx", out)
+        assert out.is_file()
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert Path.cwd() == cwd

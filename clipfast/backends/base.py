@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from clipfast.errors import InputError
+from clipfast.errors import ArtifactError, InputError
 
 
 class Backend(Protocol):
@@ -95,3 +95,15 @@ def host_array(x, dtype) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.ascontiguousarray(x, dtype=dtype)
+
+
+def text_feed(inputs: dict[str, Any], expected: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The text tower's feed: each input the graph declares (``{name: dtype}``), from the
+    tokenizer's arrays, as a contiguous host array of the graph's dtype."""
+    feed = {}
+    for name, dtype in expected.items():
+        if name not in inputs:
+            raise ArtifactError(f"text tower expects input {name!r}; tokenizer gave "
+                                f"{sorted(inputs)}")
+        feed[name] = host_array(inputs[name], dtype)
+    return feed

@@ -68,6 +68,7 @@ from clipfast.backends.base import (
     option_bool,
     option_choice,
     option_device_id,
+    text_feed,
 )
 from clipfast.batching import BatchProfile, as_profile
 from clipfast.cache import artifact_cache_dir
@@ -460,12 +461,7 @@ class OnnxRuntimeBackend:
         return out.astype(np.float32, copy=False)
 
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {}
-        for name, dtype in self._text_inputs.items():
-            if name not in inputs:
-                raise ArtifactError(f"text tower expects input {name!r}; tokenizer gave "
-                                    f"{sorted(inputs)}")
-            feed[name] = host_array(inputs[name], dtype)
+        feed = text_feed(inputs, self._text_inputs)
         if self.device == "cuda":
             out = self._run_cuda("text", feed, self._text_output)
         else:

@@ -50,7 +50,13 @@ from typing import Any
 
 import numpy as np
 
-from clipfast.backends.base import check_options, host_array, option_bool, option_choice
+from clipfast.backends.base import (
+    check_options,
+    host_array,
+    option_bool,
+    option_choice,
+    text_feed,
+)
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
 
 log = logging.getLogger("clipfast")
@@ -231,12 +237,7 @@ class OpenVinoBackend:
         return self._infer("image", [host_array(pixels, self._image_dtype)])
 
     def run_text(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {}
-        for name, dtype in self._text_inputs.items():
-            if name not in inputs:
-                raise ArtifactError(f"text tower expects input {name!r}; tokenizer gave "
-                                    f"{sorted(inputs)}")
-            feed[name] = host_array(inputs[name], dtype)
+        feed = text_feed(inputs, self._text_inputs)
         return self._infer("text", feed)
 
     def describe(self) -> dict[str, Any]:
