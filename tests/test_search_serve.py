@@ -20,7 +20,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
 from test_search import clipfast, clustered, fake_embed_dir, make_photos  # noqa: E402
-from test_serve_support import StubEngine, ThreadServer, jpeg  # noqa: E402
+from test_serve_support import (  # noqa: E402
+    StubEngine,
+    ThreadServer,
+    assert_client_error,
+    jpeg,
+    run_asgi,
+)
 
 from clipfast import settings  # noqa: E402
 from clipfast.errors import InputError  # noqa: E402
@@ -283,22 +289,8 @@ def stub(tmp_path_factory):
     return stub_index(tmp_path_factory.mktemp("stub-index"))
 
 
-def _run(app, fn):
-    import asyncio
-
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await fn(client)
-    return asyncio.run(main())
 
 
-def _client_error(r: httpx.Response, what: str) -> dict:
-    assert 400 <= r.status_code < 500, (what, r.status_code, r.text[:300])
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, (what, r.text[:300])
-    assert err["type"] == "invalid_request_error" and err["message"], (what, err)
-    return err
 
 
 def _search_cases() -> list[tuple[str, bytes, int | None, str | None]]:
@@ -347,12 +339,12 @@ def test_search_obeys_every_limit_of_the_serving_core(stub):
         for what, body, status, code in _search_cases():
             r = await c.post("/v1/search", content=body,
                              headers={"content-type": "application/json"})
-            err = _client_error(r, what)
+            err = assert_client_error(r, what)
             assert status is None or r.status_code == status, (what, r.status_code, err)
             assert code is None or err["code"] == code, (what, err)
         r = await c.post("/v1/search", content=b"x" * 4_000_001,
                          headers={"content-type": "application/json"})
-        assert _client_error(r, "body over the cap")["code"] == "max_body_bytes"
+        assert assert_client_error(r, "body over the cap")["code"] == "max_body_bytes"
         # What is allowed still answers.
         r = await c.post("/v1/search", json={"text": "a" * 1000, "k": 3, "filter": {
             "labels": ["cat", "dog"], "exclude": ["cat"], "template": "a {} (photo) %s",
@@ -361,7 +353,7 @@ def test_search_obeys_every_limit_of_the_serving_core(stub):
         assert len(r.json()["data"]) == 3
 
     calls_before = len(engine.calls)
-    _run(app, fn)
+    run_asgi(app, fn)
     # Only the allowed request reached the towers: its query and its two prompts.
     assert sum(engine.calls[calls_before:]) == 3
 
@@ -377,7 +369,7 @@ def test_search_template_is_filled_by_replacement(stub, monkeypatch):
 
     app = create_app(engine, stub_config(idx))
     monkeypatch.setattr(engine, "tokenize", recording, raising=False)
-    r = _run(app, lambda c: c.post("/v1/search", json={"text": "q", "filter": {
+    r = run_asgi(app, lambda c: c.post("/v1/search", json={"text": "q", "filter": {
         "labels": ["{0}", "a.b"], "template": "x {} %s "}}))
     assert r.status_code == 200, r.text
     assert seen == ["q", "x {0} %s ", "x a.b %s "]
@@ -424,7 +416,7 @@ def test_search_body_is_parsed_and_tokenized_off_the_event_loop(stub, monkeypatc
         r = await task
         assert r.status_code == 200, r.text
 
-    _run(app, fn)
+    run_asgi(app, fn)
     assert released_by_health[:1] == [True]
     assert threads and all(t.startswith("clipfast-decode") for t in threads), threads
 
@@ -439,19 +431,19 @@ def test_search_routes_are_known_to_metrics_and_to_routing_errors(stub):
         r = await c.post("/v1/search", json={"text": "a"}, headers=auth)
         assert r.status_code == 200, r.text
         assert (await c.get("/v1/search/thumbnails/0", headers=auth)).status_code == 200
-        _client_error(await c.get("/v1/search/thumbnails/x", headers=auth), "thumbnail x")
+        assert_client_error(await c.get("/v1/search/thumbnails/x", headers=auth), "thumbnail x")
         r = await c.get("/nowhere", headers=auth)
-        err = _client_error(r, "unknown path")
+        err = assert_client_error(r, "unknown path")
         assert r.status_code == 404
         assert "/v1/search" in err["message"] and "/v1/search/thumbnails/{id}" in err["message"]
         for method, path in (("PUT", "/v1/search"), ("GET", "/v1/search"),
                              ("POST", "/v1/search/thumbnails/0"), ("DELETE", "/")):
             r = await c.request(method, path, headers=auth)
             assert r.status_code == 405, (method, path, r.status_code)
-            _client_error(r, f"{method} {path}")
+            assert_client_error(r, f"{method} {path}")
         return (await c.get("/metrics", headers=auth)).text
 
-    metrics = _run(app, fn)
+    metrics = run_asgi(app, fn)
     for line in ('clipfast_requests_total{endpoint="/v1/search",status="401"}',
                  'clipfast_requests_total{endpoint="/v1/search",status="200"}',
                  'clipfast_requests_total{endpoint="/v1/search/thumbnails",status="200"}',
@@ -483,14 +475,14 @@ def test_thumbnails_come_only_from_readable_indexed_images(stub):
         bad += [str(ids[n]) for n in ("bomb", "fifo", "folder", "text", "gone")]
         for item in bad:
             r = await asyncio.wait_for(c.get(f"/v1/search/thumbnails/{item}"), 30)
-            err = _client_error(r, item)
+            err = assert_client_error(r, item)
             assert r.status_code == 404, (item, r.status_code, err)
             assert b"root:" not in r.content
         return (await c.get(f"/v1/search/thumbnails/{ids['gone']}")).json()["error"]["message"]
 
     import asyncio
 
-    assert "not found" in _run(app, fn)
-    r = _run(small, lambda c: c.get(f"/v1/search/thumbnails/{ids['big']}"))
+    assert "not found" in run_asgi(app, fn)
+    r = run_asgi(small, lambda c: c.get(f"/v1/search/thumbnails/{ids['big']}"))
     assert r.status_code == 404 and "--max-image-pixels" in r.json()["error"]["message"]
-    assert _run(app, lambda c: c.get(f"/v1/search/thumbnails/{ids['big']}")).status_code == 200
+    assert run_asgi(app, lambda c: c.get(f"/v1/search/thumbnails/{ids['big']}")).status_code == 200

@@ -22,6 +22,7 @@ from test_serve_support import (  # noqa: E402
     data_url,
     decode_rows,
     jpeg,
+    run_asgi,
 )
 
 from clipfast.serve.app import create_app  # noqa: E402
@@ -148,12 +149,6 @@ def test_inline_images_never_fetch_urls():
 
 
 # -- the app on a stand-in engine (httpx ASGITransport) ------------------------------------------
-def _run(app, fn):
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await fn(client)
-    return asyncio.run(main())
 
 
 def _cfg(**kw) -> ServeConfig:
@@ -194,7 +189,7 @@ def test_limits_are_413_or_422_naming_the_limit():
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
         return (await c.get("/metrics")).text
 
-    text = _run(app, fn)
+    text = run_asgi(app, fn)
     assert 'clipfast_errors_total{endpoint="/v1/embeddings",kind="limit"} 2.0' in text
 
 
@@ -218,7 +213,7 @@ def test_classify_takes_more_labels_than_items_per_request_in_chunks():
         assert r3.status_code == 413 and r3.json()["error"]["code"] == "max_labels"
         return calls, list(engine.calls)
 
-    calls, after = _run(app, fn)
+    calls, after = run_asgi(app, fn)
     assert sorted(calls[:-1]) == [2, 4, 4]  # 10 prompts in chunks of max_items, then the image
     assert after[len(calls):] == [1]  # the second request's prompts came from the cache
 
@@ -243,7 +238,7 @@ def test_overload_answers_503_with_retry_after_and_admits_only_max_queue():
         engine.gate.set()
         return await asyncio.gather(*tasks)
 
-    rs = _run(app, fn)
+    rs = run_asgi(app, fn)
     codes = sorted(r.status_code for r in rs)
     assert codes == [200] * 2 + [503] * 10
     assert max(high) <= 8
@@ -266,7 +261,7 @@ def test_requests_time_out_with_504_and_leave_the_queue():
         engine.gate.set()
         return r
 
-    r = _run(app, fn)
+    r = run_asgi(app, fn)
     assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
     assert "--request-timeout-s" in r.json()["error"]["message"]
     assert app.state.service.batchers["text"].admitted == 0
@@ -292,7 +287,7 @@ def test_api_key_is_required_on_v1_and_metrics_but_not_on_probes():
         assert r.headers["www-authenticate"] == "Bearer"
         return out
 
-    assert _run(app, fn) == {"none": 401, "wrong": 401, "bearer": 200, "x-api-key": 200,
+    assert run_asgi(app, fn) == {"none": 401, "wrong": 401, "bearer": 200, "x-api-key": 200,
                              "metrics": 401, "health": 200}
 
 

@@ -18,12 +18,18 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from test_serve_support import StubEngine, ThreadServer, data_url, jpeg  # noqa: E402
+from test_serve_support import (  # noqa: E402
+    ERROR_KEYS,
+    StubEngine,
+    ThreadServer,
+    assert_client_error,
+    data_url,
+    jpeg,
+    run_asgi,
+)
 
 from clipfast.serve.app import create_app  # noqa: E402
 from clipfast.serve.config import ServeConfig  # noqa: E402
-
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 def _cfg(**kw) -> ServeConfig:
@@ -34,20 +40,8 @@ def _cfg(**kw) -> ServeConfig:
     return ServeConfig(**opts)
 
 
-def _run(app, fn):
-    async def main():
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            return await fn(client)
-    return asyncio.run(main())
 
 
-def _assert_client_error(r: httpx.Response, what: str) -> dict:
-    assert 400 <= r.status_code < 500, (what, r.status_code, r.text[:300])
-    err = r.json()["error"]
-    assert set(err) == ERROR_KEYS and err["type"] == "invalid_request_error", (what, err)
-    assert isinstance(err["message"], str) and err["message"], what
-    return err
 
 
 def _multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ") -> bytes:
@@ -113,17 +107,17 @@ def test_every_client_error_is_a_4xx_with_the_openai_error_body():
         out = []
         for what, path, body, ctype, status in CASES:
             r = await c.post(path, content=body, headers={"content-type": ctype})
-            err = _assert_client_error(r, what)
+            err = assert_client_error(r, what)
             if status is not None:
                 assert r.status_code == status, (what, r.status_code, err)
             out.append((what, err["code"]))
         # Over the body cap, by the declared length (never read) and by the bytes sent.
         r = await c.post("/v1/embeddings", content=b"x" * 4_000_001,
                          headers={"content-type": "application/json"})
-        assert _assert_client_error(r, "body over the cap")["code"] == "max_body_bytes"
+        assert assert_client_error(r, "body over the cap")["code"] == "max_body_bytes"
         return out
 
-    codes = dict(_run(app, fn))
+    codes = dict(run_asgi(app, fn))
     assert codes["template '{} {0}'"] == "invalid_template"
     assert codes["a body of 500,000 integers"] == "max_json_values"
     assert codes["text over --max-text-chars"] == "max_text_chars"
@@ -149,7 +143,7 @@ def test_template_is_literal_text_filled_by_replacement():
         r = await c.post("/v1/classify", json={"input": [_IMG], "labels": ["dog"]})
         assert r.status_code == 200, r.text  # the model's own template
 
-    _run(app, fn)
+    run_asgi(app, fn)
     assert seen == ["a {0} (photo) %s", "a a.b (photo) %s", "a photo of a dog."]
 
 
@@ -169,7 +163,7 @@ def test_pixel_limit_fails_its_item_and_the_others_are_answered():
         r = await c.post("/v1/classify", json={"input": [big, small], "labels": ["a", "b"]})
         assert r.status_code == 200 and [d["index"] for d in r.json()["data"]] == [1]
 
-    _run(app, fn)
+    run_asgi(app, fn)
 
 
 def test_tokenization_runs_off_the_event_loop():
@@ -201,7 +195,7 @@ def test_tokenization_runs_off_the_event_loop():
         release.set()
         assert (await task).status_code == 200
 
-    _run(app, fn)
+    run_asgi(app, fn)
     assert released_by_health == [True]
 
 
@@ -224,7 +218,7 @@ def test_bodies_held_at_once_are_bounded_by_max_buffered_bytes():
         assert (await first).status_code == 200
         return held, r
 
-    held, r = _run(app, fn)
+    held, r = run_asgi(app, fn)
     assert 1800 < held <= 2000
     err = r.json()["error"]
     assert r.status_code == 503 and err["code"] == "max_buffered_bytes"

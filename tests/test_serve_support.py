@@ -4,16 +4,38 @@ held, image data URLs."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
 import time
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 from PIL import Image
 
 from clipfast.types import BatchResult, Failure
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def run_asgi(app, fn):
+    """``await fn(client)`` with an httpx client on ``app`` in-process (no socket)."""
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await fn(client)
+    return asyncio.run(main())
+
+
+def assert_client_error(r: httpx.Response, what: str) -> dict:
+    """A 4xx with the OpenAI error body; returns its ``error`` object."""
+    assert 400 <= r.status_code < 500, (what, r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == ERROR_KEYS and err["type"] == "invalid_request_error", (what, err)
+    assert isinstance(err["message"], str) and err["message"], what
+    return err
 
 
 def jpeg(arr: np.ndarray, fmt: str = "JPEG") -> bytes:
