@@ -296,7 +296,7 @@ def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
     folder, bad options or sources. ``engine``: an Engine already loaded for
     ``opts.artifact`` (its batch size and threads then apply), else one is loaded."""
     t0 = time.perf_counter()
-    out_mod._pyarrow()  # fail now, with the extra's name, not after the first shard
+    out_mod.pyarrow_modules()  # fail now, with the extra's name, not after the first shard
     if opts.dtype not in DTYPES:
         raise ClipfastError(f"embed: --dtype {opts.dtype!r}: expected one of {DTYPES}")
     if opts.batch_size < 1 or opts.shard_size < 1:

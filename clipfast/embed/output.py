@@ -86,14 +86,15 @@ def _no_space(e: OSError, path: Path) -> ClipfastError | None:
     return None
 
 
-def _pyarrow():
+def pyarrow_modules(command: str = "clipfast embed", extra: str = "embed"):
+    """``(pyarrow, pyarrow.parquet)``, or an error naming ``command`` and the extra to install."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
-        raise ClipfastError("clipfast embed needs pyarrow: pip install 'clipfast[embed]'"
-                            ) from e
+        raise ClipfastError(f"{command} needs pyarrow: pip install 'clipfast[{extra}]'") from e
     return pa, pq
+
 
 
 def _fsync_dir(path: Path) -> None:
@@ -137,7 +138,7 @@ def embedding_table(keys: list[str], ordinals: list[int], emb: np.ndarray,
                     fingerprints: list[str | None] | None = None):
     """A pyarrow table: key, ordinal, embedding as a fixed-size list of the array's dtype, and
     each input's fingerprint."""
-    pa, _ = _pyarrow()
+    pa, _ = pyarrow_modules()
     dim = emb.shape[1] if emb.ndim == 2 else 0
     flat = pa.array(np.ascontiguousarray(emb).reshape(-1))
     return pa.table({
@@ -149,7 +150,7 @@ def embedding_table(keys: list[str], ordinals: list[int], emb: np.ndarray,
 
 
 def failures_table(rows: list[dict[str, Any]], fingerprints: bool = True):
-    pa, _ = _pyarrow()
+    pa, _ = pyarrow_modules()
     cols = {
         "key": pa.array(_strings(r["key"] for r in rows), type=pa.string()),
         "ordinal": pa.array([r["ordinal"] for r in rows], type=pa.int64()),
@@ -161,7 +162,7 @@ def failures_table(rows: list[dict[str, Any]], fingerprints: bool = True):
 
 
 def _write_parquet(path: Path, table) -> None:
-    _, pq = _pyarrow()
+    _, pq = pyarrow_modules()
     try:
         atomic_write_bytes(path, lambda f: pq.write_table(table, f))
     except OSError as e:
@@ -427,7 +428,7 @@ class OutputDir:
 
     def fingerprints(self, rec: ShardRecord) -> dict[int, tuple[str, str | None]]:
         """ordinal -> (key, fingerprint) for every input of one committed shard."""
-        _, pq = _pyarrow()
+        _, pq = pyarrow_modules()
         out: dict[int, tuple[str, str | None]] = {}
         for f in (rec.file, rec.failures_file):
             if not f:
@@ -443,7 +444,7 @@ class OutputDir:
 
     def write_failures_table(self, records: list[ShardRecord]) -> int:
         """Gather every shard's failures into failures.parquet; returns how many."""
-        pa, pq = _pyarrow()
+        pa, pq = pyarrow_modules()
         tables = [pq.read_table(self.root / r.failures_file, columns=["key", "ordinal", "reason"])
                   for r in records if r.failures_file]
         table = pa.concat_tables(tables) if tables else failures_table([], fingerprints=False)
@@ -482,7 +483,7 @@ def read_embeddings(directory: str | os.PathLike, *, require_complete: bool = Tr
     (default): refuse a job that has not finished (resume it first); False reads what is
     committed so far.
     """
-    _, pq = _pyarrow()
+    _, pq = pyarrow_modules()
     root = Path(directory)
     manifest, records = _committed(root)
     if require_complete and manifest.get("status") != "complete":
@@ -515,7 +516,7 @@ def read_embeddings(directory: str | os.PathLike, *, require_complete: bool = Tr
 
 def read_failures(directory: str | os.PathLike) -> list[dict[str, Any]]:
     """Every failure committed so far: dicts with key, ordinal and reason, in input order."""
-    _, pq = _pyarrow()
+    _, pq = pyarrow_modules()
     root = Path(directory)
     _, records = _committed(root)
     rows: list[dict[str, Any]] = []

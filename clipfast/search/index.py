@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.embed.output import pyarrow_modules
 from clipfast.errors import ClipfastError, InputError
 
 FORMAT = "clipfast-index"
@@ -61,13 +62,7 @@ def faiss_module():
 
 
 def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ClipfastError("clipfast index needs pyarrow: pip install 'clipfast[search]'"
-                            ) from e
-    return pa, pq
+    return pyarrow_modules("clipfast index", "search")
 
 
 def _sha256(path: Path) -> str:
