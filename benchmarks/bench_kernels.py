@@ -72,8 +72,8 @@ def bench_preprocess(args, device) -> list[dict[str, Any]]:
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
+    from clipfast.inputs.preprocess import PreprocessConfig
     from clipfast.kernels import preprocess_gpu, preprocess_reference
-    from clipfast.preprocess import PreprocessConfig
 
     cfg = PreprocessConfig(image_size=(224, 224), resize_size=224, mean=OPENAI_MEAN,
                            std=OPENAI_STD)

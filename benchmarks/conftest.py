@@ -58,7 +58,7 @@ def bench_artifact() -> Path:
 
 @pytest.fixture(scope="session")
 def manifest(bench_artifact):
-    from clipfast.manifest import load_manifest
+    from clipfast.artifact.manifest import load_manifest
 
     return load_manifest(bench_artifact, verify_checksums=False)
 

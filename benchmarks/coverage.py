@@ -8,11 +8,12 @@ Each config runs in its own child process (``--child NAME``) with a timeout; the
 child's peak RSS from ``os.wait4`` and appends one JSON line per (config, depth) to
 ``benchmarks/results/coverage.jsonl``: a rerun skips what is already there (resumable).
 
-In the child: the config is rewritten to build offline (``clipfast.export.families.offline``:
+In the child: the config is rewritten to build offline (``offline_families``:
 local configs for hub text towers, stand-in tokenizers) and registered under ``NAME@L<n>`` (or
 ``NAME@offline`` at full depth), then exported with the real pipeline
 (``clipfast.export.pipeline.run_export``, ``--pretrained none``), fp32 then fp16, each measured
-against the PyTorch source and checked against the project's gates (clipfast.fidelity.GATES).
+against the PyTorch source and checked against the project's gates
+(clipfast.artifact.fidelity.GATES).
 
 Depth reduction (``--layers n``): transformer blocks per tower and blocks per convolutional stage
 are capped at n; widths, heads, image size, patch size, pooling heads, activations and operators
@@ -49,6 +50,8 @@ JSONL = RESULTS / "coverage.jsonl"
 MARKDOWN = RESULTS / "coverage.md"
 PARAMS = RESULTS / "coverage_params.json"
 README = ROOT / "README.md"
+# the offline builders (local configs, stand-in tokenizers) are test scaffolding, kept in tests/
+sys.path.insert(0, str(ROOT / "tests"))
 # A full-depth export holds the fp32 model, the traced graph, an ORT session and the fp16 copy:
 # measured ~2.2 GiB + 28 bytes per parameter at peak (coverage.md), so ~22 GiB holds ~7.5e8.
 DEFAULT_MAX_PARAMS = 7.5e8
@@ -70,7 +73,7 @@ def _measure_images(work: Path) -> Path:
     """MEASURE_IMAGES of the built-in generated images as PNG files, for ``--images``."""
     from PIL import Image
 
-    from clipfast.samples import sample_images
+    from clipfast.artifact.samples import sample_images
 
     d = work / "images"
     if not d.is_dir():
@@ -81,7 +84,8 @@ def _measure_images(work: Path) -> Path:
 
 
 def _export_one(name: str, precision: str, work: Path, layers: int | None) -> dict[str, Any]:
-    from clipfast.export.families.offline import timm_depth
+    from offline_families import timm_depth
+
     from clipfast.export.pipeline import ExportOptions, run_export
 
     out = work / f"artifact-{precision}"
@@ -117,7 +121,7 @@ def run_child(model: str, layers: int, max_params: float, result: Path) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("COVERAGE_THREADS", "2")))
-    from clipfast.export.families.offline import count_parameters, register_offline_config
+    from offline_families import count_parameters, register_offline_config
 
     rec: dict[str, Any] = {"model": model, "layers": layers or "full"}
     work = Path(tempfile.mkdtemp(prefix="clipfast-coverage-"))
@@ -156,7 +160,7 @@ def run_child(model: str, layers: int, max_params: float, result: Path) -> None:
 
 
 def _timm(layers: int):
-    from clipfast.export.families.offline import timm_depth
+    from offline_families import timm_depth
 
     return timm_depth(layers)
 
@@ -167,8 +171,7 @@ def count_all(path: Path) -> None:
     import logging
 
     import open_clip
-
-    from clipfast.export.families.offline import count_parameters, register_offline_config
+    from offline_families import count_parameters, register_offline_config
 
     logging.disable(logging.WARNING)
     counts: dict[str, int | None] = {}
@@ -485,7 +488,8 @@ def render(reduced: str, max_params: float) -> None:
         "(one JSON line per config and depth run; the newest wins). Random weights "
         "(`--pretrained none`), built offline; fp32 and fp16 exported by the real pipeline "
         "(`run_export`, fusion on, fp16 fallbacks on) and checked against the PyTorch source "
-        "with the project's gates (`clipfast.fidelity.GATES`: fp32 centred error <= 1e-3 and "
+        "with the project's gates (`clipfast.artifact.fidelity.GATES`: fp32 centred error <= 1e-3 "
+        "and "
         "cosine >= 0.99999, fp16 <= 1e-2 and >= 0.9995, identical token ids, pixels within 1 "
         f"level, top-1 agreement >= 0.95); {images_note}.",
         "",
@@ -509,7 +513,7 @@ def render(reduced: str, max_params: float) -> None:
         "rows are run.",
         "- **Offline assumptions**: hub text-tower configs (xlm-roberta, mt5, nllb, roberta) are "
         "transformers config classes with the released base sizes written out "
-        "(`export/families/offline.py` `HF_TEXT_CONFIGS`; transformers' class defaults are "
+        "(`tests/offline_families.py` `HF_TEXT_CONFIGS`; transformers' class defaults are "
         "BERT-sized, e.g. XLMRobertaConfig vocab 30522, so they are not relied on). Hub "
         "tokenizers (SigLIP, SigLIP 2, CLIPA's BERT, worldwide XLM-V / mT5, the multilingual "
         "towers) are replaced by stand-in Unigram tokenizers with the released special-token "

@@ -53,8 +53,8 @@ def _attention() -> list[dict]:
 
 
 def _preprocess() -> list[dict]:
+    from clipfast.inputs.preprocess import PreprocessConfig
     from clipfast.kernels.preprocess import preprocess, preprocess_gpu
-    from clipfast.preprocess import PreprocessConfig
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (hh, ww, 3), dtype=np.uint8) for hh, ww in IMAGE_SIZES]

@@ -238,7 +238,7 @@ def batch_dependence(path: Path, feeds: list[dict[str, np.ndarray]]) -> float:
     one batch with all the others: 0 up to float rounding for fp32 and static int8; dynamic int8
     takes its activation ranges from the whole batch, so an embedding depends on its neighbours.
     """
-    from clipfast.fidelity import centred_relative_error
+    from clipfast.artifact.fidelity import centred_relative_error
 
     sess = _session(path, 2, list(SKIPLN), {})
     pixels = np.concatenate([f["pixel_values"] for f in feeds])
@@ -322,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import clipfast
+    from clipfast.artifact.fidelity import GATES, check_gates
     from clipfast.export.pipeline import TowerFidelity, calibration_inputs
     from clipfast.export.sources import load_source
-    from clipfast.fidelity import GATES, check_gates
 
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="int8_sweep."))

@@ -86,10 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         export_seconds = round(time.perf_counter() - t0, 1)
 
     import clipfast
+    from clipfast.artifact.fidelity import (
+        centred_relative_error,
+        cosine,
+        l2_normalize,
+        top1_agreement,
+    )
+    from clipfast.artifact.manifest import load_manifest
     from clipfast.export.sources import load_source_from_spec
-    from clipfast.fidelity import centred_relative_error, cosine, l2_normalize, top1_agreement
-    from clipfast.manifest import load_manifest
-    from clipfast.preprocess import load_image
+    from clipfast.inputs.preprocess import load_image
 
     images = _photos(args.images)
     manifest = load_manifest(args.artifact)

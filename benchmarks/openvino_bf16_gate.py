@@ -1,7 +1,8 @@
-"""What bf16 costs a CLIP tower: the figures behind ``clipfast.fidelity.GATES["bf16"]``.
+"""What bf16 costs a CLIP tower: the figures behind ``clipfast.artifact.fidelity.GATES["bf16"]``.
 
 Runs an fp32 artifact's towers through OpenVINO at ``INFERENCE_PRECISION_HINT=bf16`` and f32 on
-the built-in generated images and captions (``clipfast.samples``) plus the artifact's golden
+the built-in generated images and captions (``clipfast.artifact.samples``) plus the artifact's
+golden
 inputs, and reports the centred relative error and cosine of each against the fp32 ONNX Runtime
 path (itself within ~3e-6 of the PyTorch source, the export's figures). Needs a CPU with
 AVX512_BF16 or AMX.
@@ -20,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 import clipfast
+from clipfast.artifact.fidelity import centred_relative_error, cosine, l2_normalize
+from clipfast.artifact.samples import sample_captions, sample_images
+from clipfast.artifact.selfcheck import load_golden
 from clipfast.cpu import host_cpu
-from clipfast.fidelity import centred_relative_error, cosine, l2_normalize
-from clipfast.samples import sample_captions, sample_images
-from clipfast.selfcheck import load_golden
 
 
 def main(argv: list[str] | None = None) -> int:

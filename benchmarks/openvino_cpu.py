@@ -8,7 +8,7 @@ error (max over rows, DESIGN.md) of each path's embeddings against eager fp32 Py
 built-in generated images plus scikit-image's photographs, and captions.
 
 NNCF's quantization (``nncf.quantize``, transformer preset) is calibrated on the same generated
-images and captions clipfast's int8 export calibrates on (``clipfast.samples``), so the two
+images and captions clipfast's int8 export calibrates on (``clipfast.artifact.samples``), so the two
 int8 graphs differ in the quantizer only.
 
     python benchmarks/openvino_cpu.py FP32_ARTIFACT INT8_ARTIFACT \\
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 import clipfast
+from clipfast.artifact.fidelity import centred_relative_error, l2_normalize
+from clipfast.artifact.samples import sample_captions, sample_images
 from clipfast.cpu import host_cpu
-from clipfast.fidelity import centred_relative_error, l2_normalize
-from clipfast.samples import sample_captions, sample_images
 
 
 class NncfTowers:
@@ -90,9 +90,9 @@ def load_paths(fp32: Path, int8: Path, threads: int, calib) -> dict[str, tuple[A
     paths["OpenVINO int8 (NNCF)"] = (NncfTowers(fp32, threads, *calib), "int8")
     # auto: clipfast's own selection (clipfast.backends.tune, measured afresh) over the paths
     # already loaded, so that it adds no copy of the model to this process
+    from clipfast.artifact.manifest import load_manifest
+    from clipfast.artifact.selfcheck import load_golden, run_self_check
     from clipfast.backends import tune
-    from clipfast.manifest import load_manifest
-    from clipfast.selfcheck import load_golden, run_self_check
 
     m = load_manifest(fp32)
     golden = load_golden(m)
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # preprocessing and tokenization without loading towers for them (memory: one process
     # holds every path's weights already)
-    from clipfast.manifest import load_manifest
-    from clipfast.preprocess import preprocess_image
-    from clipfast.tokenizer import Tokenizer
+    from clipfast.artifact.manifest import load_manifest
+    from clipfast.inputs.preprocess import preprocess_image
+    from clipfast.inputs.tokenizer import Tokenizer
 
     manifest = load_manifest(args.fp32)
     tokenize = Tokenizer(manifest.tokenizer, manifest.path(manifest.tokenizer.file))

@@ -24,8 +24,8 @@ def profile(artifact: Path, tower: str, batch: int, calls: int, threads: int | N
             ) -> dict:
     import onnxruntime as ort
 
+    from clipfast.artifact.manifest import load_manifest
     from clipfast.backends.onnxruntime import CPU_DISABLED_OPTIMIZERS, session_options
-    from clipfast.manifest import load_manifest
 
     manifest = load_manifest(artifact, verify_checksums=False)
     so = session_options(ort, threads)

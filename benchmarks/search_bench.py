@@ -198,8 +198,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
+    from clipfast.artifact.manifest import artifact_digest, load_manifest
     from clipfast.cpu import host_cpu
-    from clipfast.manifest import artifact_digest, load_manifest
 
     manifest = load_manifest(args.artifact)
     cpu = host_cpu()

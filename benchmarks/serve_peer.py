@@ -294,7 +294,7 @@ class Reference:
 
 
 def _compare(got: np.ndarray | None, ref: np.ndarray) -> dict[str, Any]:
-    from clipfast.fidelity import centred_relative_error, cosine, l2_normalize
+    from clipfast.artifact.fidelity import centred_relative_error, cosine, l2_normalize
 
     if got is None or got.shape != ref.shape:
         return {"error": "no embeddings" if got is None else f"shape {got.shape}"}
@@ -306,7 +306,7 @@ def _compare(got: np.ndarray | None, ref: np.ndarray) -> dict[str, Any]:
 def _tokens_run(got: np.ndarray, ref: Reference, text: str, cap: int) -> int:
     """How many tokens (end token included) reproduce ``got`` best: the length a server cut
     the text to."""
-    from clipfast.fidelity import cosine
+    from clipfast.artifact.fidelity import cosine
 
     if text not in ref.cut_cache:
         full = ref.text_ids([text], cap)[0]

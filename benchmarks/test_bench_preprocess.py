@@ -1,4 +1,5 @@
-"""Image preprocessing per input size: CPU (Pillow path of clipfast.preprocess, from a decoded
+"""Image preprocessing per input size: CPU (Pillow path of clipfast.inputs.preprocess, from a
+decoded
 array and from JPEG bytes) and GPU (the fused csrc kernel through clipfast.kernels).
 
 Sizes are what users feed: a thumbnail, web images, a Full-HD frame, a 12 MP phone photo.
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipfast.preprocess import PreprocessConfig, preprocess_image
+from clipfast.inputs.preprocess import PreprocessConfig, preprocess_image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

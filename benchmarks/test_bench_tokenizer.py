@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from clipfast.samples import CAPTIONS
-from clipfast.tokenizer import Tokenizer
+from clipfast.artifact.samples import CAPTIONS
+from clipfast.inputs.tokenizer import Tokenizer
 
 BATCHES = [1, 32, 1024]
 

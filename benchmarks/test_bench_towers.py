@@ -48,8 +48,8 @@ def flops(bench_artifact, manifest):
 
 @pytest.fixture(scope="module")
 def pixels(manifest):
-    from clipfast.preprocess import preprocess_batch
-    from clipfast.samples import sample_images
+    from clipfast.artifact.samples import sample_images
+    from clipfast.inputs.preprocess import preprocess_batch
 
     base = preprocess_batch(sample_images(12), manifest.preprocess)
     return np.ascontiguousarray(np.resize(base, (max(BATCHES), *base.shape[1:])))
@@ -57,8 +57,8 @@ def pixels(manifest):
 
 @pytest.fixture(scope="module")
 def tokens(manifest):
-    from clipfast.samples import CAPTIONS
-    from clipfast.tokenizer import Tokenizer
+    from clipfast.artifact.samples import CAPTIONS
+    from clipfast.inputs.tokenizer import Tokenizer
 
     texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(max(BATCHES))]
     cfg = manifest.tokenizer

@@ -31,8 +31,8 @@ import numpy as np
 
 def workloads(engine, batch: int) -> dict[str, tuple[dict[str, np.ndarray], np.ndarray]]:
     """``{name: (ids, lengths)}`` of ``batch`` rows each."""
+    from clipfast.artifact.samples import CAPTIONS
     from clipfast.bench.workload import texts_of_length
-    from clipfast.samples import CAPTIONS
 
     tok = engine.tokenizer
     out = {}

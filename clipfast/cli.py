@@ -44,7 +44,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _batch_profile(args: argparse.Namespace, wanted: bool):
     """The BatchProfile of --min-batch/--opt-batch/--max-batch (defaults for the ones not given),
     None when none is given and none is ``wanted``."""
-    from clipfast.batching import BatchProfile
+    from clipfast.backends.batching import BatchProfile
 
     given = {k: getattr(args, f"{k}_batch") for k in ("min", "opt", "max")}
     if all(v is None for v in given.values()) and not wanted:
@@ -57,8 +57,8 @@ def _batch_profile(args: argparse.Namespace, wanted: bool):
 
 
 def _cmd_build_engines(args: argparse.Namespace) -> int:
-    from clipfast.manifest import load_manifest
-    from clipfast.tensorrt_build import build_engines, unavailable_reason
+    from clipfast.artifact.manifest import load_manifest
+    from clipfast.backends.tensorrt.build import build_engines, unavailable_reason
 
     load_manifest(args.artifact)  # a bad artifact is reported before anything about the GPU
     reason = unavailable_reason()
@@ -105,8 +105,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     """The golden self-check (numpy and the runtime only), then, where the export extras are
     installed, the full comparison against the PyTorch source."""
     import clipfast
+    from clipfast.artifact.fidelity import check_gates
     from clipfast.errors import FidelityError
-    from clipfast.fidelity import check_gates
 
     stage = _Stages(enabled=not args.quiet)
     stage("loading the artifact")
@@ -163,7 +163,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _print_info(directory: str | Path) -> None:
-    from clipfast.manifest import load_manifest
+    from clipfast.artifact.manifest import load_manifest
 
     m = load_manifest(directory, verify_checksums=False)
     d = m.data
@@ -294,7 +294,7 @@ def _write_outputs(npy: Path, index: Path, embeddings, record: dict) -> None:
     its sha256, so a reader can tell an index from the file it describes."""
     import numpy as np
 
-    from clipfast.manifest import sha256_file
+    from clipfast.artifact.manifest import sha256_file
 
     temps: list[Path] = []
     try:

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.artifact.fidelity import l2_normalize
+from clipfast.artifact.manifest import Manifest, load_manifest
 from clipfast.backends import resolve_backend
 from clipfast.errors import ClipfastError, InputError
-from clipfast.fidelity import l2_normalize
-from clipfast.manifest import Manifest, load_manifest
 from clipfast.types import BatchResult, Failure
 
 log = logging.getLogger("clipfast")
@@ -80,9 +80,9 @@ class Engine:
     backend_options: passed to the backend (see each backend module), e.g.
         ``{"profile": {"min": 1, "opt": 64, "max": 256}, "build": "never"}`` for tensorrt,
         ``{"dtype": "fp16", "cuda_graphs": True, "compile": False}`` for torch.
-    exif_transpose / alpha_background: image loading policy (see ``clipfast.preprocess``).
+    exif_transpose / alpha_background: image loading policy (see ``clipfast.inputs.preprocess``).
     max_image_bytes: the most bytes read from one image path or file object; None (default)
-        follows ``clipfast.image_io.MAX_IMAGE_BYTES`` (256 MiB).
+        follows ``clipfast.inputs.image_io.MAX_IMAGE_BYTES`` (256 MiB).
     allow_precisions: precisions below the artifact's that ``backend="auto"`` may pick on the
         CPU when measured faster: ``("bf16",)`` (OpenVINO on AVX512_BF16 / AMX CPUs, held to the
         bf16 gates). None (default) reads ``CLIPFAST_ALLOW_PRECISIONS`` (unset: none, so the
@@ -90,7 +90,7 @@ class Engine:
         names what runs, ``describe()["auto"]`` the measured choice.
     self_check: run the artifact's golden inputs through the chosen backend and compare with the
         fp32 source's outputs stored at export, with the artifact's gates
-        (``clipfast.selfcheck``). Below the gate, "auto" moves on to the next
+        (``clipfast.artifact.selfcheck``). Below the gate, "auto" moves on to the next
         backend (``fallbacks`` holds the figures) and an explicit backend raises FidelityError.
         ``self_check_figures`` holds the chosen backend's figures.
     """
@@ -113,8 +113,8 @@ class Engine:
         self_check: bool = True,
         allow_precisions: Sequence[str] | str | None = None,
     ):
-        from clipfast.selfcheck import load_golden, run_self_check
-        from clipfast.tokenizer import Tokenizer
+        from clipfast.artifact.selfcheck import load_golden, run_self_check
+        from clipfast.inputs.tokenizer import Tokenizer
 
         device = (device or "cpu").lower()
         if device.startswith("cuda:"):
@@ -174,7 +174,7 @@ class Engine:
         self._preprocess_path = "cpu (Pillow): the towers run on the CPU"
         if self.backend_device == "cuda":
             from clipfast.errors import BackendUnavailable
-            from clipfast.gpu_preprocess import GpuPreprocessor
+            from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
             # GPU preprocessing runs the csrc kernel through torch, whatever the backend.
             try:
@@ -226,7 +226,7 @@ class Engine:
     def check_golden(self) -> dict[str, Any] | None:
         """Run the self-check again on the engine's backend: the figures, or None for an
         artifact without golden outputs; FidelityError below the gate."""
-        from clipfast.selfcheck import load_golden, run_self_check
+        from clipfast.artifact.selfcheck import load_golden, run_self_check
 
         return run_self_check(self._backend, self.manifest, load_golden(self.manifest),
                               f"backend {self.backend} ({self.backend_device})")
@@ -237,7 +237,7 @@ class Engine:
 
     # -- images ------------------------------------------------------------------------------
     def _load_and_preprocess(self, item: Any, index: int) -> np.ndarray:
-        from clipfast.preprocess import preprocess_image
+        from clipfast.inputs.preprocess import preprocess_image
 
         # Loaded once, with this engine's policy (EXIF, alpha, size limit).
         return preprocess_image(item, self.preprocess_config, index=index,
@@ -254,7 +254,7 @@ class Engine:
         item's: a Failure, or with ``errors="raise"`` an ImageLoadError naming its index.
         KeyboardInterrupt and SystemExit are not items' faults: they cancel the rest at once.
         """
-        from clipfast.preprocess import item_failure
+        from clipfast.inputs.preprocess import item_failure
 
         def work(pair):
             i, item = pair
@@ -418,7 +418,7 @@ class Engine:
         """``{name: int (N, L)}`` -> float32 ``(N, D)``, not normalised; chunked.
 
         On the dynamic path (``text_dynamic``) the rows are grouped by length
-        (``clipfast.text_batching``) and each batch is cut to its longest row (or the next
+        (``clipfast.inputs.text_batching``) and each batch is cut to its longest row (or the next
         length the backend accepts); rows come back in input order. ``lengths``: tokens per
         row before padding (``Tokenizer.encode``), else read from the padding.
         """
@@ -426,7 +426,7 @@ class Engine:
         if n == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         if self.text_dynamic:
-            from clipfast.text_batching import plan_text_batches, run_planned
+            from clipfast.inputs.text_batching import plan_text_batches, run_planned
 
             if lengths is None:
                 lengths = self.tokenizer.lengths(inputs)

@@ -92,7 +92,7 @@ _DECLARED = (
         "Root of the caches kept outside an artifact whose directory is not writable "
         "(TensorRT engines, ONNX Runtime's TensorRT provider caches): "
         "<root>/<artifact digest>/<purpose>. A writable artifact keeps them inside, "
-        "in <artifact>/<purpose> (clipfast.cache).",
+        "in <artifact>/<purpose> (clipfast.artifact.cache).",
         _path, default_text="~/.cache/clipfast"),
     Setting(
         "CLIPFAST_DISABLE_KERNELS", "flag", False,

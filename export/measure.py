@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.artifact.fidelity import centred_relative_error, cosine, l2_normalize, top1_agreement
 from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError
-from clipfast.fidelity import centred_relative_error, cosine, l2_normalize, top1_agreement
 
 log = logging.getLogger("clipfast.export")
 
@@ -73,7 +73,7 @@ def tower_reference(source, which: str, feed: dict[str, np.ndarray]) -> np.ndarr
 def load_rgb(items: list[Any]) -> list[Any]:
     """The readable images of ``items`` as RGB (unreadable ones are skipped, with a warning)."""
     from clipfast.errors import ImageLoadError
-    from clipfast.preprocess import load_image
+    from clipfast.inputs.preprocess import load_image
 
     rgb = []
     for i, item in enumerate(items):
@@ -93,10 +93,10 @@ def calibration_inputs(source, images_dir: Path | None = None, *, batch: int = C
     does, from ``images_dir`` or the built-in generated set (seed 1: not the seed-0 images the
     fidelity is measured on). Text feeds: ``{name: int32 (B, L)}`` from the built-in captions.
     """
+    from clipfast.artifact.samples import CAPTIONS, sample_images
     from clipfast.export.tokenization import PARITY_TEXTS
     from clipfast.export.verify import images_from_dir
-    from clipfast.preprocess import normalize, resize_and_crop
-    from clipfast.samples import CAPTIONS, sample_images
+    from clipfast.inputs.preprocess import normalize, resize_and_crop
 
     if images_dir is not None:
         items: list[Any] = [str(p) for p in images_from_dir(images_dir)]
@@ -126,7 +126,7 @@ class TowerFidelity:
     the candidates' (sessions open as the runtime opens that precision)."""
 
     def __init__(self, source, images: list[Any] | None = None, precision: str | None = None):
-        from clipfast.samples import sample_captions, sample_images
+        from clipfast.artifact.samples import sample_captions, sample_images
 
         self.source = source
         self.precision = precision
@@ -180,11 +180,12 @@ def embedding_gates(gates: dict[str, Any], which: str) -> dict[str, Any]:
 
 
 def golden_data(source):
-    """Golden inputs and the fp32 source's outputs (clipfast.selfcheck): the first generated
+    """Golden inputs and the fp32 source's outputs (clipfast.artifact.selfcheck): the first
+    generated
     images of the fidelity set as the reference transform's pixels, and captions as the
     reference tokenizer's ids."""
-    from clipfast.samples import sample_images
-    from clipfast.selfcheck import GOLDEN_IMAGES, Golden, golden_texts
+    from clipfast.artifact.samples import sample_images
+    from clipfast.artifact.selfcheck import GOLDEN_IMAGES, Golden, golden_texts
 
     rgb = load_rgb(sample_images()[:GOLDEN_IMAGES])
     pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)

@@ -92,8 +92,8 @@ PADDING_CHECK_TOL = 1e-4
 
 
 def source_tokenizer(source: SourceModel):
-    """The runtime tokenizer (``clipfast.tokenizer.Tokenizer``) of ``source``."""
-    from clipfast.tokenizer import Tokenizer
+    """The runtime tokenizer (``clipfast.inputs.tokenizer.Tokenizer``) of ``source``."""
+    from clipfast.inputs.tokenizer import Tokenizer
 
     return Tokenizer.from_str(source.tokenizer, source.tokenizer_json)
 

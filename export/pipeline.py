@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 
 import clipfast
-from clipfast.artifact import ArtifactSpec, GoldenSection, ImageTower, TextTower
-from clipfast.batching import BatchProfile
+from clipfast.artifact.fidelity import GATES, check_gates
+from clipfast.artifact.manifest import write_manifest
+from clipfast.artifact.spec import ArtifactSpec, GoldenSection, ImageTower, TextTower
+from clipfast.backends.batching import BatchProfile
 from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError, FidelityError
 from clipfast.export.fp16 import IO_DTYPES
@@ -43,8 +45,6 @@ from clipfast.export.precision import (
     quantize_towers,
 )
 from clipfast.export.quant_options import WEIGHT_OPS
-from clipfast.fidelity import GATES, check_gates
-from clipfast.manifest import write_manifest
 
 log = logging.getLogger("clipfast.export")
 
@@ -118,7 +118,7 @@ class ExportOptions:
         do: --no-fuse, or --tensorrt, whose parser rejects the com.microsoft operators they
         produce."""
         if self.tensorrt:
-            from clipfast.tensorrt_build import FUSION_OFF_NOTE
+            from clipfast.backends.tensorrt.build import FUSION_OFF_NOTE
 
             return FUSION_OFF_NOTE
         return None if self.fuse else "off (--no-fuse)"
@@ -165,7 +165,8 @@ class ExportOptions:
                 raise ExportError("a batch profile (--min-batch/--opt-batch/--max-batch) only "
                                   "applies with --tensorrt")
             if not isinstance(self.batch_profile, BatchProfile):
-                raise ExportError(f"batch_profile: expected a clipfast.batching.BatchProfile, "
+                raise ExportError("batch_profile: expected a "
+                                  "clipfast.backends.batching.BatchProfile, "
                                   f"got {type(self.batch_profile).__name__}")
         if self.tensorrt:
             if self.precision == "int8" and self.int8_method != "static":
@@ -173,7 +174,7 @@ class ExportOptions:
                                   f"{self.int8_method} int8 uses ONNX Runtime operators "
                                   "TensorRT cannot parse")
             # before a minute of export: a machine without TensorRT or a GPU fails here
-            from clipfast.tensorrt_build import unavailable_reason
+            from clipfast.backends.tensorrt.build import unavailable_reason
 
             reason = unavailable_reason()
             if reason:
@@ -494,7 +495,7 @@ def _write_artifact(source, options: ExportOptions, work: Path,
                     graph: dict[str, dict[str, Any]], gates: dict[str, Any],
                     quantization: dict[str, Any] | None) -> tuple[ArtifactSpec, list[str]]:
     """Tokenizer, golden data and manifest into ``work``: ``(manifest spec, listed files)``."""
-    from clipfast.selfcheck import write_golden
+    from clipfast.artifact.selfcheck import write_golden
 
     (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
     golden = write_golden(work, golden_data(source))
@@ -594,8 +595,8 @@ def _build_tensorrt_engines(out: Path, options: ExportOptions) -> None:
     """Build the towers' engines into ``out/tensorrt/`` and record them in the manifest's
     ``tensorrt`` section (the artifact is complete and in place; a failed build says how to
     retry)."""
+    from clipfast.backends.tensorrt.build import build_engines
     from clipfast.errors import ClipfastError
-    from clipfast.tensorrt_build import build_engines
 
     try:
         build_engines(out, options.batch_profile or BatchProfile(), progress=options.progress)

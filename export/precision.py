@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from clipfast.artifact.fidelity import l2_normalize
 from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError, FidelityError
 from clipfast.export.measure import (
@@ -20,7 +21,6 @@ from clipfast.export.measure import (
     run_graph,
     tower_gates,
 )
-from clipfast.fidelity import l2_normalize
 
 if TYPE_CHECKING:
     from clipfast.export.pipeline import ExportOptions

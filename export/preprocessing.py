@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from clipfast.errors import ExportError
-from clipfast.preprocess import INTERPOLATIONS, PreprocessConfig
+from clipfast.inputs.preprocess import INTERPOLATIONS, PreprocessConfig
 
 logger = logging.getLogger(__name__)
 

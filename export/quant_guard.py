@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.artifact.fidelity import check_gates
 from clipfast.cpu import host_cpu
 from clipfast.errors import FidelityError
 from clipfast.export.onnx_files import load_header
@@ -29,7 +30,6 @@ from clipfast.export.quant_calibration import (
 from clipfast.export.quant_graph import GraphIndex, layer_of
 from clipfast.export.quant_options import QuantOptions
 from clipfast.export.quant_ort import quantize_prepared
-from clipfast.fidelity import check_gates
 
 log = logging.getLogger("clipfast.export")
 
@@ -144,7 +144,8 @@ def guarded_quantize(fp32_path: Path, out_path: Path, calibration: list[dict[str
     """Quantize, measure, and fall back to safer configurations until ``gates`` pass.
 
     measure(path) returns the fidelity figures of the int8 graph at ``path`` against the fp32
-    PyTorch source (keys as in ``clipfast.fidelity.check_gates``). Returns the report of the first
+    PyTorch source (keys as in ``clipfast.artifact.fidelity.check_gates``). Returns the report of
+    the first
     configuration that passes, with ``attempts``: ``[{attempt, why, config, figures, failures,
     passed, seconds}]``; raises ``FidelityError`` naming every attempt and its failures.
     """

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipfast.artifact import LogitsConfig
-from clipfast.preprocess import PreprocessConfig
-from clipfast.tokenizer import TokenizerConfig
+from clipfast.artifact.spec import LogitsConfig
+from clipfast.inputs.preprocess import PreprocessConfig
+from clipfast.inputs.tokenizer import TokenizerConfig
 
 
 @dataclass

@@ -196,7 +196,7 @@ def load_transformers_source(
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from clipfast.artifact import LogitsConfig
+    from clipfast.artifact.spec import LogitsConfig
     from clipfast.export.source import SourceModel
 
     towers = load_transformers_towers(id_or_dir, device=device, revision=revision)

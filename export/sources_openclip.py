@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from clipfast.artifact import LogitsConfig
+from clipfast.artifact.spec import LogitsConfig
 from clipfast.errors import ExportError
 from clipfast.export.source import SourceModel
 

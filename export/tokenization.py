@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from clipfast.errors import ExportError
-from clipfast.tokenizer import Tokenizer, TokenizerConfig, library_versions
+from clipfast.inputs.tokenizer import Tokenizer, TokenizerConfig, library_versions
 
 __all__ = ["PARITY_TEXTS", "check_parity", "hf_tokenizer", "open_clip_tokenizer"]
 
@@ -128,7 +128,7 @@ def _simple_tokenizer(model_name: str, tok: Any) -> tuple[TokenizerConfig, str, 
     )
     # No normalizer: open_clip's cleaning (ftfy, html) runs in Python before this tokenizer.
     # The Split regex is open_clip's; the runtime pre-tokenizes with Python `regex` instead
-    # (see clipfast.tokenizer), this copy keeps the JSON usable on its own.
+    # (see clipfast.inputs.tokenizer), this copy keeps the JSON usable on its own.
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex("(?i)" + pat.pattern), behavior="removed", invert=True),

@@ -9,17 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipfast.errors import ClipfastError, ImageLoadError
-from clipfast.export.source import SourceModel
-from clipfast.export.tokenization import PARITY_TEXTS
-from clipfast.fidelity import (
+from clipfast.artifact.fidelity import (
     centred_relative_error,
     cosine,
     l2_normalize,
     pixel_levels,
     top1_agreement,
 )
-from clipfast.samples import sample_captions, sample_images
+from clipfast.artifact.samples import sample_captions, sample_images
+from clipfast.errors import ClipfastError, ImageLoadError
+from clipfast.export.source import SourceModel
+from clipfast.export.tokenization import PARITY_TEXTS
 from clipfast.types import IMAGE_SUFFIXES
 
 log = logging.getLogger("clipfast.export")
@@ -54,7 +54,7 @@ def measure(source: SourceModel, engine, images: list[Any] | None = None,
     images: paths / PIL / arrays; default the built-in generated set. texts: default built-in
     captions. Images that fail to load are left out and counted.
     """
-    from clipfast.preprocess import load_image
+    from clipfast.inputs.preprocess import load_image
 
     items = images if images is not None else sample_images()
     texts = texts if texts is not None else sample_captions(max(len(items), 2))

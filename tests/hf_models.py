@@ -235,7 +235,7 @@ def _calibrate_efficientnet(vision: torch.nn.Module, image_size: int) -> None:
     # input at unit scale.
     from PIL import Image
 
-    from clipfast.samples import sample_images
+    from clipfast.artifact.samples import sample_images
 
     varied = [np.asarray(Image.fromarray(a).convert("RGB").resize((image_size, image_size)))
               for a in sample_images(6)]

@@ -11,13 +11,13 @@ import pytest
 
 import clipfast
 from clipfast import backends
+from clipfast.artifact.manifest import Manifest
 from clipfast.backends import onnxruntime as ort_backend
 from clipfast.backends import openvino as ov_backend
-from clipfast.backends import tensorrt as trt_backend
 from clipfast.backends import torch as torch_backend
 from clipfast.backends.base import check_options
+from clipfast.backends.tensorrt import backend as trt_backend
 from clipfast.errors import BackendUnavailable, InputError
-from clipfast.manifest import Manifest
 
 MODULES = {"tensorrt": trt_backend, "onnxruntime": ort_backend, "openvino": ov_backend,
            "torch": torch_backend}

@@ -4,7 +4,7 @@ CPU tests (always run): batch planning and padding, graph bookkeeping, option ch
 planning, session settings, describe(), and the errors a CPU-only machine gives for
 device="cuda". GPU tests (``gpu`` marker; skipped with the reason without a CUDA device or the
 provider): every GPU backend against the fp32 PyTorch source with the fp16 gates of
-clipfast.fidelity.
+clipfast.artifact.fidelity.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from clipfast.artifact.cache import artifact_cache_dir
+from clipfast.artifact.fidelity import GATES, centred_relative_error, check_gates, cosine
+from clipfast.artifact.manifest import Manifest, artifact_digest
 from clipfast.backends import onnxruntime as ort_backend
 from clipfast.backends import torch as torch_backend
+from clipfast.backends.batching import BatchProfile
 from clipfast.backends.torch import (
     GraphCache,
     GraphEntry,
@@ -26,11 +30,7 @@ from clipfast.backends.torch import (
     parse_options,
     plan_batches,
 )
-from clipfast.batching import BatchProfile
-from clipfast.cache import artifact_cache_dir
 from clipfast.errors import BackendUnavailable, ClipfastError, InputError
-from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine
-from clipfast.manifest import Manifest, artifact_digest
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -430,7 +430,7 @@ def test_torch_backend_on_cuda_without_a_gpu(vits32_manifest):
 
 # ------------------------------------------------------------------------------------- GPU
 def _fp16_gate_failures(img, txt, img_ref, txt_ref) -> list[str]:
-    """The fp16 gates of clipfast.fidelity on embeddings (pixels and token ids are not the
+    """The fp16 gates of clipfast.artifact.fidelity on embeddings (pixels and token ids are not the
     backend's business; rankings on random weights are near ties, so not gated here)."""
     figures = {"image_centred_rel_error": float(centred_relative_error(img, img_ref).max()),
                "text_centred_rel_error": float(centred_relative_error(txt, txt_ref).max()),
@@ -447,8 +447,8 @@ def gpu_case(tmp_path_factory, photos):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device visible to PyTorch")
     import clipfast
+    from clipfast.artifact.manifest import load_manifest
     from clipfast.export.pipeline import ExportOptions, run_export
-    from clipfast.manifest import load_manifest
 
     art = run_export(ExportOptions(model="ViT-S-32", pretrained="none", progress=False,
                                    out=tmp_path_factory.mktemp("gpu") / "vit-s-32"))
@@ -564,7 +564,7 @@ def test_onnxruntime_tensorrt_ep_builds_into_the_cache(gpu_case):
         pytest.skip(f"TensorRT EP listed but its libraries are not usable here: {e}")
     assert backend.providers[0] == TRT and backend.max_batch == 16
     cache = Path(backend.describe()["provider_options"][TRT]["trt_engine_cache_path"])
-    # the artifact is writable: its cache is inside it (clipfast.cache)
+    # the artifact is writable: its cache is inside it (clipfast.artifact.cache)
     assert cache.parent == manifest.directory / "ort-tensorrt"
     img = np.concatenate([backend.run_image(pixels[s:s + 16]) for s in range(0, 37, 16)])
     txt = backend.run_text(tokens)

@@ -330,7 +330,7 @@ else:
 
 
 from pathlib import Path
-from clipfast.manifest import Manifest
+from clipfast.artifact.manifest import Manifest
 
 manifest = Manifest(Path("."), {"image": {"file": "image.onnx", "input": "pixel_values",
                                           "output": "e", "shape": [3, 8, 8]},

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipfast.artifact.manifest import sha256_file
 from clipfast.cli import main, output_paths
-from clipfast.manifest import sha256_file
 
 
 @pytest.fixture(scope="module")

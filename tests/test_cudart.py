@@ -1,4 +1,5 @@
-"""clipfast.cudart's error checking and clean-up, against a stand-in for cuda-python's runtime
+"""clipfast.backends.tensorrt.cudart's error checking and clean-up, against a stand-in for
+cuda-python's runtime
 module (no GPU here): the same (err, *values) return convention, recording every call."""
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from enum import IntEnum
 import numpy as np
 import pytest
 
-import clipfast.cudart as cudart
-from clipfast.backends import tensorrt as trt_backend
+import clipfast.backends.tensorrt.cudart as cudart
+from clipfast.backends.tensorrt import backend as trt_backend
 
 
 class _Err(IntEnum):

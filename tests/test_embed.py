@@ -215,7 +215,7 @@ def test_fast_decode_records_its_measured_cost(art, engine, photos, tmp_path):
     keys, fast = clipfast.read_embeddings(tmp_path / "fast")
     _, exact = clipfast.read_embeddings(tmp_path / "exact")
     assert not np.array_equal(fast, exact)  # draft really ran
-    from clipfast.fidelity import centred_relative_error
+    from clipfast.artifact.fidelity import centred_relative_error
 
     assert centred_relative_error(fast, exact).max() == pytest.approx(
         fid["centred_rel_error_max"], rel=1e-4)

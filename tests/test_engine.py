@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import clipfast
+from clipfast.artifact.fidelity import centred_relative_error, l2_normalize
 from clipfast.errors import ArtifactError, BackendUnavailable, ImageLoadError, InputError
-from clipfast.fidelity import centred_relative_error, l2_normalize
 
 
 def _jpeg_bytes(arr: np.ndarray) -> bytes:

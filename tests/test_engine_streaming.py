@@ -16,9 +16,9 @@ from PIL import Image
 from test_tensorrt import _fake_trt, _FakeCuda, _NoLog
 
 import clipfast
-from clipfast.backends import tensorrt as trt_backend
 from clipfast.backends.base import host_array
-from clipfast.batching import BatchProfile
+from clipfast.backends.batching import BatchProfile
+from clipfast.backends.tensorrt import backend as trt_backend
 from clipfast.errors import ClipfastError, ImageLoadError
 
 WAIT_S = 60  # a deadlock guard, not a timing assumption

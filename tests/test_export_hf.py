@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import clipfast
-from clipfast.fidelity import GATES, check_gates
-from clipfast.manifest import load_manifest
+from clipfast.artifact.fidelity import GATES, check_gates
+from clipfast.artifact.manifest import load_manifest
 
 FP32 = GATES["fp32"]
 

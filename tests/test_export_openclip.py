@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import clipfast
+from clipfast.artifact.fidelity import GATES, centred_relative_error, check_gates
+from clipfast.artifact.manifest import load_manifest
 from clipfast.errors import ExportError
-from clipfast.fidelity import GATES, centred_relative_error, check_gates
-from clipfast.manifest import load_manifest
 
 FP32 = GATES["fp32"]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import clipfast
+from clipfast.artifact.manifest import load_manifest
 from clipfast.errors import ExportError
 from clipfast.export.workspace import KEPT_MARKER, WORK_MARKER, ExportWorkspace
-from clipfast.manifest import load_manifest
 
 
 def test_a_second_export_to_the_same_out_is_refused_while_one_runs(tmp_path):

@@ -3,7 +3,7 @@ family exported and gated.
 
 The representatives are the real open_clip configs (their tower classes, pooling heads,
 activations, tokenizer kinds) shrunk to width 32-64, one block per tower / stage and 64x64
-images, built offline (``clipfast.export.families.offline``) with random weights, then exported
+images, built offline (``offline_families``) with random weights, then exported
 by the real pipeline (``run_export``, fp32, gate on). The full-size configs are covered by
 ``benchmarks/coverage.py`` (benchmarks/results/coverage.md).
 """
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import clipfast
+from clipfast.artifact.fidelity import GATES, check_gates
 from clipfast.errors import ExportError
 from clipfast.export import families
-from clipfast.fidelity import GATES, check_gates
 
 FP32 = GATES["fp32"]
 WIDTH = 64
@@ -176,8 +176,7 @@ def test_depth_cap_keeps_each_fastvit_stage_layout(variant, stages):
     keeps the count (a fixed 4-tuple built a model whose stages did not connect)."""
     import timm
     import torch
-
-    from clipfast.export.families.offline import timm_depth
+    from offline_families import timm_depth
 
     with torch.device("meta"), timm_depth(1):
         model = timm.create_model(variant)
@@ -254,7 +253,8 @@ REPRESENTATIVES = {
 
 
 def _export_small(key: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
-    from clipfast.export.families.offline import register_offline_config, timm_kwargs
+    from offline_families import register_offline_config, timm_kwargs
+
     from clipfast.export.pipeline import ExportOptions, run_export
 
     base, edit, timm_kw, hf, _ = REPRESENTATIVES[key]
@@ -298,7 +298,8 @@ def test_resnet_random_weights_are_not_degenerate_and_pass_fp16(tmp_path):
     """open_clip's ResNet init maps every image to nearly one embedding (fp16 rounding alone then
     fails the centred-error gate); the family's random_init calibrates BatchNorm like a trained
     tower, and the fp16 export passes."""
-    from clipfast.export.families.offline import register_offline_config
+    from offline_families import register_offline_config
+
     from clipfast.export.pipeline import ExportOptions, run_export
 
     oc = register_offline_config("RN50", tmp_path / "cfg", None, edit=_edit_resnet,
@@ -317,8 +318,9 @@ def test_coca_fp16_keeps_its_fused_image_tower(tmp_path):
     """ONNX Runtime 1.32's NCHWc layout transformer crashes the process (SIGSEGV) creating a CPU
     session for CoCa's fused fp16 image tower. Sessions of fp16 graphs run without it, at
     export and at run time, so the fused graph is kept, loads, and passes the fp16 gates."""
+    from offline_families import register_offline_config
+
     from clipfast.backends.onnxruntime import FP16_DISABLED_OPTIMIZERS
-    from clipfast.export.families.offline import register_offline_config
     from clipfast.export.pipeline import ExportOptions, run_export
 
     oc = register_offline_config("coca_ViT-B-32", tmp_path / "cfg", None, edit=_edit_coca,
@@ -330,7 +332,7 @@ def test_coca_fp16_keeps_its_fused_image_tower(tmp_path):
     assert image["fusion"] == "ok" and image["fused"]["Attention"] == 1, image
     fid = m["fidelity"]
     assert fid["passed"] is True and not check_gates(fid, GATES["fp16"]), fid
-    from clipfast.samples import sample_images
+    from clipfast.artifact.samples import sample_images
 
     engine = clipfast.Engine(out, backend="onnxruntime")  # loads in this process: no crash
     assert set(FP16_DISABLED_OPTIMIZERS) <= set(engine.describe()["session"]["disabled_optimizers"])
@@ -354,7 +356,7 @@ def test_metaclip2_transformers_exports_and_passes_fp32(tmp_path):
 
 
 def test_offline_config_records_its_assumptions(tmp_path):
-    from clipfast.export.families.offline import offline_config
+    from offline_families import offline_config
 
     oc = offline_config("xlm-roberta-base-ViT-B-32", tmp_path, 2)
     assert oc.name == "xlm-roberta-base-ViT-B-32@L2"

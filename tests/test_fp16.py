@@ -15,8 +15,14 @@ import torch
 from PIL import Image
 
 import clipfast
+from clipfast.artifact.fidelity import (
+    GATES,
+    centred_relative_error,
+    check_gates,
+    cosine,
+    l2_normalize,
+)
 from clipfast.errors import FidelityError
-from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine, l2_normalize
 
 FP16 = GATES["fp16"]
 # the embedding gates (pixels, token ids and rankings are what `measure` adds)
@@ -126,7 +132,7 @@ def test_convert_past_the_protobuf_limit_types_through_files(tmp_path, monkeypat
 
 
 def _engine_figures(engine, source, photos, texts):
-    from clipfast.preprocess import load_image
+    from clipfast.inputs.preprocess import load_image
 
     rgb = [load_image(p) for p in photos]
     pixels = np.stack([np.asarray(source.reference_transform(im), dtype=np.float32)

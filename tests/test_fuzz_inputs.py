@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-import clipfast.tokenizer as tokmod
+import clipfast.inputs.tokenizer as tokmod
 from clipfast.errors import InputError
-from clipfast.preprocess import PreprocessConfig, load_image, preprocess_image
+from clipfast.inputs.preprocess import PreprocessConfig, load_image, preprocess_image
 
 # Small budgets: the whole file runs in well under 20 s; no example database is written.
 FUZZ = settings(max_examples=250, deadline=None, database=None,

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_manifest_hardening import FILES, make_artifact  # noqa: E402
 
+from clipfast.artifact.manifest import MANIFEST_NAME, file_entries, load_manifest  # noqa: E402
 from clipfast.errors import ArtifactError  # noqa: E402
-from clipfast.manifest import MANIFEST_NAME, file_entries, load_manifest  # noqa: E402
 
 # names worth trying anywhere a file name is read; the links are made in every example's folder
 TRICKY_NAMES = ["image.onnx", "text.onnx", "tokenizer.json", "golden.npz", "./image.onnx",

@@ -1,4 +1,4 @@
-"""The Engine's GPU preprocessing (clipfast.gpu_preprocess) on CPU.
+"""The Engine's GPU preprocessing (clipfast.inputs.gpu_preprocess) on CPU.
 
 Without the kernel library it says why (and the Engine says which path it took). With the
 kernel bindings replaced by the numpy reference they are checked against (and nvJPEG by
@@ -18,9 +18,9 @@ from PIL import Image
 import clipfast
 import clipfast.kernels
 from clipfast.errors import BackendUnavailable, ImageLoadError
+from clipfast.inputs.preprocess import PreprocessConfig, preprocess_image
 from clipfast.kernels import _lib
 from clipfast.kernels.preprocess import preprocess_path, preprocess_reference
-from clipfast.preprocess import PreprocessConfig, preprocess_image
 
 torch = pytest.importorskip("torch")
 
@@ -31,7 +31,7 @@ CFG = PreprocessConfig(image_size=(32, 32), resize_size=32, mean=(0.5,) * 3, std
 
 
 def test_without_the_kernel_library_it_says_why(fresh_loader):
-    from clipfast.gpu_preprocess import GpuPreprocessor
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
     fresh_loader.setenv("CLIPFAST_DISABLE_KERNELS", "1")
     with pytest.raises(BackendUnavailable,
@@ -200,7 +200,7 @@ def _cpu_path(items, indices, exif_transpose=True):
 
 def _reference_of_cpu_loader(items, indices, exif_transpose=True):
     """The reference on what the CPU loader decodes: what the kernel path must give bitwise."""
-    from clipfast.gpu_preprocess import load_host_image
+    from clipfast.inputs.gpu_preprocess import load_host_image
 
     arrays = [load_host_image(items[i], i, exif_transpose=exif_transpose,
                               alpha_background=(255, 255, 255)) for i in indices]
@@ -208,7 +208,7 @@ def _reference_of_cpu_loader(items, indices, exif_transpose=True):
 
 
 def test_routes_items_and_gives_the_cpu_paths_pixels(stand_in_kernels, tmp_path):
-    from clipfast.gpu_preprocess import GpuPreprocessor
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
     items, to_nvjpeg, bad = _mixed(tmp_path)
     gp = GpuPreprocessor(CFG, "cuda")
@@ -232,7 +232,7 @@ def test_routes_items_and_gives_the_cpu_paths_pixels(stand_in_kernels, tmp_path)
 
 
 def test_exif_off_sends_the_rotated_jpeg_to_nvjpeg(stand_in_kernels, tmp_path):
-    from clipfast.gpu_preprocess import GpuPreprocessor, jpeg_bytes_for_gpu
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor, jpeg_bytes_for_gpu
 
     items, to_nvjpeg, bad = _mixed(tmp_path)
     assert jpeg_bytes_for_gpu(items[4], exif_transpose=True) is None
@@ -246,7 +246,7 @@ def test_exif_off_sends_the_rotated_jpeg_to_nvjpeg(stand_in_kernels, tmp_path):
 
 
 def test_size_limit_keeps_a_large_jpeg_off_nvjpeg_and_fails_it(stand_in_kernels, tmp_path):
-    from clipfast.gpu_preprocess import GpuPreprocessor
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
     small = _encoded(_photo(8, 8, 1))
     big = tmp_path / "big.jpg"
@@ -260,7 +260,7 @@ def test_size_limit_keeps_a_large_jpeg_off_nvjpeg_and_fails_it(stand_in_kernels,
 
 
 def test_a_failed_nvjpeg_batch_is_decoded_on_cpu(stand_in_kernels, tmp_path):
-    from clipfast.gpu_preprocess import GpuPreprocessor
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
     items, to_nvjpeg, bad = _mixed(tmp_path)
     gp = GpuPreprocessor(CFG, "cuda")
@@ -273,7 +273,7 @@ def test_a_failed_nvjpeg_batch_is_decoded_on_cpu(stand_in_kernels, tmp_path):
 
 def test_without_nvjpeg_every_item_goes_through_the_cpu_loader(stand_in_kernels, monkeypatch,
                                                                 tmp_path):
-    from clipfast.gpu_preprocess import GpuPreprocessor
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
     def no_nvjpeg(device):
         raise BackendUnavailable("libnvjpeg.so.12 not found")
@@ -290,7 +290,7 @@ def test_without_nvjpeg_every_item_goes_through_the_cpu_loader(stand_in_kernels,
 
 
 def test_raise_names_the_first_bad_item(stand_in_kernels, tmp_path):
-    from clipfast.gpu_preprocess import GpuPreprocessor
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
     items, _, _ = _mixed(tmp_path)
     gp = GpuPreprocessor(CFG, "cuda")

@@ -16,11 +16,16 @@ import pytest
 from PIL import Image
 
 import clipfast
-import clipfast.image_io as image_io
-import clipfast.preprocess as pre
-import clipfast.tokenizer as tokmod
+import clipfast.inputs.image_io as image_io
+import clipfast.inputs.preprocess as pre
+import clipfast.inputs.tokenizer as tokmod
 from clipfast.errors import ImageLoadError, InputError
-from clipfast.preprocess import PreprocessConfig, load_image, preprocess_batch, preprocess_image
+from clipfast.inputs.preprocess import (
+    PreprocessConfig,
+    load_image,
+    preprocess_batch,
+    preprocess_image,
+)
 
 CFG = PreprocessConfig(image_size=32, resize_size=32, mean=(0.5, 0.5, 0.5), std=(0.25,) * 3)
 
@@ -130,7 +135,7 @@ def _cpu_gpu_preprocessor(monkeypatch, jpeg_decoder):
     what is under test)."""
     torch = pytest.importorskip("torch")
     import clipfast.kernels
-    from clipfast.gpu_preprocess import GpuPreprocessor
+    from clipfast.inputs.gpu_preprocess import GpuPreprocessor
 
     def preprocess_gpu(arrays, cfg, device=None):
         return torch.stack([torch.from_numpy(pre.normalize(
@@ -165,7 +170,7 @@ def test_gpu_preprocessor_per_item_faults_become_failures(monkeypatch):
 
 
 def test_gpu_jpeg_probe_never_raises_nor_reads_special_or_huge_files(tmp_path):
-    from clipfast.gpu_preprocess import jpeg_bytes_for_gpu
+    from clipfast.inputs.gpu_preprocess import jpeg_bytes_for_gpu
 
     jpeg = io.BytesIO()
     Image.new("RGB", (16, 12)).save(jpeg, "JPEG")

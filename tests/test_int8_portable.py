@@ -117,8 +117,8 @@ def test_portable_weights_fit_int16_pair_sums(graphs):
 
 
 def test_int8_plan_per_cpu():
+    from clipfast.artifact.manifest import Manifest
     from clipfast.backends.onnxruntime import int8_plan
-    from clipfast.manifest import Manifest
 
     def manifest(method, safe):
         return Manifest(Path("/nowhere"), {"precision": "int8", "quantization": {"image": {

@@ -1,6 +1,6 @@
 """csrc/ kernels beside their references (clipfast.kernels).
 
-- CPU (always): the numpy preprocessing reference against Pillow and clipfast.preprocess, the
+- CPU (always): the numpy preprocessing reference against Pillow and clipfast.inputs.preprocess, the
   attention references against torch's SDPA, the loader's switches and its promise not to
   import torch or initialise CUDA.
 - ``build`` (needs nvcc; slow): CMake builds libclipfast_kernels.so and its host-side checks
@@ -28,6 +28,7 @@ import pytest
 from PIL import Image
 
 from clipfast.errors import BackendUnavailable
+from clipfast.inputs.preprocess import PreprocessConfig, preprocess_batch
 from clipfast.kernels import _lib
 from clipfast.kernels.attention import attention, attention_reference, attention_torch_reference
 from clipfast.kernels.preprocess import (
@@ -38,7 +39,6 @@ from clipfast.kernels.preprocess import (
     resize_reference,
     vertical_first,
 )
-from clipfast.preprocess import PreprocessConfig, preprocess_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -132,7 +132,7 @@ def test_vertical_first_follows_pillow():
 
 @pytest.mark.parametrize("cfg", _configs(), ids=lambda c: f"{c.resize_mode}-{c.interpolation}")
 def test_preprocess_reference_matches_cpu_path(photos, cfg):
-    """The kernel's algorithm in numpy equals clipfast.preprocess (Pillow) within 1 level."""
+    """The kernel's algorithm in numpy equals clipfast.inputs.preprocess (Pillow) within 1 level."""
     odd = _odd_images()
     images = [photos["astronaut"], photos["camera"], photos["coffee"], odd["7x5"], odd["1x1"],
               odd["2000x30"], odd["769x513"]]
@@ -291,7 +291,7 @@ def test_import_neither_imports_torch_nor_initialises_cuda():
         "ok, reason = k.kernels_available()\n"
         "assert 'torch' not in sys.modules, 'kernels_available imported torch'\n"
         "import torch\n"
-        "from clipfast.preprocess import PreprocessConfig\n"
+        "from clipfast.inputs.preprocess import PreprocessConfig\n"
         "k.preprocess([np.zeros((9, 9, 3), np.uint8)], PreprocessConfig(image_size=(4, 4)))\n"
         "print(torch.cuda.is_initialized())\n"
     )

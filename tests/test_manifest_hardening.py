@@ -1,4 +1,5 @@
-"""The manifest's file checks (clipfast/manifest.py): every file the runtime opens (towers, their
+"""The manifest's file checks (clipfast/artifact/manifest.py): every file the runtime opens
+(towers, their
 external data, tokenizer, golden outputs) is listed in ``files``, resolves inside the artifact
 directory (symbolic links included) and matches its sha256; a malformed manifest is an
 ArtifactError naming the field. Artifacts here are tiny hand-built ONNX graphs (no export)."""
@@ -13,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipfast.errors import ArtifactError
-from clipfast.manifest import (
+from clipfast.artifact.manifest import (
     MANIFEST_NAME,
     file_entries,
     load_manifest,
     write_manifest,
 )
-from clipfast.onnx_proto import onnx_external_data
+from clipfast.artifact.onnx_proto import onnx_external_data
+from clipfast.errors import ArtifactError
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -167,7 +168,7 @@ def test_manifest_path_is_the_checked_gate(art, tmp_path):
 
 
 def test_golden_outputs_are_read_through_the_gate(art, tmp_path):
-    from clipfast.selfcheck import load_golden
+    from clipfast.artifact.selfcheck import load_golden
 
     m = load_manifest(art)
     m.data["golden"] = {"file": "../golden.npz"}

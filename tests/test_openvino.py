@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import clipfast
+from clipfast.artifact.fidelity import GATES, centred_relative_error, cosine, l2_normalize
+from clipfast.artifact.samples import sample_captions, sample_images
 from clipfast.errors import BackendUnavailable, FidelityError, InputError
-from clipfast.fidelity import GATES, centred_relative_error, cosine, l2_normalize
-from clipfast.samples import sample_captions, sample_images
 
 pytest.importorskip("openvino")
 

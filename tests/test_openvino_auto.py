@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import clipfast
+from clipfast.artifact.manifest import load_manifest
+from clipfast.artifact.selfcheck import load_golden
 from clipfast.backends import tune
 from clipfast.errors import BackendUnavailable, FidelityError, InputError
-from clipfast.manifest import load_manifest
-from clipfast.selfcheck import load_golden
 
 
 def test_candidates_never_lower_the_precision_unasked():
@@ -223,9 +223,9 @@ def test_the_engine_reports_the_chosen_paths_self_check(art, monkeypatch):
 def test_manifest_precision_gates_are_read_and_checked(art):
     import json
 
+    from clipfast.artifact.fidelity import GATES
+    from clipfast.artifact.selfcheck import self_check_gates
     from clipfast.errors import ArtifactError
-    from clipfast.fidelity import GATES
-    from clipfast.selfcheck import self_check_gates
 
     m = load_manifest(art)
     assert m.precision_gates("bf16") == GATES["bf16"]  # written by the export

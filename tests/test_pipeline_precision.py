@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 import clipfast
+from clipfast.artifact.fidelity import GATES
 from clipfast.errors import ClipfastError, ExportError, FidelityError
-from clipfast.fidelity import GATES
 
 
 def _opts(tmp_path, **kw):
@@ -106,7 +106,7 @@ def _at_the_limit(gates: dict) -> dict:
 
 @pytest.mark.parametrize("precision", sorted(GATES))
 def test_every_declared_gate_is_enforced(precision):
-    from clipfast.fidelity import check_gates
+    from clipfast.artifact.fidelity import check_gates
 
     gates = GATES[precision]
     passing = _at_the_limit(gates)
@@ -128,7 +128,7 @@ def test_every_declared_gate_is_enforced(precision):
 
 def test_gates_loosen_with_the_arithmetic():
     # whatever passes fp32's gates passes fp16's, and whatever passes fp16's passes int8's
-    from clipfast.fidelity import check_gates
+    from clipfast.artifact.fidelity import check_gates
 
     for strict, loose in (("fp32", "fp16"), ("fp16", "int8")):
         shared = {k: GATES[strict][k] for k in GATES[loose] if k in GATES[strict]}

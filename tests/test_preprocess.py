@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import clipfast.preprocess
+import clipfast.inputs.preprocess
 from clipfast.errors import ExportError, ImageLoadError
 from clipfast.export.preprocessing import (
     hf_pil_reference_processor,
@@ -26,7 +26,7 @@ from clipfast.export.preprocessing import (
     open_clip_preprocess,
     open_clip_preprocess_from_cfg,
 )
-from clipfast.preprocess import (
+from clipfast.inputs.preprocess import (
     PreprocessConfig,
     load_image,
     preprocess_batch,
@@ -234,7 +234,7 @@ def test_longest_keeps_one_pixel_where_reference_rounds_to_zero():
 def test_huge_intermediate_path_within_one_level(monkeypatch):
     """Extreme aspect ratios resize only the crop window; still within 1 level."""
     cfg, reference = REFERENCES["open_clip ViT-B-32 laion2b (shortest, bicubic)"]()
-    monkeypatch.setattr(clipfast.preprocess, "MAX_INTERMEDIATE_PIXELS", 1000)
+    monkeypatch.setattr(clipfast.inputs.preprocess, "MAX_INTERMEDIATE_PIXELS", 1000)
     images = {k: v for k, v in all_images().items() if "half" not in k and "151" not in k}
     assert max_levels(cfg, reference, images) <= 1.0 + 1e-4
 
@@ -511,6 +511,6 @@ def test_runtime_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, clipfast.preprocess; sys.exit('torch' in sys.modules)"
+    code = "import sys, clipfast.inputs.preprocess; sys.exit('torch' in sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0

@@ -19,6 +19,13 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 ort = pytest.importorskip("onnxruntime")
 
+from clipfast.artifact.fidelity import (  # noqa: E402
+    centred_relative_error,
+    check_gates,
+    cosine,
+    top1_agreement,
+)
+from clipfast.artifact.samples import sample_captions, sample_images  # noqa: E402
 from clipfast.errors import ExportError, FidelityError  # noqa: E402
 from clipfast.export.quantize import (  # noqa: E402
     QuantOptions,
@@ -29,13 +36,6 @@ from clipfast.export.quantize import (  # noqa: E402
     quantize_tower,
     smooth_layernorm_outliers,
 )
-from clipfast.fidelity import (  # noqa: E402
-    centred_relative_error,
-    check_gates,
-    cosine,
-    top1_agreement,
-)
-from clipfast.samples import sample_captions, sample_images  # noqa: E402
 
 # The int8 gates of the precision issue: centred error <= 0.15, cosine >= 0.99, top-1 image->text
 # agreement with fp32 PyTorch >= 95% (here on 29 image-caption pairs).

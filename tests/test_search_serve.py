@@ -250,7 +250,7 @@ def stub_index(root: Path) -> tuple[Any, Path, dict[str, int]]:
     file, a file deleted after indexing. Returns (engine, index folder, name -> id)."""
     from PIL import Image
 
-    from clipfast.manifest import artifact_digest
+    from clipfast.artifact.manifest import artifact_digest
     from clipfast.search.index import build_index
 
     engine = StubEngine()

@@ -1,5 +1,6 @@
 """Golden outputs in the artifact and the self-check every Engine runs at load
-(clipfast/selfcheck.py): stored at export, checked on this host, torch-free in `clipfast verify`,
+(clipfast/artifact/selfcheck.py): stored at export, checked on this host, torch-free in `clipfast
+verify`,
 and catching what sha256 cannot (weights edited and the manifest rehashed)."""
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 
 import clipfast
+from clipfast.artifact.manifest import load_manifest, write_manifest
+from clipfast.artifact.selfcheck import GOLDEN_FILE, GOLDEN_IMAGES, GOLDEN_TEXTS, load_golden
 from clipfast.errors import FidelityError
-from clipfast.manifest import load_manifest, write_manifest
-from clipfast.selfcheck import GOLDEN_FILE, GOLDEN_IMAGES, GOLDEN_TEXTS, load_golden
 
 
 def test_export_stores_golden_outputs_and_the_engine_checks_them(vitb32_artifact):
@@ -115,8 +116,8 @@ def test_verify_runs_without_torch(vitb32_artifact, tmp_path):
 
 
 def test_self_check_gates_follow_the_backends_arithmetic(vitb32_artifact):
-    from clipfast.fidelity import GATES
-    from clipfast.selfcheck import EMBEDDING_GATES, self_check_gates
+    from clipfast.artifact.fidelity import GATES
+    from clipfast.artifact.selfcheck import EMBEDDING_GATES, self_check_gates
 
     m = load_manifest(vitb32_artifact)
     strict = self_check_gates(m)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipfast import cudart
-from clipfast import tensorrt_build as tb
-from clipfast.backends import tensorrt as trt_backend
-from clipfast.batching import BatchProfile
+from clipfast.artifact.manifest import Manifest, load_manifest, write_manifest
+from clipfast.backends.batching import BatchProfile
+from clipfast.backends.tensorrt import backend as trt_backend
+from clipfast.backends.tensorrt import build as tb
+from clipfast.backends.tensorrt import cudart
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, ExportError
-from clipfast.manifest import Manifest, load_manifest, write_manifest
 
 SHA = "ab" * 32
 KEY = tb.EngineKey(tower="image", onnx_sha256=SHA, precision="fp16", io_dtype="fp32",
@@ -527,7 +527,7 @@ def _ort(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 @pytest.mark.gpu
 def test_engine_matches_onnxruntime_within_the_gates(trt_artifact):
-    from clipfast.fidelity import centred_relative_error, cosine
+    from clipfast.artifact.fidelity import centred_relative_error, cosine
 
     m = load_manifest(trt_artifact)
     assert m["graph"]["image"]["fusion"] == tb.FUSION_OFF_NOTE
@@ -592,7 +592,7 @@ class _HostMem:
 
 
 class _FakeCuda:
-    """The subset of clipfast.cudart the tower uses, asynchronous as a GPU is.
+    """The subset of clipfast.backends.tensorrt.cudart the tower uses, asynchronous as a GPU is.
 
     Copies, memsets, engine runs and graph launches are queued on their stream, in order, and run
     only when the host waits: ``Stream.synchronize``, or ``Event.synchronize`` for the work

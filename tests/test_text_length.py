@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import clipfast
-from clipfast.fidelity import GATES, centred_relative_error
+from clipfast.artifact.fidelity import GATES, centred_relative_error
 
 # 1 token of content up to past the context (truncated): every length bucket of the runtime.
 LENGTH_TEXTS = [
@@ -33,7 +33,8 @@ def _edit_tiny_vit(cfg: dict[str, Any]) -> None:
 
 def _export_tiny(tmp: Path, precision: str = "fp32", base: str = "ViT-B-32", *,
                  fuse: bool = True) -> Path:
-    from clipfast.export.families.offline import register_offline_config
+    from offline_families import register_offline_config
+
     from clipfast.export.pipeline import ExportOptions, run_export
 
     oc = register_offline_config(base, tmp / "cfg", None, edit=_edit_tiny_vit,
@@ -147,9 +148,9 @@ def test_artifact_with_a_fixed_graph_and_no_sequence_field_keeps_padding_to_77(t
     """Artifacts exported before the dynamic path: a [batch, 77] graph, no text.sequence."""
     import shutil
 
+    from clipfast.artifact.manifest import write_manifest
     from clipfast.export.onnx_export import export_text_tower
     from clipfast.export.sources import load_source_from_spec
-    from clipfast.manifest import write_manifest
 
     art = tmp_path / "old"
     shutil.copytree(tiny_openclip, art)
@@ -174,7 +175,7 @@ def test_artifact_with_a_fixed_graph_and_no_sequence_field_keeps_padding_to_77(t
 
 
 def test_plan_groups_by_length_and_covers_every_row_once():
-    from clipfast.text_batching import length_buckets, plan_text_batches
+    from clipfast.inputs.text_batching import length_buckets, plan_text_batches
 
     lengths = np.array([5] * 31 + [77])
     plan = plan_text_batches(lengths, 32, context=77)
@@ -202,7 +203,7 @@ def test_plan_groups_by_length_and_covers_every_row_once():
 
 
 def test_row_lengths_from_ids_and_masks():
-    from clipfast.text_batching import row_lengths
+    from clipfast.inputs.text_batching import row_lengths
 
     ids = np.array([[49406, 320, 49407, 0, 0], [49406, 49407, 0, 0, 0], [1, 2, 3, 4, 5]])
     assert row_lengths({"input_ids": ids}, pad_id=0).tolist() == [3, 2, 5]
@@ -227,9 +228,9 @@ def _held_out_texts() -> list[str]:
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_precisions_stay_dynamic_and_pass_their_gates_at_every_length(precision, tmp_path):
+    from clipfast.artifact.fidelity import check_gates
     from clipfast.export.sources import load_source_from_spec
     from clipfast.export.verify import measure
-    from clipfast.fidelity import check_gates
 
     art = _export_tiny(tmp_path, precision)
     m = json.loads((art / "manifest.json").read_text())
@@ -254,9 +255,9 @@ def test_transformers_families_declare_their_sequence_and_match_the_source(
     dynamic path; SigLIP (no mask, last-token pooling, trained on padding) keeps 64."""
     import hf_models
 
+    from clipfast.artifact.fidelity import check_gates
     from clipfast.export.sources import load_source_from_spec
     from clipfast.export.verify import measure
-    from clipfast.fidelity import check_gates
 
     if family == "clip":
         art = small_clip_artifact
@@ -309,11 +310,11 @@ def test_golden_self_check_catches_a_wrong_dynamic_claim_at_load(tiny_openclip, 
     declared fixed passes."""
     import shutil
 
+    from clipfast.artifact.manifest import load_manifest, write_manifest
+    from clipfast.artifact.selfcheck import GOLDEN_TEXTS, load_golden, write_golden
     from clipfast.errors import FidelityError
     from clipfast.export.fusion import EagerSelfAttention
     from clipfast.export.sources import load_source_from_spec
-    from clipfast.manifest import load_manifest, write_manifest
-    from clipfast.selfcheck import GOLDEN_TEXTS, load_golden, write_golden
 
     art = tmp_path / "wrong"
     shutil.copytree(tiny_openclip, art)

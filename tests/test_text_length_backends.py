@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from test_tensorrt import _FakeCuda, _NoLog
 
-from clipfast import tensorrt_build as tb
-from clipfast.backends import tensorrt as trt_backend
-from clipfast.batching import BatchProfile
-from clipfast.manifest import Manifest
+from clipfast.artifact.manifest import Manifest
+from clipfast.backends.batching import BatchProfile
+from clipfast.backends.tensorrt import backend as trt_backend
+from clipfast.backends.tensorrt import build as tb
 
 SHA = "ab" * 32
 MAX_LEN = 12

@@ -1,4 +1,4 @@
-"""clipfast.tokenizer must give the SAME ids as the source tokenizers, on awkward text.
+"""clipfast.inputs.tokenizer must give the SAME ids as the source tokenizers, on awkward text.
 
 References (all offline): open_clip's SimpleTokenizer (ViT-B-32, context 77, and its other clean
 modes); transformers' CLIPTokenizer built from open_clip's bundled BPE the way
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from clipfast.errors import ArtifactError, ExportError, TextInputError
-from clipfast.tokenizer import Tokenizer, TokenizerConfig
+from clipfast.inputs.tokenizer import Tokenizer, TokenizerConfig
 
 # fmt: off
 CORPUS: list[str] = [
@@ -241,7 +241,7 @@ def test_config_round_trip_and_validation():
 
 def test_runtime_does_not_import_torch():
     code = (
-        "import sys, clipfast.tokenizer; "
+        "import sys, clipfast.inputs.tokenizer; "
         "bad = [m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -29,7 +29,7 @@ AUTO_CHAIN = {
 }
 AUTO_ORDER = tuple(dict.fromkeys(name for chain in AUTO_CHAIN.values() for name, _ in chain))
 _MODULES = {
-    "tensorrt": "clipfast.backends.tensorrt",
+    "tensorrt": "clipfast.backends.tensorrt.backend",
     "onnxruntime": "clipfast.backends.onnxruntime",
     "openvino": "clipfast.backends.openvino",
     "torch": "clipfast.backends.torch",

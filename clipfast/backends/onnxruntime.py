@@ -22,7 +22,8 @@ Session settings, and why:
   copies inputs and outputs through pageable host buffers on every call.
 - TensorRT EP (``ort_tensorrt=True``): engines are built for the batch profile (explicit
   min/opt/max shapes, so a new batch size does not trigger a rebuild) and cached, with the timing
-  cache, in the artifact's ``ort-tensorrt`` cache (clipfast.cache: inside the artifact when it is
+  cache, in the artifact's ``ort-tensorrt`` cache (clipfast.artifact.cache: inside the artifact
+  when it is
   writable, else under ``$CLIPFAST_CACHE_DIR``). The CUDA EP stays behind it for any node
   TensorRT does not take.
 
@@ -61,6 +62,8 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.artifact.cache import artifact_cache_dir
+from clipfast.artifact.manifest import tower_input_dims
 from clipfast.backends.base import (
     check_options,
     host_array,
@@ -70,10 +73,8 @@ from clipfast.backends.base import (
     option_device_id,
     text_feed,
 )
-from clipfast.batching import BatchProfile, as_profile
-from clipfast.cache import artifact_cache_dir
+from clipfast.backends.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
-from clipfast.manifest import tower_input_dims
 
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
 ORT_NUMPY_DTYPES = {"tensor(int32)": np.int32, "tensor(int64)": np.int64,
@@ -99,7 +100,7 @@ def precision_disabled_optimizers(precision: str | None) -> tuple[str, ...]:
 
 CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
-# The folder of the TensorRT EP's engines and timing cache (clipfast.cache).
+# The folder of the TensorRT EP's engines and timing cache (clipfast.artifact.cache).
 CACHE_PURPOSE = "ort-tensorrt"
 OPTIONS = ("device_id", "ort_tensorrt", "ort_trt_fp16", "ort_cudnn_conv_algo_search",
            "ort_arena_extend_strategy", "profile")
@@ -159,7 +160,8 @@ def physical_cores() -> int:
 def tensorrt_cache_dir(manifest, profile: BatchProfile, ort_version: str) -> Path:
     """Where the TensorRT EP keeps engines and its timing cache for this artifact, created:
     ``<artifact cache>/ort<version>-<profile>``, the artifact cache being ``<artifact>/
-    ort-tensorrt`` or ``<$CLIPFAST_CACHE_DIR>/<artifact digest>/ort-tensorrt`` (clipfast.cache).
+    ort-tensorrt`` or ``<$CLIPFAST_CACHE_DIR>/<artifact digest>/ort-tensorrt``
+    (clipfast.artifact.cache).
     The leaf names the ORT version (each ORT GPU release is built against one TensorRT version)
     and the batch profile; ORT itself keys engine files by graph hash and GPU compute capability.
     BackendUnavailable when no cache folder can be written.
@@ -181,7 +183,7 @@ def trt_profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, s
                      for tower in ("image", "text")}
     except (KeyError, TypeError, ValueError):
         return None
-    from clipfast.text_batching import sequence_profile
+    from clipfast.inputs.text_batching import sequence_profile
 
     out: dict[str, dict[str, str]] = {}
     for tower, dims in per_tower.items():

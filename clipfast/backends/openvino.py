@@ -14,7 +14,7 @@ them, which would lower an fp32 artifact's precision silently):
 - ``bf16``: ``INFERENCE_PRECISION_HINT=bf16``, only where the CPU plugin reports BF16 among its
   optimization capabilities (AVX512_BF16 or AMX); elsewhere BackendUnavailable says so. Never a
   default: it is asked for (``ov_precision="bf16"``, or ``allow_precisions`` in ``auto``), and the
-  golden self-check holds it to the bf16 gates (``clipfast.fidelity.GATES["bf16"]``, or the
+  golden self-check holds it to the bf16 gates (``clipfast.artifact.fidelity.GATES["bf16"]``, or the
   artifact's ``precision_gates``).
 - int8: an int8 artifact's own Q/DQ graph, with ``f32`` for what the graph leaves float.
   OpenVINO's low-precision transformations run the quantized matmuls on its u8/i8 kernels.
@@ -26,7 +26,8 @@ Threads: ``INFERENCE_NUM_THREADS`` = ``threads`` or the physical cores available
 core, as the engine sends it.
 
 Compiled-model cache: OpenVINO's ``CACHE_DIR`` in the artifact's ``openvino`` cache folder
-(``clipfast.cache``: inside the artifact when writable, else under ``$CLIPFAST_CACHE_DIR``), in a
+(``clipfast.artifact.cache``: inside the artifact when writable, else under
+``$CLIPFAST_CACHE_DIR``), in a
 subfolder keyed by the host (CPU model, ISA flags) and the OpenVINO version; OpenVINO keys each
 blob by the graph and the compile options within it. A second load then imports the compiled
 blob instead of compiling. Without a writable cache the backend compiles each time and
@@ -111,7 +112,7 @@ def host_key(ov_version: str) -> str:
 def compiled_cache_dir(manifest, ov_version: str) -> tuple[Path | None, str]:
     """``(folder, note)``: the compiled-model cache for this artifact and host, created, or
     ``(None, why not)``."""
-    from clipfast.cache import artifact_cache_dir
+    from clipfast.artifact.cache import artifact_cache_dir
 
     try:
         path = artifact_cache_dir(manifest, CACHE_PURPOSE) / host_key(ov_version)

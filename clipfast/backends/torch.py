@@ -37,7 +37,7 @@ import numpy as np
 
 from clipfast import settings
 from clipfast.backends.base import check_options, option_bool, option_device_id
-from clipfast.batching import BatchProfile, as_profile, bucket_for, chunks
+from clipfast.backends.batching import BatchProfile, as_profile, bucket_for, chunks
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 log = logging.getLogger("clipfast")
@@ -235,7 +235,8 @@ class TorchBackend:
         self._tdevice = torch.device("cuda", opts.device_id) if device == "cuda" else \
             torch.device("cpu")
         self._dtype = getattr(torch, DTYPES[opts.dtype])
-        # The arithmetic the towers run in, for the self-check's gates (clipfast.selfcheck):
+        # The arithmetic the towers run in, for the self-check's gates
+        # (clipfast.artifact.selfcheck):
         # fp16 and bf16 are held to the fp16 gates.
         self.precision = "fp32" if opts.dtype == "fp32" else "fp16"
         self.text_inputs = tuple(manifest.text.inputs)
@@ -261,7 +262,7 @@ class TorchBackend:
         self.max_batch = opts.profile.max
         self.buckets = opts.profile.buckets() if opts.cuda_graphs else None
         if self.buckets is not None and manifest.text.dynamic:
-            from clipfast.text_batching import length_buckets
+            from clipfast.inputs.text_batching import length_buckets
 
             self.text_lengths = length_buckets(int(manifest.tokenizer.context_length))
         with torch.cuda.device(self._tdevice):

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from clipfast.artifact.fidelity import centred_relative_error
 from clipfast.export.fusion import EagerSelfAttention, fusable_tower
-from clipfast.fidelity import centred_relative_error
 from clipfast.kernels.attention import HEAD_DIMS
 
 # NOTE: the kernel is held to the flash-attention rule: its error against the fp32 reference at
 # most twice the error PyTorch's own attention makes in the same dtype on the same batch. Both
-# errors are centred relative errors of whole-tower embeddings (clipfast.fidelity), so they carry
+# errors are centred relative errors of whole-tower embeddings (clipfast.artifact.fidelity), so
+# they carry
 # every fp16 rounding of the tower, not only the attention's; on ViT-B-32 fp16 those are about
 # 1e-3. The floor keeps a tower whose PyTorch error happens to be tiny (a shallow test tower) from
 # failing on noise: 2e-3 is a fifth of the fp16 gate (1e-2), so a kernel inside it cannot move an

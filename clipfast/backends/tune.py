@@ -120,7 +120,7 @@ def host_fingerprint(threads: int) -> dict[str, Any]:
 
 def cache_file(manifest, fingerprint: dict[str, Any], allow: tuple[str, ...]) -> Path:
     """``<artifact cache>/tune/<16 hex digits>.json`` for this host and allowance."""
-    from clipfast.cache import artifact_cache_dir
+    from clipfast.artifact.cache import artifact_cache_dir
 
     key = json.dumps({"host": fingerprint, "allow": list(allow)}, sort_keys=True)
     name = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -269,10 +269,10 @@ def tune_artifact(artifact: str, *, allow: Iterable[str] | str | None = None,
                   threads: int | None = None) -> dict[str, Any]:
     """Measure the CPU paths of ``artifact`` afresh on this host (``clipfast tune``), cache the
     choice, and return the record (with ``skipped``)."""
+    from clipfast.artifact.manifest import load_manifest
+    from clipfast.artifact.selfcheck import load_golden, run_self_check
     from clipfast.backends import load_backend
     from clipfast.backends.onnxruntime import physical_cores
-    from clipfast.manifest import load_manifest
-    from clipfast.selfcheck import load_golden, run_self_check
 
     if allow is None:
         from clipfast import settings

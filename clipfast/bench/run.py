@@ -135,7 +135,7 @@ class _Run:
             self.bar.update(n)
 
     def _bench_artifact(self, index: int, art: Path) -> None:
-        from clipfast.manifest import load_manifest
+        from clipfast.artifact.manifest import load_manifest
 
         c = self.config
         manifest = load_manifest(art, verify_checksums=False)

@@ -63,7 +63,7 @@ def texts_of_length(tokenizer, length: int, count: int) -> tuple[dict[str, Any],
     from the sample captions in turn and added one at a time until the text is that long."""
     import numpy as np
 
-    from clipfast.samples import CAPTIONS
+    from clipfast.artifact.samples import CAPTIONS
 
     words = " ".join(CAPTIONS).split()
     length = min(int(length), tokenizer.context_length)
@@ -85,9 +85,9 @@ def prepare_inputs(manifest, max_batch: int, images: Path | None, towers: Iterab
     """The artifact's inputs at ``max_batch`` for ``towers`` (and the end-to-end rows)."""
     import numpy as np
 
-    from clipfast.preprocess import preprocess_batch
-    from clipfast.samples import CAPTIONS, sample_images
-    from clipfast.tokenizer import Tokenizer
+    from clipfast.artifact.samples import CAPTIONS, sample_images
+    from clipfast.inputs.preprocess import preprocess_batch
+    from clipfast.inputs.tokenizer import Tokenizer
 
     towers = set(towers)
     pixels = tokens = None
@@ -145,7 +145,7 @@ def row_callable(engine, tower: str, mode: str, batch: int, inputs: Inputs,
         import numpy as np
         from PIL import Image
 
-        from clipfast.fidelity import l2_normalize
+        from clipfast.artifact.fidelity import l2_normalize
 
         def torch_images():
             arrays = []
@@ -158,7 +158,7 @@ def row_callable(engine, tower: str, mode: str, batch: int, inputs: Inputs,
     captions = inputs.captions[:batch]
     if source is None:
         return lambda: engine.encode_texts(captions)
-    from clipfast.fidelity import l2_normalize
+    from clipfast.artifact.fidelity import l2_normalize
 
     return lambda: l2_normalize(engine.run_text_tower(source.reference_tokenize(captions)))
 

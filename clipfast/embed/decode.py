@@ -1,6 +1,7 @@
 """Per-batch work of ``clipfast embed`` (run in decode threads) and the fast-decode settings.
 
-The exact path is the Engine's own preprocessing (``clipfast.preprocess.preprocess_image`` with
+The exact path is the Engine's own preprocessing (``clipfast.inputs.preprocess.preprocess_image``
+with
 the Engine's loading policy), so embed rows equal ``Engine.encode_images`` rows. ``--fast-decode``
 adds two Pillow shortcuts, both not pixel-exact, whose cost is measured on the job's own
 inputs (``measure_fast_decode``) and recorded in the output manifest:
@@ -20,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.artifact.fidelity import centred_relative_error, cosine, l2_normalize
 from clipfast.embed.sources import Item
-from clipfast.fidelity import centred_relative_error, cosine, l2_normalize
-from clipfast.preprocess import (
+from clipfast.inputs.preprocess import (
     PreprocessConfig,
     load_image,
     normalize,
@@ -145,7 +146,7 @@ def _uint8_pixels(value: Any, policy: ImagePolicy, fast: bool) -> np.ndarray:
 def measure_fast_decode(engine, values: list[Any], policy: ImagePolicy) -> dict[str, Any]:
     """What --fast-decode costs on ``values`` (paths or bytes of the job's own images): pixel
     difference in uint8 levels before normalisation, and the embeddings' centred relative error
-    and cosine against the exact path (the measures of clipfast.fidelity)."""
+    and cosine against the exact path (the measures of clipfast.artifact.fidelity)."""
     t0 = time.perf_counter()
     exact, fast = [], []
     for v in values:

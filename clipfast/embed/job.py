@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.artifact.fidelity import l2_normalize
 from clipfast.embed import output as out_mod
 from clipfast.embed.decode import (
     ImagePolicy,
@@ -43,7 +44,6 @@ from clipfast.embed.decode import (
 )
 from clipfast.embed.sources import Item, Plan, iter_items, plan, resolve_sources
 from clipfast.errors import ClipfastError
-from clipfast.fidelity import l2_normalize
 
 DTYPES = ("float32", "float16")
 
@@ -98,7 +98,7 @@ class EmbedSummary:
 
 def _identity(opts: EmbedOptions, engine, specs, the_plan: Plan) -> dict[str, Any]:
     """The parts of the manifest that must match for a resume to continue this job."""
-    from clipfast.manifest import artifact_digest
+    from clipfast.artifact.manifest import artifact_digest
 
     return {
         "artifact": {"digest": artifact_digest(engine.manifest),
@@ -455,7 +455,7 @@ class _Handle:
     (to measure --fast-decode) on a Ray driver, whose actors load their own."""
 
     def __init__(self, opts: EmbedOptions, engine=None):
-        from clipfast.manifest import load_manifest
+        from clipfast.artifact.manifest import load_manifest
 
         self._engine = engine if engine is not None or opts.ray else _engine(opts)
         self.manifest = (self._engine.manifest if self._engine is not None

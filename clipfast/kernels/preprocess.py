@@ -4,7 +4,8 @@
 Pillow's antialiased separable resampling (libImaging/Resample.c: double-precision filter
 weights normalised per output pixel, quantised to int32 with 22 fractional bits, horizontal pass
 rounded and clamped to uint8, then the vertical pass), the crop / pad window of
-``clipfast.preprocess`` (one definition of the geometry for CPU and GPU), gray -> RGB, and the
+``clipfast.inputs.preprocess`` (one definition of the geometry for CPU and GPU), gray -> RGB, and
+the
 float32 normalisation table. ``preprocess_gpu`` runs the kernel on torch CUDA tensors (or CuPy
 arrays, through ``__cuda_array_interface__``). ``preprocess_path`` is the one place that chooses
 between them (``preprocess`` and the Engine's GPU preprocessing both ask it).
@@ -23,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.inputs.preprocess import FILTER_SUPPORT, PreprocessConfig, crop_offset, resized_size
 from clipfast.kernels import _lib
-from clipfast.preprocess import FILTER_SUPPORT, PreprocessConfig, crop_offset, resized_size
 
 logger = logging.getLogger("clipfast.kernels")
 
@@ -56,7 +57,7 @@ def plan_geometry(height: int, width: int, cfg: PreprocessConfig) -> tuple[int, 
     """(resized_h, resized_w, top, left) of one image: output pixel (y, x) is resized pixel
     (y + top, x + left); negative offsets and pixels past the resized image are ``fill_color``.
 
-    Same rules as ``clipfast.preprocess.resize_and_crop`` (resize modes, crop rounding).
+    Same rules as ``clipfast.inputs.preprocess.resize_and_crop`` (resize modes, crop rounding).
     """
     new_h, new_w = resized_size(height, width, cfg)
     out_h, out_w = cfg.image_size
@@ -163,7 +164,8 @@ def _as_hwc(img: Any, index: int) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (1, 3) or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(
             f"images[{index}] must be (H, W), (H, W, 1) or (H, W, 3) uint8 with H, W >= 1, got "
-            f"shape {arr.shape}; convert RGBA and other modes with clipfast.preprocess.load_image"
+            f"shape {arr.shape}; convert RGBA and other modes with "
+            "clipfast.inputs.preprocess.load_image"
         )
     return arr
 
@@ -391,7 +393,7 @@ class JpegDecoder:
 
     Hardware JPEG engine when the GPU has one (A100, H100, ...), CUDA backend otherwise;
     images it cannot decode (CMYK, not JPEG) raise KernelError naming the index: decode those
-    on the CPU (clipfast.preprocess.load_image).
+    on the CPU (clipfast.inputs.preprocess.load_image).
     """
 
     def __init__(self, device: Any = "cuda", prefer_hardware: bool = True):
@@ -458,7 +460,8 @@ def _host_array(img: Any) -> np.ndarray:
 
 def preprocess_path(cfg: PreprocessConfig, device: Any) -> tuple[str, str]:
     """The one choice between the kernel and the numpy reference, for every caller (the
-    ``preprocess`` function below and the Engine's ``clipfast.gpu_preprocess.GpuPreprocessor``).
+    ``preprocess`` function below and the Engine's
+    ``clipfast.inputs.gpu_preprocess.GpuPreprocessor``).
 
     Returns ``("kernel", how)`` when ``device`` is CUDA, the interpolation has a kernel, the
     library is loaded and PyTorch sees a CUDA device (the kernel is driven through torch
@@ -499,7 +502,7 @@ def preprocess(images: Sequence[Any], cfg: PreprocessConfig, device: Any = "cpu"
     if cfg.interpolation in _SUPPORT:
         ref = preprocess_reference(host, cfg)
     else:
-        from clipfast.preprocess import preprocess_batch
+        from clipfast.inputs.preprocess import preprocess_batch
 
         ref = preprocess_batch(host, cfg)
     if not on_cuda:

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import ray
 
+from clipfast.artifact.fidelity import l2_normalize
 from clipfast.embed.decode import ImagePolicy, prepare_images, prepare_texts
 from clipfast.embed.sources import Item
 from clipfast.errors import ClipfastError
-from clipfast.fidelity import l2_normalize
 
 KINDS = ("auto", "image_bytes", "image_path", "text")
 # Rounds of resending a window's inputs whose results did not come back (a node lost).

@@ -56,7 +56,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     digest = None
     if args.artifact:
-        from clipfast.manifest import artifact_digest, load_manifest
+        from clipfast.artifact.manifest import artifact_digest, load_manifest
 
         digest = artifact_digest(load_manifest(args.artifact))
     opts = IndexOptions(kind=args.kind, flat_below=args.flat_below, nlist=args.nlist,

@@ -544,7 +544,7 @@ class SearchIndex:
 
     def check_artifact(self, engine: Any) -> None:
         """Refuse an Engine of another artifact than the one the index's embeddings came from."""
-        from clipfast.manifest import artifact_digest
+        from clipfast.artifact.manifest import artifact_digest
 
         got = artifact_digest(engine.manifest)
         if got != self.digest:

@@ -105,11 +105,11 @@ class ThumbnailCache:
 
 def make_thumbnail(path: str, size: int, max_pixels: int) -> bytes:
     """A JPEG of the image at ``path`` fitted in ``size`` x ``size``, read and decoded by the
-    project's loading policy (``clipfast.image_io``: regular files only, never a FIFO or a
+    project's loading policy (``clipfast.inputs.image_io``: regular files only, never a FIFO or a
     device, a read limit, the decompression-bomb limit, EXIF orientation, modes to RGB) and
     refused past ``max_pixels`` (the server's --max-image-pixels) before decoding. Runs in a
     decode thread; ImageLoadError / InputError name the file and the problem."""
-    from clipfast.image_io import load_image, read_image_bytes
+    from clipfast.inputs.image_io import load_image, read_image_bytes
     from clipfast.serve.inputs import check_pixels
 
     data = read_image_bytes(path)

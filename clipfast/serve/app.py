@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
+from clipfast.artifact.fidelity import l2_normalize
 from clipfast.errors import InputError
-from clipfast.fidelity import l2_normalize
 from clipfast.serve.batcher import Overloaded, TowerBatcher
 from clipfast.serve.config import ServeConfig
 from clipfast.serve.inputs import (

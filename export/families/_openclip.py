@@ -157,7 +157,7 @@ class OpenClipFamily(FamilySpec):
         import numpy as np
         from PIL import Image
 
-        from clipfast.samples import sample_images
+        from clipfast.artifact.samples import sample_images
 
         momenta = [m.momentum for _, m in bns]
         for _, m in bns:

@@ -92,7 +92,7 @@ def _bomb_refusal(pixels: int | None) -> str:
 def _limit_hint(limit: int) -> str:
     return (
         f"the limit of {limit} bytes ({limit / 2**20:g} MiB) read per image; if you trust this "
-        "input, raise it: clipfast.image_io.MAX_IMAGE_BYTES = <bytes> (None for no limit), "
+        "input, raise it: clipfast.inputs.image_io.MAX_IMAGE_BYTES = <bytes> (None for no limit), "
         "Engine(..., max_image_bytes=<bytes>) or load_image(..., max_bytes=<bytes>)"
     )
 

@@ -19,7 +19,8 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from clipfast.artifact import (
+from clipfast.artifact.onnx_proto import onnx_external_data
+from clipfast.artifact.spec import (
     TOWERS,
     ArtifactSpec,
     GoldenSection,
@@ -31,7 +32,6 @@ from clipfast.artifact import (
     parse_text,
 )
 from clipfast.errors import ArtifactError
-from clipfast.onnx_proto import onnx_external_data
 
 FORMAT = "clipfast-artifact"
 FORMAT_VERSION = 1
@@ -173,7 +173,8 @@ class Manifest:
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 
-    # -- typed views (clipfast.artifact), parsed from ``data`` when first asked for --------------
+    # -- typed views (clipfast.artifact.spec), parsed from ``data`` when first asked for
+    # --------------
     @property
     def where(self) -> str:
         return str(self.directory / MANIFEST_NAME)
@@ -254,13 +255,13 @@ class Manifest:
 
     @property
     def preprocess(self):
-        from clipfast.preprocess import PreprocessConfig
+        from clipfast.inputs.preprocess import PreprocessConfig
 
         return self._section("preprocess", PreprocessConfig.from_dict)
 
     @property
     def tokenizer(self):
-        from clipfast.tokenizer import TokenizerConfig
+        from clipfast.inputs.tokenizer import TokenizerConfig
 
         return self._section("tokenizer", TokenizerConfig.from_dict)
 

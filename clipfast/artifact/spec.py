@@ -5,7 +5,7 @@ One set of dataclasses for both sides (as timm's ``PretrainedCfg`` and open_clip
 manifest and raises ArtifactError naming the field; ``to_dict`` writes it back. Fields unknown to
 this version (a newer minor version's additions) are kept in ``extra`` and written back unchanged,
 so reading and rewriting a manifest (``clipfast build-engines`` adds its ``tensorrt`` section)
-never drops them. File I/O, checksums and containment live in ``clipfast.manifest``.
+never drops them. File I/O, checksums and containment live in ``clipfast.artifact.manifest``.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class TextTower:
 
 @dataclass
 class GoldenSection:
-    """Golden inputs and the fp32 source's outputs (``clipfast.selfcheck``)."""
+    """Golden inputs and the fp32 source's outputs (``clipfast.artifact.selfcheck``)."""
 
     file: str
     images: int
@@ -190,8 +190,8 @@ class ArtifactSpec:
     precision: str
     image: ImageTower
     text: TextTower
-    preprocess: Any  # clipfast.preprocess.PreprocessConfig
-    tokenizer: Any  # clipfast.tokenizer.TokenizerConfig
+    preprocess: Any  # clipfast.inputs.preprocess.PreprocessConfig
+    tokenizer: Any  # clipfast.inputs.tokenizer.TokenizerConfig
     logits: LogitsConfig
     io_dtype: str = "fp32"
     opset: int | None = None
@@ -220,8 +220,8 @@ class ArtifactSpec:
     @classmethod
     def from_dict(cls, data: Any, where: str = "manifest") -> ArtifactSpec:
         """A validated spec from the manifest's JSON; ArtifactError naming the field."""
-        from clipfast.preprocess import PreprocessConfig
-        from clipfast.tokenizer import TokenizerConfig
+        from clipfast.inputs.preprocess import PreprocessConfig
+        from clipfast.inputs.tokenizer import TokenizerConfig
 
         if not isinstance(data, dict):
             raise _fail(where, "the manifest", f"must be an object, got {type(data).__name__}")

@@ -64,7 +64,7 @@ def bucket_for(n: int, buckets: tuple[int, ...]) -> int:
         if b >= n:
             return b
     raise ClipfastError(f"batch of {n} rows exceeds the largest bucket {buckets[-1]}; split it "
-                        "with clipfast.batching.chunks first")
+                        "with clipfast.backends.batching.chunks first")
 
 
 def chunks(n: int, max_batch: int) -> list[tuple[int, int]]:

@@ -1,6 +1,6 @@
 """Build and cache TensorRT engines for an artifact's towers (``clipfast build-engines``).
 
-Precision lives in the ONNX graph (DESIGN.md, "Precision pipeline"): an fp16 artifact's graphs
+Precision lives in the ONNX graph: an fp16 artifact's graphs
 are already converted and an int8 artifact's carry QDQ nodes, so engines are built from
 *strongly typed* networks and no precision builder flag is ever set. What differs between the
 TensorRT versions supported, as documented by NVIDIA:
@@ -38,10 +38,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipfast.batching import BatchProfile, as_profile
-from clipfast.cache import artifact_cache_dir, writable_dir
+from clipfast.artifact.cache import artifact_cache_dir, writable_dir
+from clipfast.artifact.manifest import MANIFEST_NAME, artifact_digest, tower_input_dims
+from clipfast.backends.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
-from clipfast.manifest import MANIFEST_NAME, artifact_digest, tower_input_dims
 
 log = logging.getLogger("clipfast.tensorrt")
 
@@ -91,7 +91,7 @@ def tensorrt_major(version: str) -> int:
 def unavailable_reason() -> str | None:
     """Why TensorRT engines cannot be built on this machine (what is missing and how to get
     it), or None when they can. Cheap: imports and a device count, no CUDA context work."""
-    from clipfast import cudart
+    from clipfast.backends.tensorrt import cudart
 
     try:
         import_tensorrt()
@@ -278,7 +278,7 @@ def tower_sha256(manifest, tower: str) -> str:
 
 def engine_key(manifest, tower: str, profile: BatchProfile, trt_version: str,
                compute_capability: tuple[int, int]) -> EngineKey:
-    from clipfast.text_batching import sequence_profile
+    from clipfast.inputs.text_batching import sequence_profile
 
     return EngineKey(tower=tower, onnx_sha256=tower_sha256(manifest, tower),
                      precision=manifest.precision,
@@ -304,7 +304,8 @@ def check_sidecar(sidecar: dict[str, Any], wanted: EngineKey) -> str | None:
 # -- cache location ----------------------------------------------------------------------------
 def engine_cache_dir(manifest, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where this artifact's engines live: ``cache_dir`` when given; else the artifact's
-    ``tensorrt`` cache by clipfast.cache's rule: ``<artifact>/tensorrt`` when writable, else
+    ``tensorrt`` cache by clipfast.artifact.cache's rule: ``<artifact>/tensorrt`` when writable,
+    else
     ``<$CLIPFAST_CACHE_DIR or ~/.cache/clipfast>/<artifact digest>/tensorrt``."""
     if cache_dir is not None:
         path = Path(cache_dir)
@@ -538,7 +539,7 @@ def ensure_engine(manifest, tower: str, profile: BatchProfile, cache_dir: Path, 
                   ) -> tuple[Path, EngineKey, bool]:
     """The engine for ``tower`` on this GPU, built when missing, stale or ``rebuild`` (``why``
     says why in the build message). Returns ``(engine path, key, built_now)``."""
-    from clipfast import cudart
+    from clipfast.backends.tensorrt import cudart
 
     trt = import_tensorrt()
     reason = cudart.no_device_reason()
@@ -585,7 +586,7 @@ def record_in_manifest(artifact_dir: Path, section: dict[str, Any]) -> bool:
     """Rewrite ``artifact_dir``'s manifest with ``section`` as its ``tensorrt`` record, keeping
     its file list (engines are a cache, not checksummed artifact files). Returns False, changing
     nothing, when the artifact is read-only."""
-    from clipfast.manifest import MANIFEST_NAME, load_manifest, write_manifest
+    from clipfast.artifact.manifest import MANIFEST_NAME, load_manifest, write_manifest
 
     artifact_dir = Path(artifact_dir)
     if not os.access(artifact_dir / MANIFEST_NAME, os.W_OK) or not os.access(artifact_dir,
@@ -603,7 +604,7 @@ def build_engines(artifact: str | os.PathLike, profile: BatchProfile | dict | No
                   towers: tuple[str, ...] = TOWERS, progress: bool = True) -> dict[str, Any]:
     """Build (or find) the engines of ``artifact``'s towers for this GPU; record them in the
     manifest when the artifact is writable. Returns the ``tensorrt`` section."""
-    from clipfast.manifest import load_manifest
+    from clipfast.artifact.manifest import load_manifest
 
     import_tensorrt()
     manifest = load_manifest(artifact)

@@ -7,7 +7,8 @@ on the CPU with Pillow and says why in ``engine.fallbacks`` and ``engine.describ
 
 Plain JPEGs (baseline or progressive, RGB or gray, no EXIF rotation to apply, within Pillow's
 pixel limit) are decoded on the GPU in one batched nvJPEG call; every other input goes through the
-CPU loader (``clipfast.preprocess.load_image``: same mode and alpha policy as the CPU path) and is
+CPU loader (``clipfast.inputs.preprocess.load_image``: same mode and alpha policy as the CPU path)
+and is
 uploaded. Then one kernel launch resizes, crops or pads, and normalises the whole batch.
 
 Unverified on hardware in this version: the kernels are built and their references tested on CPU.
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from clipfast.errors import BackendUnavailable, InputError
-from clipfast.image_io import EXIF_ORIENTATION, item_failure, load_image, read_image_bytes
+from clipfast.inputs.image_io import EXIF_ORIENTATION, item_failure, load_image, read_image_bytes
 from clipfast.types import Failure
 
 log = logging.getLogger("clipfast")

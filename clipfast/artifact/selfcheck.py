@@ -23,9 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from clipfast.artifact import GoldenSection
+from clipfast.artifact.fidelity import (
+    GATES,
+    centred_relative_error,
+    check_gates,
+    cosine,
+    l2_normalize,
+)
+from clipfast.artifact.spec import GoldenSection
 from clipfast.errors import ArtifactError, FidelityError
-from clipfast.fidelity import GATES, centred_relative_error, check_gates, cosine, l2_normalize
 
 log = logging.getLogger("clipfast")
 
@@ -38,7 +44,7 @@ EMBEDDING_GATES = ("image_centred_rel_error_max", "image_cosine_min",
 # Precisions from strictest to loosest gates: a backend that computes in a lower precision than
 # the artifact states (the torch backend in fp16 on CUDA running an fp32 artifact, OpenVINO in
 # bf16) is held to the looser of the two: the artifact's ``precision_gates`` for that precision
-# when it records them, else clipfast.fidelity.GATES.
+# when it records them, else clipfast.artifact.fidelity.GATES.
 _PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
 
 
@@ -111,7 +117,7 @@ def golden_texts() -> list[str]:
     so that a text tower wrongly exported as padding-independent (``text.sequence``
     "dynamic") fails the self-check: its short texts, run padded only to their own length,
     would differ from the source's outputs at the full context."""
-    from clipfast.samples import sample_captions
+    from clipfast.artifact.samples import sample_captions
 
     long = ("a long and detailed caption of a busy city street at night with many people "
             "cars shops lights signs trees dogs bicycles buses and rain")
@@ -126,7 +132,7 @@ def _run_golden_texts(backend, text: dict[str, np.ndarray], manifest) -> tuple[n
     inputs = {k: v.astype(np.int64) for k, v in text.items()}
     if not getattr(getattr(manifest, "text", None), "dynamic", False):
         return backend.run_text(inputs), 1
-    from clipfast.text_batching import plan_text_batches, row_lengths, run_planned
+    from clipfast.inputs.text_batching import plan_text_batches, row_lengths, run_planned
 
     tok = manifest.tokenizer
     lengths = row_lengths(inputs, pad_id=tok.pad_id, padding_side=tok.padding_side,

@@ -34,7 +34,7 @@ Image mode policy (``load_image``), applied before any resizing:
   above it are refused (Pillow itself only warns up to twice the limit). The check compares the
   header's size with the limit; it never touches the process's warning filters.
 - Paths must name regular files (pipes, devices and sockets are refused before anything is
-  read); paths and binary file objects are read up to ``clipfast.image_io.MAX_IMAGE_BYTES``
+  read); paths and binary file objects are read up to ``clipfast.inputs.image_io.MAX_IMAGE_BYTES``
   (``max_bytes=``).
 - Empty images (a side of 0 pixels) are refused.
 """
@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-# Loading lives in clipfast.image_io; its public names stay importable from here.
-from clipfast.image_io import (  # noqa: F401
+# Loading lives in clipfast.inputs.image_io; its public names stay importable from here.
+from clipfast.inputs.image_io import (  # noqa: F401
     EXIF_ORIENTATION,
     image_error,
     item_failure,

@@ -4,7 +4,7 @@ engines, ONNX Runtime's TensorRT provider caches).
 - ``<artifact>/<purpose>`` when the artifact directory is writable: the cache stays with the
   artifact and goes away with it.
 - otherwise ``<root>/<artifact digest>/<purpose>``, root being ``$CLIPFAST_CACHE_DIR`` (default
-  ``~/.cache/clipfast``, see clipfast.settings). The digest (``clipfast.manifest.
+  ``~/.cache/clipfast``, see clipfast.settings). The digest (``clipfast.artifact.manifest.
   artifact_digest``: 16 hex digits of the files' checksums) changes with a re-export, so a cache
   of an older export is never picked up, and copies of one artifact share one cache.
 
@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 
 from clipfast import settings
+from clipfast.artifact.manifest import artifact_digest
 from clipfast.errors import ClipfastError
-from clipfast.manifest import artifact_digest
 
 
 def writable_dir(path: Path) -> bool:

@@ -271,7 +271,7 @@ def offline_config(model_name: str, root: str | Path, layers: int | None = None,
         tc["hf_model_pretrained"] = False
         notes.append(f"text tower config {hub_model}: transformers "
                      f"{HF_TEXT_CONFIGS[hub_model][0]} with the released base sizes "
-                     "(export/families/offline.py HF_TEXT_CONFIGS)")
+                     "(tests/offline_families.py HF_TEXT_CONFIGS)")
     hub_tok = tc.get("hf_tokenizer_name")
     if not hub_tok and "siglip" in model_name.lower():
         # open_clip picks a hub SentencePiece (SigLipTokenizer) from the name

@@ -349,7 +349,7 @@ class Tokenizer:
         path gives the same result for any padding. Right padding only (the dynamic path's
         condition): a left-padded tokenizer gets ``context_length`` for every row.
         """
-        from clipfast.text_batching import row_lengths
+        from clipfast.inputs.text_batching import row_lengths
 
         return row_lengths(inputs, pad_id=self.config.pad_id,
                            padding_side=self.config.padding_side,

@@ -6,7 +6,8 @@ Execution, and why:
   memory its execution contexts share. Chunks alternate between the slots, so while one slot's
   engine runs, the other slot's host->device copy (and the CPU staging of the next chunk) proceeds:
   H2D, compute and D2H of consecutive chunks overlap.
-- A chunk is padded up to its batch *bucket* (``clipfast.batching``): a handful of fixed shapes
+- A chunk is padded up to its batch *bucket* (``clipfast.backends.batching``): a handful of fixed
+shapes
   serve every batch size. Each (slot, bucket) gets its own execution context, with the input
   shape and tensor addresses set once; the contexts of a slot share one activation buffer
   (``ExecutionContextAllocationStrategy.USER_MANAGED`` + ``set_device_memory``), which is safe
@@ -21,7 +22,8 @@ Execution, and why:
 
 Options (``Engine(..., backend_options={...})``; ``OPTIONS``, any other raises InputError):
 ``profile`` (BatchProfile or dict), ``cache_dir`` (default: the artifact's ``tensorrt`` cache,
-clipfast.cache), ``build`` ("missing": build an absent or stale engine, which takes minutes;
+clipfast.artifact.cache), ``build`` ("missing": build an absent or stale engine, which takes
+minutes;
 "never": raise BackendUnavailable listing the engines found), ``cuda_graphs`` (default True).
 """
 
@@ -42,9 +44,9 @@ from clipfast.backends.base import (
     option_bool,
     option_choice,
 )
-from clipfast.batching import BatchProfile, bucket_for, chunks
+from clipfast.backends.batching import BatchProfile, bucket_for, chunks
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
-from clipfast.text_batching import length_buckets
+from clipfast.inputs.text_batching import length_buckets
 
 log = logging.getLogger("clipfast.tensorrt")
 
@@ -105,7 +107,7 @@ def stage_rows(dst: np.ndarray, src: np.ndarray, bucket: int) -> np.ndarray:
 def parse_options(profile: Any = None, cache_dir: Any = None, build: str = "missing",
                   cuda_graphs: bool = True) -> tuple[BatchProfile, Path | None, str, bool]:
     """Validate the backend options; ClipfastError names the bad one."""
-    from clipfast.tensorrt_build import profile_from
+    from clipfast.backends.tensorrt.build import profile_from
 
     option_choice("build", build, BUILD_MODES, owner="tensorrt backend")
     option_bool("cuda_graphs", cuda_graphs, owner="tensorrt backend")
@@ -393,12 +395,12 @@ class TensorRTBackend:
 
     def __init__(self, manifest, device: str = "cuda", *, profile: Any = None,
                  cache_dir: Any = None, build: str = "missing", cuda_graphs: bool = True):
-        from clipfast import tensorrt_build as tb
+        from clipfast.backends.tensorrt import build as tb
 
         profile, cache_dir, build, cuda_graphs = parse_options(profile, cache_dir, build,
                                                                cuda_graphs)
         trt = tb.import_tensorrt()
-        from clipfast import cudart
+        from clipfast.backends.tensorrt import cudart
 
         cudart.runtime()
         if device != "cuda":
