@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from clipfast.errors import InputError
+from clipfast.serve.inputs import LimitExceeded
 
 
 class ApiError(Exception):
@@ -54,8 +55,6 @@ def to_api_error(exc: BaseException) -> ApiError | None:
     its 413/422 named by the limit, a pydantic or clipfast input error as 422, a multipart
     parser refusal as 4xx. None for anything else: an internal error (500, logged)."""
     from starlette.exceptions import HTTPException
-
-    from clipfast.serve.inputs import LimitExceeded
 
     if isinstance(exc, ApiError):
         return exc
