@@ -120,7 +120,8 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     is a skip whose reason carries the figures.
 
     ``options`` (the Engine's ``backend_options``) are checked before anything loads: one that
-    no backend ``name`` may load accepts raises InputError (``check_backend_options``). In
+    no backend ``name`` may load accepts, or a value one of them refuses, raises InputError
+    (``check_backend_options``, through each backend's ``OPTIONS.validate``). In
     ``auto`` each backend gets the options it accepts, so an option of one backend does not
     trouble the others. ``threads`` goes to every backend (the CPU ones use it).
 

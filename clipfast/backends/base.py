@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from clipfast.backends.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, InputError
 
 
@@ -201,9 +200,6 @@ def choice(name: str, default: Any, choices: tuple[str, ...], *, owner: str = "b
 DEVICE_ID = Option("device_id", 0, option_device_id)
 
 
-# A batch profile: ``BatchProfile``, {"min", "opt", "max"} or (min, opt, max); None is the
-# default (1, 64, 256).
-PROFILE = Option("profile", BatchProfile(), lambda v: as_profile(v, "backend option profile"))
 
 
 def is_torch_tensor(x: Any, device_type: str | None = None) -> bool:

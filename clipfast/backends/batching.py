@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from clipfast.backends.base import Option
 from clipfast.errors import ClipfastError, InputError
 
 
@@ -105,6 +106,11 @@ def as_profile(value: Any, what: str = "batch profile") -> BatchProfile:
         raise InputError(f"{what}={value!r}: {e}") from e
     raise InputError(f"{what}={value!r}: expected a BatchProfile, a dict with min, opt and max, "
                      "or a (min, opt, max) tuple")
+
+
+# The ``profile`` backend option: a BatchProfile, {"min", "opt", "max"} or (min, opt, max); None
+# is the default (1, 64, 256).
+PROFILE = Option("profile", BatchProfile(), lambda v: as_profile(v, "backend option profile"))
 
 
 # -- the Engine's chunks ---------------------------------------------------------------------------
@@ -215,5 +221,5 @@ def plan_text_batches(lengths: np.ndarray, max_batch: int, *, context: int,
             if b > a]
 
 
-__all__ = ["BATCH_OVERHEAD_TOKENS", "BatchProfile", "Chunk", "TextBatch", "as_profile",
+__all__ = ["BATCH_OVERHEAD_TOKENS", "PROFILE", "BatchProfile", "Chunk", "TextBatch", "as_profile",
            "bucket_for", "chunk_size", "chunks", "plan_rows", "plan_text_batches"]

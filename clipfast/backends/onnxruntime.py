@@ -67,7 +67,6 @@ from clipfast.artifact.cache import artifact_cache_dir
 from clipfast.artifact.manifest import tower_input_dims
 from clipfast.backends.base import (
     DEVICE_ID,
-    PROFILE,
     Backend,
     BackendInfo,
     Option,
@@ -79,7 +78,7 @@ from clipfast.backends.base import (
     option_bool,
     text_feed,
 )
-from clipfast.backends.batching import BatchProfile
+from clipfast.backends.batching import PROFILE, BatchProfile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)

@@ -38,14 +38,13 @@ import numpy as np
 from clipfast import settings
 from clipfast.backends.base import (
     DEVICE_ID,
-    PROFILE,
     Backend,
     BackendInfo,
     Option,
     OptionSpec,
     flag,
 )
-from clipfast.backends.batching import BatchProfile, plan_rows
+from clipfast.backends.batching import PROFILE, BatchProfile, plan_rows
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 log = logging.getLogger("clipfast")

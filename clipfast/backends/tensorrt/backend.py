@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from clipfast.backends.base import (
-    PROFILE,
     Backend,
     Option,
     OptionSpec,
@@ -47,7 +46,7 @@ from clipfast.backends.base import (
     host_array,
     is_torch_tensor,
 )
-from clipfast.backends.batching import BatchProfile, Chunk, plan_rows
+from clipfast.backends.batching import PROFILE, BatchProfile, Chunk, plan_rows
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 from clipfast.inputs.text_batching import length_buckets
 
