@@ -425,8 +425,7 @@ class Engine:
         if n == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         if self.text_dynamic:
-            from clipfast.backends.batching import plan_text_batches
-            from clipfast.inputs.text_batching import run_planned
+            from clipfast.backends.batching import plan_text_batches, run_planned
 
             if lengths is None:
                 lengths = self.tokenizer.lengths(inputs)

@@ -142,9 +142,6 @@ def test_plan_rows_without_a_max_or_buckets_is_one_chunk():
 
 
 def test_the_text_plan_is_the_planners():
-    from clipfast.inputs import text_batching
-
-    assert text_batching.plan_text_batches is plan_text_batches
     plan = plan_text_batches(np.array([3, 70, 4, 5]), 2, context=77)
     assert sorted(int(r) for b in plan for r in b.rows) == [0, 1, 2, 3]
     assert all(len(b.rows) <= 2 for b in plan)

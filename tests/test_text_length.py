@@ -174,7 +174,8 @@ def test_artifact_with_a_fixed_graph_and_no_sequence_field_keeps_padding_to_77(t
 
 
 def test_plan_groups_by_length_and_covers_every_row_once():
-    from clipfast.inputs.text_batching import length_buckets, plan_text_batches
+    from clipfast.backends.batching import plan_text_batches
+    from clipfast.inputs.text_batching import length_buckets
 
     lengths = np.array([5] * 31 + [77])
     plan = plan_text_batches(lengths, 32, context=77)

@@ -132,7 +132,8 @@ def _run_golden_texts(backend, text: dict[str, np.ndarray], manifest) -> tuple[n
     inputs = {k: v.astype(np.int64) for k, v in text.items()}
     if not getattr(getattr(manifest, "text", None), "dynamic", False):
         return backend.run_text(inputs), 1
-    from clipfast.inputs.text_batching import plan_text_batches, row_lengths, run_planned
+    from clipfast.backends.batching import plan_text_batches, run_planned
+    from clipfast.inputs.text_batching import row_lengths
 
     tok = manifest.tokenizer
     lengths = row_lengths(inputs, pad_id=tok.pad_id, padding_side=tok.padding_side,

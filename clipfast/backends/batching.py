@@ -222,4 +222,18 @@ def plan_text_batches(lengths: np.ndarray, max_batch: int, *, context: int,
 
 
 __all__ = ["BATCH_OVERHEAD_TOKENS", "PROFILE", "BatchProfile", "Chunk", "TextBatch", "as_profile",
-           "bucket_for", "chunk_size", "chunks", "plan_rows", "plan_text_batches"]
+           "bucket_for", "chunk_size", "chunks", "plan_rows", "plan_text_batches", "run_planned"]
+
+
+def run_planned(run, inputs: dict[str, np.ndarray], plan: list[TextBatch], dim: int
+                ) -> np.ndarray:
+    """Run ``plan``'s batches through ``run`` (``list of {name: (rows, length)} -> list of
+    (rows, D)``) and return float32 ``(N, dim)`` in input order."""
+    n = len(next(iter(inputs.values())))
+    chunks = [{k: np.ascontiguousarray(v[b.rows, :b.length]) for k, v in inputs.items()}
+              for b in plan]
+    outs = run(chunks)
+    result = np.empty((n, dim), dtype=np.float32)
+    for b, out in zip(plan, outs, strict=True):
+        result[b.rows] = out
+    return result

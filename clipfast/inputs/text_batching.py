@@ -4,11 +4,11 @@ A text tower on the dynamic sequence path (manifest ``text.sequence == "dynamic"
 same embedding for a text whatever the trailing padding, so a batch need only be as long as its
 longest text. Throughput then depends on how texts are grouped: one 77-token text in a batch of
 short captions would pad all of them to 77. The batch planner
-(``clipfast.backends.batching.plan_text_batches``, re-exported here) sorts the texts by length
-and splits the sorted list into batches that minimise the tokens run plus a per-batch overhead;
-``run_planned`` runs each batch and puts the rows back in input order. This module keeps the
-text-specific parts: reading lengths from the padding, the length buckets, the TensorRT
-sequence profile.
+(``clipfast.backends.batching``: ``plan_text_batches``, ``run_planned``) sorts the texts by
+length, splits the sorted list into batches that minimise the tokens run plus a per-batch
+overhead, runs each batch and puts the rows back in input order. This module holds the facts of
+the texts themselves: their lengths read from the padding, the length buckets, the sequence
+profile a fixed-shape builder covers.
 
 Backends that need fixed shapes (TensorRT optimization profiles, CUDA graphs) state the lengths
 they accept (``text_lengths``); each batch is then padded up to the nearest one.
@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipfast.backends.batching import BATCH_OVERHEAD_TOKENS, TextBatch, plan_text_batches
-
-__all__ = ["BATCH_OVERHEAD_TOKENS", "SEQUENCE_OPT", "TextBatch", "length_buckets",
-           "plan_text_batches", "row_lengths", "run_planned", "sequence_profile"]
+__all__ = ["SEQUENCE_OPT", "length_buckets", "row_lengths", "sequence_profile"]
 
 
 def row_lengths(inputs: dict[str, np.ndarray], *, pad_id: int, padding_side: str = "right",
@@ -56,20 +53,6 @@ def length_buckets(max_length: int, step: int = 16) -> tuple[int, ...]:
         out.append(b)
         b += step
     return (*out, max_length)
-
-
-def run_planned(run, inputs: dict[str, np.ndarray], plan: list[TextBatch], dim: int
-                ) -> np.ndarray:
-    """Run ``plan``'s batches through ``run`` (``list of {name: (rows, length)} -> list of
-    (rows, D)``) and return float32 ``(N, dim)`` in input order."""
-    n = len(next(iter(inputs.values())))
-    chunks = [{k: np.ascontiguousarray(v[b.rows, :b.length]) for k, v in inputs.items()}
-              for b in plan]
-    outs = run(chunks)
-    result = np.empty((n, dim), dtype=np.float32)
-    for b, out in zip(plan, outs, strict=True):
-        result[b.rows] = out
-    return result
 
 
 # The sequence length TensorRT optimises text engines for: captions are mostly 8-20 tokens.
