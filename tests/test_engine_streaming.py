@@ -87,10 +87,12 @@ def engines(vitb32_artifact):
 
 
 def _instrument(eng, n_chunks, monkeypatch):
-    """Wrap the engine's CPU preprocessing: log start / end per chunk, set a start event per
-    chunk, and count the pixel arrays alive (the most at once is returned in ``alive``)."""
+    """Wrap the engine's image pipeline: log the start of each chunk's preprocessing (its first
+    item) and its end (the chunk collected), set a start event per chunk, and count the pixel
+    arrays alive (the most at once is returned in ``alive``)."""
     size = eng._chunk
-    real = eng._pixels
+    pipeline = eng.images
+    real_load, real_collect = pipeline.load, pipeline._collect
     started = [threading.Event() for _ in range(n_chunks)]
     log: list = []
     alive = {"now": 0, "max": 0}
@@ -100,19 +102,25 @@ def _instrument(eng, n_chunks, monkeypatch):
         with lock:
             alive["now"] -= 1
 
-    def pixels(items, offset, errors):
-        k = offset // size
-        log.append(("pre-start", k))
-        started[k].set()
-        out = real(items, offset, errors)
+    def load(item, index, fast=False):
+        k = index // size
+        with lock:
+            if not started[k].is_set():
+                log.append(("pre-start", k))
+                started[k].set()
+        return real_load(item, index, fast)
+
+    def collect(pending):
+        out = real_collect(pending)
         with lock:
             alive["now"] += 1
             alive["max"] = max(alive["max"], alive["now"])
-        weakref.finalize(out[0], gone)
-        log.append(("pre-end", k))
+        weakref.finalize(out.pixels, gone)
+        log.append(("pre-end", pending.offset // size))
         return out
 
-    monkeypatch.setattr(eng, "_pixels", pixels)
+    monkeypatch.setattr(pipeline, "load", load)
+    monkeypatch.setattr(pipeline, "_collect", collect)
     return started, log, alive
 
 

@@ -95,7 +95,7 @@ def test_engine_says_which_preprocessing_path_it_took(vitb32_artifact, fresh_loa
     reason = dict(eng.fallbacks)["gpu-preprocess"]
     assert "CLIPFAST_DISABLE_KERNELS=1" in reason
     assert eng.describe()["preprocess"] == f"cpu (Pillow): {reason}"
-    assert eng._gpu_preprocess is None
+    assert eng.images.gpu is None and eng.images.path == "cpu"
 
 
 # --------------------------------------------------------------------------- stand-in kernels
