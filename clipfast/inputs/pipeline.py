@@ -207,7 +207,7 @@ class ImagePipeline:
                 ahead: bool) -> _Pending:
         """Start preparing a batch: in the pool (``ahead``, or several CPU items to share out),
         or deferred to ``_collect`` in the calling thread."""
-        on_gpu = self._use_gpu(gpu, fast)
+        on_gpu = self._use_gpu(gpu, fast) and bool(items)
         parts: list | Future | None = None
         if on_gpu and ahead:
             parts = self._executor().submit(self._gpu_call, items, offset, errors)
