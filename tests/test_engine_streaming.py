@@ -288,3 +288,51 @@ def test_tensorrt_stream_test_catches_a_missing_wait():
     outs = backend.run_image_batches(iter(x))
     assert not all(np.allclose(o, b @ w.T) for o, b in zip(outs, x))
 
+
+
+# -- the engine's image pipeline ----------------------------------------------------------------
+def test_one_decode_pool_for_the_engines_lifetime(vitb32_artifact, monkeypatch):
+    """Decode threads come from one pool the engine keeps (not one per call or chunk), shut
+    down by close(); the engine still works after it."""
+    from concurrent.futures import thread
+
+    made = []
+    real_init = thread.ThreadPoolExecutor.__init__
+
+    def init(self, *a, **kw):
+        made.append(self)
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(thread.ThreadPoolExecutor, "__init__", init)
+    with clipfast.Engine(vitb32_artifact, backend="onnxruntime", batch_size=2, threads=2,
+                         self_check=False) as eng:
+        items = _images(7)
+        first = eng.encode_images(items)  # 4 chunks
+        eng.encode_images(items[:3])
+        eng.preprocess(items[:4])
+        assert len(made) == 1 and made[0] is eng.images._pool
+    assert eng.images._pool is None and made[0]._shutdown
+    np.testing.assert_array_equal(eng.encode_images(items), first)
+
+
+def test_prepared_requests_embed_as_one_batch(engines):
+    """prepare_images per request (absolute indices, failures), embed_prepared on several:
+    the rows of encode_images."""
+    ref, eng = engines
+    items = _images(7, {1: b"junk", 5: "/no/such/file.png"})
+    a = eng.prepare_images(items[:3])
+    b = eng.prepare_images(items[3:], offset=3)
+    assert isinstance(a.pixels, np.ndarray) and a.indices == [0, 2] and b.indices == [3, 4, 6]
+    assert [f.index for f in a.failures + b.failures] == [1, 5] and (a.size, b.size) == (3, 4)
+    got = eng.embed_prepared([a, b])
+    want = ref.encode_images(items, errors="skip")
+    assert got.indices.tolist() == want.indices.tolist() == [0, 2, 3, 4, 6]
+    assert got.failures == want.failures
+    np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-6)
+    np.testing.assert_array_equal(eng.embed_prepared([b]).embeddings,
+                                  ref.encode_images([items[i] for i in (3, 4, 6)]))
+    raw = eng.embed_prepared([a], normalize=False).embeddings
+    np.testing.assert_array_equal(raw, ref.run_image_tower(ref.preprocess([items[0],
+                                                                           items[2]])))
+    empty = eng.embed_prepared([eng.prepare_images([b"junk"], offset=9)])
+    assert empty.embeddings.shape == (0, eng.embed_dim) and empty.failures[0].index == 9
