@@ -137,6 +137,10 @@ class Engine:
                 max_image_bytes, (int, np.integer)) or max_image_bytes < 0):
             raise ClipfastError(f"max_image_bytes={max_image_bytes!r}: expected a number of "
                                 "bytes (a non-negative int) or None")
+        if decode_workers is not None and (isinstance(decode_workers, bool) or not isinstance(
+                decode_workers, (int, np.integer)) or decode_workers < 1):
+            raise ClipfastError(f"decode_workers={decode_workers!r}: expected a number of "
+                                "threads (an int of at least 1) or None")
         self.manifest: Manifest = load_manifest(artifact, verify_checksums=verify_checksums)
         self.device = device
         self.batch_size = int(batch_size)

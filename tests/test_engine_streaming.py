@@ -336,3 +336,10 @@ def test_prepared_requests_embed_as_one_batch(engines):
                                                                            items[2]])))
     empty = eng.embed_prepared([eng.prepare_images([b"junk"], offset=9)])
     assert empty.embeddings.shape == (0, eng.embed_dim) and empty.failures[0].index == 9
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_decode_workers_must_be_a_positive_int(vitb32_artifact, bad):
+    with pytest.raises(ClipfastError, match=f"decode_workers={bad!r}"):
+        clipfast.Engine(vitb32_artifact, backend="onnxruntime", decode_workers=bad,
+                        self_check=False)
