@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 import os
-import stat
 import sys
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.errors import ClipfastError
-from clipfast.types import IMAGE_SUFFIXES, plural
+from clipfast.types import plural
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -193,78 +192,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _sniff_image(path: Path) -> str | None:
-    """None when Pillow recognises ``path`` as an image (header only, nothing decoded), else why
-    not."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path):  # parses the header, decodes nothing
-            return None
-    except Image.DecompressionBombError:
-        return None  # an image: the Engine reports the refusal as that input's failure
-    except UnidentifiedImageError:
-        return "not an image Pillow can identify"
-    except Exception as e:  # Pillow raises assorted errors on odd headers
-        return f"not a readable image ({type(e).__name__}: {e})"
-
-
 def _expand_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """The image paths to embed and ``(path, reason)`` for each file of a directory left out.
+    """The image paths to embed and ``(path, reason)`` for each file of a directory left out:
+    files named on the command line are taken as given (a missing or broken one becomes that
+    input's failure), directories are listed as ``clipfast embed`` lists them
+    (``clipfast.inputs.listing``: recursive, sorted, hidden entries and links to directories
+    left out, files without an image suffix taken when Pillow recognises their content)."""
+    from clipfast.inputs.listing import expand_images
 
-    Files named on the command line are taken as given (a missing or broken one becomes that
-    input's failure). In a directory (recursively): files with an image suffix are taken; other
-    files, with any suffix or none, are taken when their content is an image Pillow recognises
-    (a JPEG named ``.jfif`` or with no suffix); the rest are skipped with the reason, as are
-    hidden files and directories (names starting with '.'), anything not a regular file, and
-    symbolic links to directories (not followed).
-    """
-    out: list[str] = []
-    skipped: list[tuple[str, str]] = []
-    for item in inputs:
-        root = Path(item)
-        if not root.is_dir():
-            out.append(item)  # a missing path becomes a per-item failure, not a crash
-            continue
-        found: list[Path] = []
-        for folder, dirs, names in os.walk(root):
-            base = Path(folder)
-            keep = []
-            for d in sorted(dirs):
-                if _hidden(d):
-                    skipped.append((str(base / d), "hidden directory"))
-                elif (base / d).is_symlink():
-                    skipped.append((str(base / d), "symbolic link to a directory, not followed"))
-                else:
-                    keep.append(d)
-            dirs[:] = keep
-            for name in sorted(names):
-                f = base / name
-                if _hidden(name):
-                    skipped.append((str(f), "hidden file"))
-                    continue
-                try:
-                    regular = stat.S_ISREG(f.stat().st_mode)
-                except OSError as e:
-                    skipped.append((str(f), f"cannot be read ({e.strerror or e})"))
-                    continue
-                if not regular:
-                    skipped.append((str(f), "not a regular file"))
-                    continue
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append(f)
-                    continue
-                reason = _sniff_image(f)
-                if reason is None:
-                    found.append(f)
-                else:
-                    skipped.append((str(f), reason))
-        out.extend(str(f) for f in sorted(found))
-    return out, skipped
+    return expand_images(inputs)
 
 
 def output_paths(out: str | os.PathLike) -> tuple[Path, Path]:

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,12 @@ from clipfast.artifact.manifest import Manifest, load_manifest
 from clipfast.backends import BackendInfo, resolve_backend
 from clipfast.backends.batching import chunk_size
 from clipfast.errors import ClipfastError, InputError
+from clipfast.inputs.pipeline import ImagePipeline, LoadPolicy, PreparedImages, embeddings_result
 from clipfast.types import BatchResult, Failure
 
 log = logging.getLogger("clipfast")
 
-__all__ = ["DEFAULT_TEMPLATE", "BatchResult", "Engine", "Failure"]
+__all__ = ["DEFAULT_TEMPLATE", "BatchResult", "Engine", "Failure", "PreparedImages"]
 
 _ERROR_MODES = ("raise", "skip")
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -43,20 +43,6 @@ def _as_list(items: Any, what: str) -> list:
     if not isinstance(items, Iterable):
         raise InputError(f"{what}: expected a list, got {type(items).__name__}")
     return list(items)
-
-
-def _map_interruptible(fn, args: list, workers: int) -> list:
-    """``list(pool.map(fn, args))`` on a thread pool that, when the caller is interrupted
-    (Ctrl-C) or an item raises, cancels the items not started yet and returns at once instead
-    of waiting for the whole chunk; items already running finish in the background."""
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        results = list(pool.map(fn, args))
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    return results
 
 
 class Engine:
@@ -85,6 +71,8 @@ class Engine:
     exif_transpose / alpha_background: image loading policy (see ``clipfast.inputs.preprocess``).
     max_image_bytes: the most bytes read from one image path or file object; None (default)
         follows ``clipfast.inputs.image_io.MAX_IMAGE_BYTES`` (256 MiB).
+    decode_workers: threads of the engine's one image decode pool (default: ``threads``, else
+        the CPU count); it lives as long as the engine (``close()`` shuts it down).
     allow_precisions: precisions below the artifact's that ``backend="auto"`` may pick on the
         CPU when measured faster: ``("bf16",)`` (OpenVINO on AVX512_BF16 / AMX CPUs, held to the
         bf16 gates). None (default) reads ``CLIPFAST_ALLOW_PRECISIONS`` (unset: none, so the
@@ -95,6 +83,20 @@ class Engine:
         (``clipfast.artifact.selfcheck``). Below the gate, "auto" moves on to the next
         backend (``fallbacks`` holds the figures) and an explicit backend raises FidelityError.
         ``self_check_figures`` holds the chosen backend's figures.
+
+    Images go through one input pipeline, ``engine.images`` (``clipfast.inputs.pipeline``):
+    the loading policy, the decode path (Pillow on CPU threads, or the GPU), the decode pool,
+    per-item failures and normalisation. A server or any caller that groups requests itself
+    uses its two steps:
+
+    ``prepare_images(items, *, offset=0) -> PreparedImages``: decode and preprocess one
+        request's images (never raises for a bad item): ``pixels`` (what the image tower
+        takes: numpy on the CPU path, a device tensor on the GPU path), ``indices`` (absolute:
+        ``offset`` + position) and ``failures``.
+    ``embed_prepared(prepared, *, normalize=True) -> BatchResult``: run several prepared
+        batches through the image tower as one batch (chunked to ``batch_size``); the rows
+        come in the order of ``prepared``, ``len(p)`` rows per batch, with their indices, and
+        all their failures.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class Engine:
         backend_options: dict[str, Any] | None = None,
         self_check: bool = True,
         allow_precisions: Sequence[str] | str | None = None,
+        decode_workers: int | None = None,
     ):
         from clipfast.artifact.selfcheck import load_golden, run_self_check
         from clipfast.inputs.tokenizer import Tokenizer
@@ -136,6 +139,10 @@ class Engine:
                 max_image_bytes, (int, np.integer)) or max_image_bytes < 0):
             raise ClipfastError(f"max_image_bytes={max_image_bytes!r}: expected a number of "
                                 "bytes (a non-negative int) or None")
+        if decode_workers is not None and (isinstance(decode_workers, bool) or not isinstance(
+                decode_workers, (int, np.integer)) or decode_workers < 1):
+            raise ClipfastError(f"decode_workers={decode_workers!r}: expected a number of "
+                                "threads (an int of at least 1) or None")
         self.manifest: Manifest = load_manifest(artifact, verify_checksums=verify_checksums)
         self.device = device
         self.batch_size = int(batch_size)
@@ -171,7 +178,7 @@ class Engine:
                         "; ".join(f"{n}: {r}" for n, r in self.fallbacks) or "no reason given")
         self._chunk = chunk_size(self.batch_size, self._backend.max_batch)
         self._threads = threads or os.cpu_count() or 1
-        self._gpu_preprocess = None
+        gpu_preprocess = None
         self._preprocess_path = "cpu (Pillow): the towers run on the CPU"
         if self.backend_device == "cuda":
             from clipfast.errors import BackendUnavailable
@@ -179,13 +186,18 @@ class Engine:
 
             # GPU preprocessing runs the csrc kernel through torch, whatever the backend.
             try:
-                self._gpu_preprocess = GpuPreprocessor(
+                gpu_preprocess = GpuPreprocessor(
                     self.preprocess_config, self.backend_device, exif_transpose=exif_transpose,
                     alpha_background=self.alpha_background, max_bytes=self.max_image_bytes)
-                self._preprocess_path = self._gpu_preprocess.describe()
+                self._preprocess_path = gpu_preprocess.describe()
             except BackendUnavailable as e:
                 self.fallbacks.append(("gpu-preprocess", str(e)))
                 self._preprocess_path = f"cpu (Pillow): {e}"
+        # the one image input pipeline: loading policy, decode path, decode pool
+        self.images = ImagePipeline(
+            self.preprocess_config,
+            LoadPolicy(exif_transpose, self.alpha_background, self.max_image_bytes),
+            workers=decode_workers or self._threads, gpu=gpu_preprocess)
         for name, reason in self.fallbacks:
             log.info("clipfast: %s skipped: %s", name, reason)
 
@@ -239,56 +251,22 @@ class Engine:
         return run_self_check(self._backend, self.manifest, load_golden(self.manifest),
                               f"backend {self.backend} ({self.backend_device})")
 
+    def close(self) -> None:
+        """Shut the image decode pool down (the engine stays usable: a later call makes a new
+        one)."""
+        self.images.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return (f"Engine({str(self.manifest.directory)!r}, backend={self.backend!r}, "
                 f"device={self.device!r})")
 
     # -- images ------------------------------------------------------------------------------
-    def _load_and_preprocess(self, item: Any, index: int) -> np.ndarray:
-        from clipfast.inputs.preprocess import preprocess_image
-
-        # Loaded once, with this engine's policy (EXIF, alpha, size limit).
-        return preprocess_image(item, self.preprocess_config, index=index,
-                                exif_transpose=self.exif_transpose,
-                                alpha_background=self.alpha_background,
-                                max_bytes=self.max_image_bytes)
-
-    def _pixels(self, items: list, offset: int, errors: str
-                ) -> tuple[np.ndarray, list[int], list[Failure]]:
-        """Preprocess ``items`` (positions ``offset..``) in parallel threads; Pillow's decode and
-        resize release the GIL. Returns float32 (M, 3, H, W), good positions, failures.
-
-        Every fault of one item (decode, resize, normalise, or one nobody foresaw) is that
-        item's: a Failure, or with ``errors="raise"`` an ImageLoadError naming its index.
-        KeyboardInterrupt and SystemExit are not items' faults: they cancel the rest at once.
-        """
-        from clipfast.inputs.preprocess import item_failure
-
-        def work(pair):
-            i, item = pair
-            try:
-                return i, self._load_and_preprocess(item, i), None
-            except Exception as e:
-                err = e if isinstance(e, InputError) else item_failure(e, i, item)
-                if errors == "raise":
-                    if err is e:
-                        raise
-                    raise err from e
-                desc = err.item if err.item is not None else type(item).__name__
-                return i, None, Failure(i, desc, str(err))
-
-        pairs = list(enumerate(items, start=offset))
-        if len(pairs) > 1 and self._threads > 1:
-            results = _map_interruptible(work, pairs, min(self._threads, len(pairs)))
-        else:
-            results = [work(p) for p in pairs]
-        h, w = self.preprocess_config.image_size
-        good = [(i, x) for i, x, f in results if f is None]
-        failures = [f for _, _, f in results if f is not None]
-        pixels = (np.stack([x for _, x in good]) if good
-                  else np.zeros((0, 3, h, w), dtype=np.float32))
-        return pixels, [i for i, _ in good], failures
-
     def preprocess(self, images: Sequence[Any], errors: str = "raise") -> np.ndarray:
         """Images -> float32 ``(N, 3, H, W)`` as the CPU path prepares them (Pillow decode,
         resize, normalise): what the image tower receives when the Engine preprocesses on the
@@ -300,10 +278,42 @@ class Engine:
         """
         _check_errors_mode(errors)
         items = _as_list(images, "images")
-        pixels, idx, failures = self._pixels(items, 0, errors)
+        p = self.images.prepare(items, 0, errors=errors, gpu=False)
         if errors == "skip":
-            return BatchResult(pixels, np.asarray(idx, dtype=np.int64), failures)
-        return pixels
+            return BatchResult(p.pixels, np.asarray(p.indices, dtype=np.int64), p.failures)
+        return p.pixels
+
+    def prepare_images(self, items: Sequence[Any], *, offset: int = 0) -> PreparedImages:
+        """Decode and preprocess images on the engine's path (the GPU one when it runs) for
+        ``embed_prepared``. A bad item never raises: it is a Failure with its absolute position
+        (``offset`` + its place in ``items``)."""
+        return self.images.prepare(_as_list(items, "images"), offset, errors="skip")
+
+    def embed_prepared(self, prepared: Sequence[PreparedImages], *,
+                       normalize: bool = True) -> BatchResult:
+        """Run prepared batches through the image tower as one batch (chunked to the engine's
+        batch size): float32 rows in the order of ``prepared`` (``len(p)`` per batch), their
+        indices and every batch's failures (sorted by index)."""
+        prepared = list(prepared)
+        indices = [i for p in prepared for i in p.indices]
+        failures = [f for p in prepared for f in p.failures]
+        parts = [p.pixels for p in prepared if len(p)]
+        if not parts:
+            emb = np.zeros((0, self.embed_dim), dtype=np.float32)
+        elif all(isinstance(x, np.ndarray) for x in parts):
+            emb = self.run_image_tower(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        else:  # device tensors (the GPU path): stacked and chunked where they are
+            import torch
+
+            pixels = parts[0] if len(parts) == 1 else torch.cat(
+                [torch.as_tensor(x, device=parts[0].device) for x in parts])
+            out = self._run_chunks("image", [pixels[s:s + self._chunk]
+                                             for s in range(0, pixels.shape[0], self._chunk)])
+            emb = np.concatenate(out).astype(np.float32, copy=False)
+        if emb.shape[0] != len(indices):
+            raise ClipfastError(f"backend {self.backend} returned {emb.shape[0]} image rows for "
+                                f"{len(indices)} images")
+        return embeddings_result(emb, indices, failures, normalize)
 
     def run_image_tower(self, pixels: np.ndarray) -> np.ndarray:
         """float32 ``(N, 3, H, W)`` -> float32 ``(N, D)``, not normalised; chunked."""
@@ -343,50 +353,36 @@ class Engine:
         indices: list[int] = []
         failures: list[Failure] = []
         size = self._chunk
-        starts = range(0, len(items), size)
+        n_chunks = -(-len(items) // size)
         bar = None
         if progress and len(items) > size:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(items), unit="img", desc="encode images")
-        pixel_fn = self._gpu_preprocess or self._pixels
-        prefetch = (ThreadPoolExecutor(max_workers=1) if self.backend_device == "cuda"
-                    and len(starts) > 1 else None)
+        # chunk k+1 is prepared while the tower runs chunk k, on a GPU backend only
+        prefetch = 1 if self.backend_device == "cuda" and n_chunks > 1 else 0
+        prepared = self.images.stream((items[s:s + size] for s in range(0, len(items), size)),
+                                      prefetch=prefetch, errors=errors)
 
         def pixel_chunks():
             """Pixels of each chunk with at least one good image, in order; their positions and
-            the chunk's failures are recorded as each is produced. With ``prefetch``, chunk k+1
-            is being preprocessed while the consumer runs chunk k."""
-            pending = (prefetch.submit(pixel_fn, items[0:size], 0, errors)
-                       if prefetch is not None else None)
-            for s in starts:
-                if pending is not None:
-                    pixels, idx, fails = pending.result()
-                    nxt = s + size
-                    pending = (prefetch.submit(pixel_fn, items[nxt:nxt + size], nxt, errors)
-                               if nxt < len(items) else None)
-                else:
-                    pixels, idx, fails = pixel_fn(items[s:s + size], s, errors)
-                failures.extend(fails)
-                if len(idx):
-                    indices.extend(idx)
-                    yield pixels
-                pixels = None  # the consumer holds this chunk as long as it needs it
+            the chunk's failures are recorded as each is produced."""
+            for p in prepared:
+                failures.extend(p.failures)
+                if len(p):
+                    indices.extend(p.indices)
+                    yield p.pixels
+                n = p.size
+                p = None  # the consumer holds this chunk as long as it needs it
                 if bar is not None:
-                    bar.update(min(size, len(items) - s))
+                    bar.update(n)
 
         stream = pixel_chunks()
-        interrupted = False
         try:
             outs = self._backend.run_image_batches(stream)
-        except BaseException:
-            interrupted = True
-            raise
         finally:
             stream.close()  # a backend that stopped early leaves it suspended
-            if prefetch is not None:
-                # On an error or Ctrl-C, do not wait for the chunk being prefetched.
-                prefetch.shutdown(wait=not interrupted, cancel_futures=True)
+            prepared.close()  # on an error or Ctrl-C, the chunk being prefetched is cancelled
             if bar is not None:
                 bar.close()
         emb = (np.concatenate([o.astype(np.float32, copy=False) for o in outs]) if len(outs)
@@ -394,11 +390,8 @@ class Engine:
         if emb.shape[0] != len(indices):
             raise ClipfastError(f"backend {self.backend} returned {emb.shape[0]} image rows for "
                                 f"{len(indices)} images")
-        if normalize:
-            emb = l2_normalize(emb)
-        if errors == "skip":
-            return BatchResult(emb, np.asarray(indices, dtype=np.int64), failures)
-        return emb
+        res = embeddings_result(emb, indices, failures, normalize)
+        return res if errors == "skip" else res.embeddings
 
     # -- texts -------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:

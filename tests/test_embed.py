@@ -8,12 +8,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -264,30 +264,53 @@ def _committed(out: Path) -> int:
     return j.read_bytes().count(b"\n") if j.exists() else 0
 
 
+# Run in the killed job: reports on an inherited pipe "s" once imported (the job not started),
+# "c" after each shard commit and "b" after each batch reaches the shard writer.
+_REPORTING_JOB = """
+import os, sys
+from clipfast.embed import job, output
+fd = int(sys.argv.pop(1))
+commit, add = output.OutputDir.commit, job._ShardWriter.add
+def reported_commit(self, *a, **kw):
+    rec = commit(self, *a, **kw)
+    os.write(fd, b"c")
+    return rec
+def reported_add(self, *a, **kw):
+    add(self, *a, **kw)
+    os.write(fd, b"b")
+output.OutputDir.commit, job._ShardWriter.add = reported_commit, reported_add
+os.write(fd, b"s")
+from clipfast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _kill_resume(art, src: Path, out: Path, kills: int, seed: int, batch: int, shard: int
                  ) -> dict:
-    """Run the CLI and SIGKILL it ``kills`` times (once during start-up, then each time after
-    a random number of further commits and a random sliver of time), then let it finish. The
-    kill points follow commits, not the clock: on an idle machine the whole job takes about
-    a second, so a clock-timed kill could land after it ended."""
+    """Run the CLI and SIGKILL it ``kills`` times (once as soon as it has started, then each
+    time after a random number of further batches or commits, as the job itself reports them
+    on a pipe: events, not the clock), then let it finish."""
     rng = random.Random(seed)
-    cmd = [sys.executable, "-m", "clipfast.cli", "embed", str(art), str(src), "--out", str(out),
-           "--quiet", "--batch-size", str(batch), "--shard-size", str(shard)]
+    args = ["embed", str(art), str(src), "--out", str(out), "--quiet", "--batch-size",
+            str(batch), "--shard-size", str(shard)]
     killed = []
     for k in range(kills):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if k == 0:
-            time.sleep(rng.uniform(0.0, 0.1))  # still importing: nothing committed yet
-        else:
-            target = _committed(out) + rng.randint(1, 8)
-            while _committed(out) < target and proc.poll() is None:
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.01))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            killed.append(_committed(out))
-        proc.wait()
-    final = subprocess.run(cmd, capture_output=True, text=True)
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-c", _REPORTING_JOB, str(w), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                pass_fds=(w,))
+        os.close(w)
+        with os.fdopen(r, "rb", buffering=0) as events:
+            wanted = 1 if k == 0 else rng.randint(2, 16)  # "s", then batches and commits
+            seen = 0
+            while seen < wanted and events.read(1):  # blocks until the job reports
+                seen += 1
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(_committed(out))
+            proc.wait()
+    final = subprocess.run([sys.executable, "-m", "clipfast.cli", *args], capture_output=True,
+                           text=True)
     return {"killed_at_shards": killed, "rc": final.returncode, "stderr": final.stderr}
 
 

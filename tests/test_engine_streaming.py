@@ -87,10 +87,12 @@ def engines(vitb32_artifact):
 
 
 def _instrument(eng, n_chunks, monkeypatch):
-    """Wrap the engine's CPU preprocessing: log start / end per chunk, set a start event per
-    chunk, and count the pixel arrays alive (the most at once is returned in ``alive``)."""
+    """Wrap the engine's image pipeline: log the start of each chunk's preprocessing (its first
+    item) and its end (the chunk collected), set a start event per chunk, and count the pixel
+    arrays alive (the most at once is returned in ``alive``)."""
     size = eng._chunk
-    real = eng._pixels
+    pipeline = eng.images
+    real_load, real_collect = pipeline.load, pipeline._collect
     started = [threading.Event() for _ in range(n_chunks)]
     log: list = []
     alive = {"now": 0, "max": 0}
@@ -100,19 +102,25 @@ def _instrument(eng, n_chunks, monkeypatch):
         with lock:
             alive["now"] -= 1
 
-    def pixels(items, offset, errors):
-        k = offset // size
-        log.append(("pre-start", k))
-        started[k].set()
-        out = real(items, offset, errors)
+    def load(item, index, fast=False):
+        k = index // size
+        with lock:
+            if not started[k].is_set():
+                log.append(("pre-start", k))
+                started[k].set()
+        return real_load(item, index, fast)
+
+    def collect(pending):
+        out = real_collect(pending)
         with lock:
             alive["now"] += 1
             alive["max"] = max(alive["max"], alive["now"])
-        weakref.finalize(out[0], gone)
-        log.append(("pre-end", k))
+        weakref.finalize(out.pixels, gone)
+        log.append(("pre-end", pending.offset // size))
         return out
 
-    monkeypatch.setattr(eng, "_pixels", pixels)
+    monkeypatch.setattr(pipeline, "load", load)
+    monkeypatch.setattr(pipeline, "_collect", collect)
     return started, log, alive
 
 
@@ -283,3 +291,58 @@ def test_tensorrt_stream_test_catches_a_missing_wait():
     outs = backend.run_image_batches(iter(x))
     assert not all(np.allclose(o, b @ w.T) for o, b in zip(outs, x))
 
+
+
+# -- the engine's image pipeline ----------------------------------------------------------------
+def test_one_decode_pool_for_the_engines_lifetime(vitb32_artifact, monkeypatch):
+    """Decode threads come from one pool the engine keeps (not one per call or chunk), shut
+    down by close(); the engine still works after it."""
+    from concurrent.futures import thread
+
+    made = []
+    real_init = thread.ThreadPoolExecutor.__init__
+
+    def init(self, *a, **kw):
+        made.append(self)
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(thread.ThreadPoolExecutor, "__init__", init)
+    with clipfast.Engine(vitb32_artifact, backend="onnxruntime", batch_size=2, threads=2,
+                         self_check=False) as eng:
+        items = _images(7)
+        first = eng.encode_images(items)  # 4 chunks
+        eng.encode_images(items[:3])
+        eng.preprocess(items[:4])
+        assert len(made) == 1 and made[0] is eng.images._pool
+    assert eng.images._pool is None and made[0]._shutdown
+    np.testing.assert_array_equal(eng.encode_images(items), first)
+
+
+def test_prepared_requests_embed_as_one_batch(engines):
+    """prepare_images per request (absolute indices, failures), embed_prepared on several:
+    the rows of encode_images."""
+    ref, eng = engines
+    items = _images(7, {1: b"junk", 5: "/no/such/file.png"})
+    a = eng.prepare_images(items[:3])
+    b = eng.prepare_images(items[3:], offset=3)
+    assert isinstance(a.pixels, np.ndarray) and a.indices == [0, 2] and b.indices == [3, 4, 6]
+    assert [f.index for f in a.failures + b.failures] == [1, 5] and (a.size, b.size) == (3, 4)
+    got = eng.embed_prepared([a, b])
+    want = ref.encode_images(items, errors="skip")
+    assert got.indices.tolist() == want.indices.tolist() == [0, 2, 3, 4, 6]
+    assert got.failures == want.failures
+    np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-6)
+    np.testing.assert_array_equal(eng.embed_prepared([b]).embeddings,
+                                  ref.encode_images([items[i] for i in (3, 4, 6)]))
+    raw = eng.embed_prepared([a], normalize=False).embeddings
+    np.testing.assert_array_equal(raw, ref.run_image_tower(ref.preprocess([items[0],
+                                                                           items[2]])))
+    empty = eng.embed_prepared([eng.prepare_images([b"junk"], offset=9)])
+    assert empty.embeddings.shape == (0, eng.embed_dim) and empty.failures[0].index == 9
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_decode_workers_must_be_a_positive_int(vitb32_artifact, bad):
+    with pytest.raises(ClipfastError, match=f"decode_workers={bad!r}"):
+        clipfast.Engine(vitb32_artifact, backend="onnxruntime", decode_workers=bad,
+                        self_check=False)

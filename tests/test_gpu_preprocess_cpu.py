@@ -96,7 +96,7 @@ def test_engine_says_which_preprocessing_path_it_took(vitb32_artifact, fresh_loa
     reason = dict(eng.fallbacks)["gpu-preprocess"]
     assert "CLIPFAST_DISABLE_KERNELS=1" in reason
     assert eng.describe()["preprocess"] == f"cpu (Pillow): {reason}"
-    assert eng._gpu_preprocess is None
+    assert eng.images.gpu is None and eng.images.path == "cpu"
 
 
 # --------------------------------------------------------------------------- stand-in kernels
@@ -318,3 +318,59 @@ def test_engine_with_stand_in_kernels_matches_the_cpu_engine(vitb32_artifact, st
     assert got.indices.tolist() == want.indices.tolist()
     assert got.failures == want.failures and [f.index for f in got.failures] == bad
     np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-3)
+
+
+def _gpu_engine_and_ref(vitb32_artifact, monkeypatch, batch_size):
+    ref = clipfast.Engine(vitb32_artifact, backend="onnxruntime", batch_size=batch_size,
+                          self_check=False)
+    _on_cuda(monkeypatch)
+    eng = clipfast.Engine(vitb32_artifact, backend="onnxruntime", batch_size=batch_size,
+                          self_check=False)
+    assert eng.images.path == "gpu"
+    return eng, ref
+
+
+def test_prepared_requests_on_the_gpu_path_embed_as_one_batch(vitb32_artifact, stand_in_kernels,
+                                                              monkeypatch, tmp_path):
+    """What a server does: each request prepared on its own (device tensors, absolute
+    indices), then run through the tower together."""
+    items, _, bad = _mixed(tmp_path)
+    eng, ref = _gpu_engine_and_ref(vitb32_artifact, monkeypatch, 4)
+    first = eng.prepare_images(items[:6])
+    second = eng.prepare_images(items[6:], offset=6)
+    assert isinstance(first.pixels, torch.Tensor) and stand_in_kernels[-1].seen
+    assert first.indices == [0, 1, 2, 3, 4, 5] and second.indices[0] == 6
+    got = eng.embed_prepared([first, second])
+    want = ref.encode_images(items, errors="skip")
+    assert got.indices.tolist() == want.indices.tolist()
+    assert got.failures == want.failures and [f.index for f in got.failures] == bad
+    np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-3)
+
+
+def test_embed_decodes_on_the_gpu_path_of_a_cuda_engine(vitb32_artifact, stand_in_kernels,
+                                                        monkeypatch, tmp_path):
+    """clipfast embed prepares its images with the Engine's pipeline: on a CUDA engine the
+    JPEGs go to nvJPEG (the stand-in records them), rows as the CPU engine's."""
+    from clipfast.embed import EmbedOptions, run_embed
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(5):
+        (folder / f"{k}.jpg").write_bytes(_encoded(_photo(40 + 9 * k, 50, k)))
+    (folder / "5.png").write_bytes(_encoded(_photo(30, 20, 9), "PNG"))
+    (folder / "2b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # no batch of only it
+    eng, ref = _gpu_engine_and_ref(vitb32_artifact, monkeypatch, 2)
+
+    def job(engine, out):
+        run_embed(EmbedOptions(str(vitb32_artifact), [str(folder)], str(out), batch_size=2,
+                               shard_size=4, progress=False, backend="onnxruntime"),
+                  engine=engine)
+        return clipfast.read_embeddings(out), clipfast.embed.read_failures(out)
+
+    (keys, got), got_fail = job(eng, tmp_path / "gpu")
+    (ref_keys, want), want_fail = job(ref, tmp_path / "cpu")
+    decoded = {d for call in stand_in_kernels[-1].seen for d in call}
+    assert decoded == {(folder / f"{k}.jpg").read_bytes() for k in range(5)}
+    assert keys == ref_keys and len(keys) == 6
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert [r["reason"] for r in got_fail] == [r["reason"] for r in want_fail]

@@ -87,14 +87,14 @@ def test_unforeseen_per_item_fault_is_a_failure_chained_from_its_cause(
 
 
 def test_engine_turns_any_item_exception_into_a_failure(vitb32_engine, monkeypatch):
-    real = vitb32_engine._load_and_preprocess
+    real = vitb32_engine.images.load
 
-    def flaky(item, index):
+    def flaky(item, index, fast=False):
         if index == 1:
             raise RuntimeError("decoder exploded")
-        return real(item, index)
+        return real(item, index, fast)
 
-    monkeypatch.setattr(vitb32_engine, "_load_and_preprocess", flaky)
+    monkeypatch.setattr(vitb32_engine.images, "load", flaky)
     items = [_png(), _png(), _png()]
     res = vitb32_engine.preprocess(items, errors="skip")
     assert res.indices.tolist() == [0, 2] and res.failures[0].index == 1
@@ -381,13 +381,13 @@ def test_empty_path_failure_is_printable(vitb32_engine):
 
 
 def test_ctrl_c_does_not_wait_for_the_chunk(vitb32_engine, monkeypatch):
-    monkeypatch.setattr(vitb32_engine, "_threads", 2)
+    monkeypatch.setattr(vitb32_engine.images, "workers", 2)
     release = threading.Event()
     progress = threading.Condition()
     started, finished = [], []
     h, w = vitb32_engine.preprocess_config.image_size
 
-    def stub(item, index):
+    def stub(item, index, fast=False):
         if index == 0:
             raise KeyboardInterrupt
         with progress:
@@ -399,7 +399,7 @@ def test_ctrl_c_does_not_wait_for_the_chunk(vitb32_engine, monkeypatch):
             progress.notify_all()
         return np.zeros((3, h, w), np.float32)
 
-    monkeypatch.setattr(vitb32_engine, "_load_and_preprocess", stub)
+    monkeypatch.setattr(vitb32_engine.images, "load", stub)
     try:
         with pytest.raises(KeyboardInterrupt):
             vitb32_engine.preprocess([_png()] * 8)

@@ -1,10 +1,11 @@
-"""Per-batch work of ``clipfast embed`` (run in decode threads) and the fast-decode settings.
+"""Per-batch work of ``clipfast embed`` and Ray Data around the Engine's image pipeline, and
+the fast-decode measurement.
 
-The exact path is the Engine's own preprocessing (``clipfast.inputs.preprocess.preprocess_image``
-with
-the Engine's loading policy), so embed rows equal ``Engine.encode_images`` rows. ``--fast-decode``
-adds two Pillow shortcuts, both not pixel-exact, whose cost is measured on the job's own
-inputs (``measure_fast_decode``) and recorded in the output manifest:
+Images are prepared by the Engine's own pipeline (``engine.images``,
+``clipfast.inputs.pipeline``: the Engine's loading policy, decode path and pool), so embed rows
+equal ``Engine.encode_images`` rows. ``--fast-decode`` adds two Pillow shortcuts, both not
+pixel-exact, whose cost is measured on the job's own inputs (``measure_fast_decode``) and
+recorded in the output manifest:
 
 - JPEG draft: the decoder downscales in the DCT domain by 1/2, 1/4 or 1/8 while each side stays
   at least ``DRAFT_FACTOR`` times the size the resize step produces;
@@ -14,7 +15,6 @@ inputs (``measure_fast_decode``) and recorded in the output manifest:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,43 +23,25 @@ import numpy as np
 
 from clipfast.artifact.fidelity import centred_relative_error, cosine, l2_normalize
 from clipfast.embed.sources import Item
+from clipfast.inputs.pipeline import (
+    DRAFT_FACTOR,
+    REDUCING_GAP,
+    LoadPolicy,
+    PreparedImages,
+    draft_size,
+)
 from clipfast.inputs.preprocess import (
     PreprocessConfig,
     load_image,
     normalize,
-    preprocess_image,
     resize_and_crop,
-    resized_size,
 )
-
-# Each side of the drafted image is at least this many times the resized (pre-crop) size; 2 is
-# what Pillow's own thumbnail() uses, and keeps the model's filter doing the last 2x or more.
-DRAFT_FACTOR = 2.0
-# Pillow's default for thumbnail(); only bites where draft could not shrink enough (PNG, WebP,
-# JPEGs larger than 16x the target).
-REDUCING_GAP = 2.0
-
-
-def draft_size(cfg: PreprocessConfig):
-    """The ``draft`` callable for ``load_image``: stored (w, h) -> the smallest size to decode.
-
-    The scale is the larger of the two axes' resize scales, so it holds whatever EXIF rotation
-    is applied after decoding."""
-
-    def wanted(size: tuple[int, int]) -> tuple[int, int] | None:
-        w, h = size
-        new_h, new_w = resized_size(h, w, cfg)
-        scale = max(new_h / h, new_w / w) * DRAFT_FACTOR
-        if scale >= 0.5:
-            return None  # the draft could not shrink by even 1/2
-        return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
-
-    return wanted
+from clipfast.types import Failure
 
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """How images are loaded: the Engine's policy plus the fast-decode switch."""
+    """How images are loaded: the Engine's loading policy plus the fast-decode switch."""
 
     cfg: PreprocessConfig
     exif_transpose: bool = True
@@ -69,17 +51,13 @@ class ImagePolicy:
 
     @classmethod
     def of(cls, engine, fast: bool = False) -> ImagePolicy:
-        return cls(engine.preprocess_config, engine.exif_transpose,
-                   tuple(engine.alpha_background), engine.max_image_bytes, fast)
+        pol = engine.images.policy
+        return cls(engine.preprocess_config, pol.exif_transpose, tuple(pol.alpha_background),
+                   pol.max_bytes, fast)
 
     def kwargs(self) -> dict[str, Any]:
-        return {
-            "exif_transpose": self.exif_transpose,
-            "alpha_background": self.alpha_background,
-            "max_bytes": self.max_bytes,
-            "draft": draft_size(self.cfg) if self.fast else None,
-            "reducing_gap": REDUCING_GAP if self.fast else None,
-        }
+        return LoadPolicy(self.exif_transpose, self.alpha_background,
+                          self.max_bytes).kwargs(self.cfg, self.fast)
 
 
 @dataclass
@@ -92,36 +70,36 @@ class Prepared:
     failures: list[tuple[Item, str]]
 
 
-def prepare_images(items: list[Item], policy: ImagePolicy) -> Prepared:
-    """Decode and preprocess one batch (in a worker thread: Pillow releases the GIL)."""
-    h, w = policy.cfg.image_size
-    out = np.empty((len(items), 3, h, w), dtype=np.float32)
-    good: list[Item] = []
+def split_images(items: list[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """The items to decode (paths and bytes), and (item, reason) for the others."""
+    ok: list[Item] = []
     failures: list[tuple[Item, str]] = []
-    kw = policy.kwargs()
     for item in items:
         if item.kind == "error":
             failures.append((item, str(item.value)))
-            continue
-        if item.kind not in ("path", "bytes"):
+        elif item.kind not in ("path", "bytes"):
             failures.append((item, f"expected an image, got {item.kind}"))
-            continue
-        try:
-            preprocess_image(item.value, policy.cfg, out=out[len(good)], **kw)
-        except Exception as e:  # every fault of one input is that input's failure
-            failures.append((item, _reason(e, item)))
-            continue
-        good.append(item)
-    return Prepared(out[:len(good)], good, failures)
+        else:
+            ok.append(item)
+    return ok, failures
 
 
-def _reason(exc: BaseException, item: Item) -> str:
-    msg = str(exc)
-    # ImageLoadError messages start "image <what>: "; the failures table's key says that.
-    prefix = f"image {getattr(exc, 'item', None)}: "
+def _reason(f: Failure) -> str:
+    # The pipeline's messages start "image <index> (<what>): "; the failures table's key and
+    # ordinal say that.
+    msg = f.error
+    prefix = f"image {f.index} ({f.item}): "
     if msg.startswith(prefix):
         msg = msg[len(prefix):]
-    return msg or type(exc).__name__
+    return msg or "failed"
+
+
+def item_results(ok: list[Item], p: PreparedImages, failures: list[tuple[Item, str]]
+                 ) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """The good items of a prepared batch of ``ok`` (its positions count from ``p.offset``)
+    and every failure: ``failures`` (items never decoded) plus the batch's own."""
+    good = [ok[i - p.offset] for i in p.indices]
+    return good, failures + [(ok[f.index - p.offset], _reason(f)) for f in p.failures]
 
 
 def prepare_texts(items: list[Item], tokenizer) -> Prepared:
@@ -192,4 +170,5 @@ def sample_values(items, n: int) -> list[Any]:
 
 
 __all__ = ["DRAFT_FACTOR", "REDUCING_GAP", "ImagePolicy", "Prepared", "draft_size",
-           "measure_fast_decode", "prepare_images", "prepare_texts", "sample_values"]
+           "item_results", "measure_fast_decode", "prepare_texts", "sample_values",
+           "split_images"]

@@ -5,10 +5,10 @@ Work is cut by input ordinal: batch ``b`` holds ordinals ``[b * B, (b + 1) * B)`
 instead of pulling later inputs in, so a resumed job (which starts at a shard boundary) forms
 exactly the batches an uninterrupted one would, and its rows are bitwise the same.
 
-Overlap: decode threads prepare the next batches while the calling thread runs the tower
-(ONNX Runtime releases the GIL; so do Pillow's decode and resize). At most ``prefetch``
-batches are in flight, so memory is bounded by ``prefetch * batch_size`` inputs whatever the
-dataset's size.
+Overlap: the Engine's image pipeline (``engine.images``: its decode pool, and its GPU path on a
+CUDA engine) prepares the next batches while the calling thread runs the tower (ONNX Runtime
+releases the GIL; so do Pillow's decode and resize). At most ``prefetch`` batches are in
+flight, so memory is bounded by ``prefetch * batch_size`` inputs whatever the dataset's size.
 
 Safety: the job holds an exclusive lock on ``--out`` from start to end; refuses, before
 touching anything, an ``--out`` that is neither empty nor a clipfast output, or that overlaps
@@ -25,7 +25,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +35,11 @@ from clipfast.artifact.fidelity import l2_normalize
 from clipfast.embed import output as out_mod
 from clipfast.embed.decode import (
     ImagePolicy,
-    Prepared,
+    item_results,
     measure_fast_decode,
-    prepare_images,
     prepare_texts,
     sample_values,
+    split_images,
 )
 from clipfast.embed.sources import Item, Plan, iter_items, plan, resolve_sources
 from clipfast.errors import ClipfastError
@@ -284,7 +283,8 @@ def _engine(opts: EmbedOptions):
     import clipfast
 
     return clipfast.Engine(opts.artifact, backend=opts.backend, device=opts.device,
-                           batch_size=opts.batch_size, threads=opts.threads)
+                           batch_size=opts.batch_size, threads=opts.threads,
+                           decode_workers=opts.workers or default_workers())
 
 
 def default_workers() -> int:
@@ -294,7 +294,8 @@ def default_workers() -> int:
 def run_embed(opts: EmbedOptions, engine=None) -> EmbedSummary:
     """Run (or resume) one embed job; returns its summary. ClipfastError on a refused output
     folder, bad options or sources. ``engine``: an Engine already loaded for
-    ``opts.artifact`` (its batch size and threads then apply), else one is loaded."""
+    ``opts.artifact`` (its batch size, threads and decode pool then apply), else one is
+    loaded."""
     t0 = time.perf_counter()
     out_mod.pyarrow_modules()  # fail now, with the extra's name, not after the first shard
     if opts.dtype not in DTYPES:
@@ -472,57 +473,51 @@ class _Handle:
             return {"ray": True, "address": opts.ray_address,
                     "concurrency": opts.ray_concurrency, "batch_size": opts.batch_size}
         d = self._engine.describe()
+        workers = self._engine.images.workers
         return {"backend": d.get("backend"), "device": self._engine.backend_device,
                 "intra_op_threads": (d.get("session") or {}).get("intra_op_threads"),
-                "decode_workers": opts.workers or default_workers(),
-                "prefetch_batches": opts.prefetch or (opts.workers or default_workers()) + 1,
+                "decode_workers": workers, "prefetch_batches": _prefetch(opts, workers),
                 "batch_size": opts.batch_size}
+
+
+def _prefetch(opts: EmbedOptions, workers: int) -> int:
+    return max(1, opts.prefetch or workers + 1)
 
 
 def _run_local(opts: EmbedOptions, engine, batches: Iterator[list[Item]]
                ) -> Iterator[tuple[int, list[Item], np.ndarray | None, list]]:
-    """(first ordinal, good items, embeddings, failures) per batch, in order; decode threads
-    run ahead of the tower by at most ``prefetch`` batches."""
-    workers = opts.workers or default_workers()
-    prefetch = opts.prefetch or workers + 1
+    """(first ordinal, good items, embeddings, failures) per batch, in order; the engine's
+    pipeline prepares at most ``prefetch`` batches (the one in the tower included)."""
+    pipeline = engine.images
+    ahead = _prefetch(opts, pipeline.workers) - 1
     if opts.kind == "text":
         tok = engine.tokenizer
 
         def prepare(items):
-            return prepare_texts(items, tok)
+            return items, prepare_texts(items, tok)
 
-        def run(p: Prepared):
-            return engine.run_text_tower(p.inputs)
-    else:
-        policy = ImagePolicy.of(engine, fast=opts.fast_decode)
+        for batch, p in pipeline.prefetched(prepare, batches, ahead):
+            emb = l2_normalize(engine.run_text_tower(p.inputs)) if p.good else None
+            yield batch[0].ordinal, p.good, emb, p.failures
+        return
+    pulled: deque = deque()
 
-        def prepare(items):
-            return prepare_images(items, policy)
-
-        def run(p: Prepared):
-            return engine.run_image_tower(p.inputs)
-
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clipfast-decode")
-    inflight: deque = deque()
-    interrupted = False
-    try:
+    def values():
+        """Each batch's decodable payloads; the batch is kept for its results."""
         for batch in batches:
-            inflight.append((batch[0].ordinal, pool.submit(prepare, batch)))
-            if len(inflight) >= prefetch:
-                yield _finish(*inflight.popleft(), run)
-        while inflight:
-            yield _finish(*inflight.popleft(), run)
-    except BaseException:
-        interrupted = True
-        raise
+            ok, failures = split_images(batch)
+            pulled.append((batch, ok, failures))
+            yield [it.value for it in ok]
+
+    stream = pipeline.stream(values(), prefetch=ahead, fast=opts.fast_decode)
+    try:
+        for p in stream:
+            batch, ok, failures = pulled.popleft()
+            good, failures = item_results(ok, p, failures)
+            emb = engine.embed_prepared([p]).embeddings if good else None
+            yield batch[0].ordinal, good, emb, failures
     finally:
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
-
-
-def _finish(first: int, fut, run):
-    p: Prepared = fut.result()
-    emb = l2_normalize(run(p)) if p.good else None
-    return first, p.good, emb, p.failures
+        stream.close()  # on an error or Ctrl-C, the batches being prefetched are cancelled
 
 
 __all__ = ["DTYPES", "EmbedInterrupted", "EmbedOptions", "EmbedSummary", "run_embed"]

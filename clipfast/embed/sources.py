@@ -25,7 +25,6 @@ import csv
 import hashlib
 import json
 import os
-import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.errors import ClipfastError
-from clipfast.types import IMAGE_SUFFIXES
+from clipfast.inputs.listing import walk_images
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 TAR_SUFFIXES = (".tar",)
@@ -154,50 +153,10 @@ def resolve_sources(args: list[str], *, text_column: str | None = None,
 # --------------------------------------------------------------------------- folders
 
 
-def _sniff(path: str) -> bool:
-    """Whether Pillow recognises the file's header as an image (nothing decoded)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path):
-            return True
-    except Image.DecompressionBombError:
-        return True  # an image: embedding it reports the refusal as its failure
-    except Exception:
-        return False
-
-
 def _walk_folder(root: str) -> Iterator[str]:
-    """Image files under ``root``, recursively, sorted by path: files with an image suffix, and
-    files with another suffix or none whose content Pillow recognises. Hidden files and folders
-    (names starting with '.') and symbolic links to folders are left out."""
-    # A sorted depth-first walk done by hand (os.walk's order depends on the filesystem): each
-    # folder's entries are sorted by name, subfolders entered where they sort.
-    def entries(folder: str) -> list[tuple[str, bool]]:
-        try:
-            with os.scandir(folder) as it:
-                found = []
-                for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    try:
-                        is_dir = e.is_dir(follow_symlinks=False)
-                        ok = is_dir or stat.S_ISREG(e.stat().st_mode)
-                    except OSError:
-                        continue
-                    if ok:
-                        found.append((e.path, is_dir))
-        except OSError:
-            return []
-        return sorted(found)
-
-    pending = entries(root)[::-1]
-    while pending:
-        path, is_dir = pending.pop()
-        if is_dir:
-            pending.extend(entries(path)[::-1])
-        elif os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES or _sniff(path):
-            yield path
+    """Image files under ``root`` in the listing's order (``clipfast.inputs.listing``, the one
+    ``clipfast encode`` uses): the order keys a resumable output."""
+    return walk_images(root)
 
 
 def _read_list(path: str) -> Iterator[str]:

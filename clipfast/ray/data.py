@@ -28,7 +28,7 @@ import numpy as np
 import ray
 
 from clipfast.artifact.fidelity import l2_normalize
-from clipfast.embed.decode import ImagePolicy, prepare_images, prepare_texts
+from clipfast.embed.decode import item_results, prepare_texts, split_images
 from clipfast.embed.sources import Item
 from clipfast.errors import ClipfastError
 
@@ -86,7 +86,7 @@ class EmbedBatch:
         self.column, self.kind = column, kind
         self.output_column, self.error_column = output_column, error_column
         self.dtype = np.dtype(dtype)
-        self.policy = ImagePolicy.of(self.engine, fast=fast_decode)
+        self.fast_decode = fast_decode
 
     def _items(self, values) -> list[Item]:
         items = []
@@ -113,11 +113,15 @@ class EmbedBatch:
         """(good items, float32 (M, D) normalised, [(item, reason)]) for one batch."""
         if self.kind == "text":
             p = prepare_texts(items, self.engine.tokenizer)
-            emb = self.engine.run_text_tower(p.inputs) if p.good else None
-        else:
-            p = prepare_images(items, self.policy)
-            emb = self.engine.run_image_tower(p.inputs) if p.good else None
-        return p.good, (l2_normalize(emb) if emb is not None else None), p.failures
+            emb = l2_normalize(self.engine.run_text_tower(p.inputs)) if p.good else None
+            return p.good, emb, p.failures
+        # the Engine's image pipeline: its loading policy, decode path (the GPU's on a CUDA
+        # engine) and pool, as for every other front door
+        ok, failures = split_images(items)
+        prepared = self.engine.images.prepare([it.value for it in ok], fast=self.fast_decode)
+        good, failures = item_results(ok, prepared, failures)
+        emb = self.engine.embed_prepared([prepared]).embeddings if good else None
+        return good, emb, failures
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.column not in batch:
