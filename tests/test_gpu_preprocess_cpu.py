@@ -374,3 +374,35 @@ def test_embed_decodes_on_the_gpu_path_of_a_cuda_engine(vitb32_artifact, stand_i
     assert keys == ref_keys and len(keys) == 6
     np.testing.assert_allclose(got, want, atol=1e-3)
     assert [r["reason"] for r in got_fail] == [r["reason"] for r in want_fail]
+
+
+def test_serve_decodes_on_the_gpu_path_of_a_cuda_engine(vitb32_artifact, stand_in_kernels,
+                                                        monkeypatch):
+    """clipfast serve prepares request images with the Engine's pipeline too: on a CUDA engine
+    its JPEGs reach nvJPEG (the stand-in records them), and the answer's rows, indices and
+    per-item errors are the CPU engine's. (The bad item is bad base64: an item that fails to
+    decode alone would make the GPU path allocate its empty batch on a device this host lacks.)"""
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from clipfast.serve.app import create_app
+
+    jpegs = [_encoded(_photo(40 + 9 * k, 50, k)) for k in range(3)]
+    body = {"input": [base64.b64encode(d).decode() for d in jpegs[:2]]
+            + ["@@ not base64 @@", base64.b64encode(jpegs[2]).decode()]}
+    eng, ref = _gpu_engine_and_ref(vitb32_artifact, monkeypatch, 2)
+
+    def answer(engine):
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/images/embeddings", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    got, want = answer(eng), answer(ref)
+    decoded = {d for dec in stand_in_kernels for call in dec.seen for d in call}
+    assert decoded == set(jpegs)
+    assert [d["index"] for d in got["data"]] == [d["index"] for d in want["data"]] == [0, 1, 3]
+    assert got["errors"] == want["errors"] and got["errors"][0]["index"] == 2
+    np.testing.assert_allclose([d["embedding"] for d in got["data"]],
+                               [d["embedding"] for d in want["data"]], atol=1e-3)

@@ -75,7 +75,8 @@ def test_prepare_image_is_the_item_at_its_index():
         return s.prepare_image(_photo(1), 7), s.prepare_image(b"junk", 7)
 
     ok, bad = _run(fn)
-    assert ok.shape == (3, 4, 4) and ok.dtype == np.float32
+    assert ok.indices == [7] and ok.pixels.shape == (1, 3, 4, 4)
+    assert ok.pixels.dtype == np.float32
     assert bad.index == 7 and bad.error.startswith("image 7 ")
 
 

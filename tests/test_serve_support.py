@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from clipfast.inputs.pipeline import PreparedImages, embeddings_result
 from clipfast.types import Failure
 
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -128,8 +129,8 @@ class StubEngine:
         return self._tower(pixels)
 
     def prepare_images(self, images, *, offset=0):
-        """(pixels, absolute indices, failures), as Engine.prepare_images: a failure names
-        its position ``offset + i``."""
+        """A PreparedImages, as Engine.prepare_images: a failure names its position
+        ``offset + i``."""
         rows, idx, failures = [], [], []
         for i, data in enumerate(images, start=offset):
             try:
@@ -142,7 +143,14 @@ class StubEngine:
                 failures.append(Failure(i, "<bytes>", f"image {i} (<bytes>): cannot identify "
                                         f"image data ({type(e).__name__})"))
         pixels = np.stack(rows) if rows else np.zeros((0, 3, 4, 4), np.float32)
-        return pixels, idx, failures
+        return PreparedImages(pixels, idx, failures, offset, len(images))
+
+    def embed_prepared(self, prepared, *, normalize=True):
+        """Prepared batches through the image tower as one batch, as Engine.embed_prepared."""
+        prepared = [p for p in prepared if len(p)]
+        emb = self.run_image_tower(np.concatenate([p.pixels for p in prepared]))
+        return embeddings_result(emb, [i for p in prepared for i in p.indices],
+                                 [f for p in prepared for f in p.failures], normalize)
 
     def logits(self, a, b):
         return (100.0 * a @ b.T).astype(np.float32)

@@ -26,6 +26,7 @@ from clipfast.types import Failure
 
 if TYPE_CHECKING:
     from clipfast.engine import Engine
+    from clipfast.inputs.pipeline import PreparedImages
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,",
                        re.IGNORECASE)
@@ -204,24 +205,19 @@ def check_pixels(data: bytes, index: int, max_pixels: int) -> Failure | None:
 
 
 def preprocess_one(engine: Engine, data: bytes, index: int, max_pixels: int
-                   ) -> np.ndarray | Failure:
-    """Encoded bytes of a request's item ``index`` -> float32 ``(3, H, W)``, exactly the row
-    ``Engine.encode_images`` would feed the tower, or the item's Failure (over the pixel limit,
-    or not decodable) naming ``index``. Runs in a decode thread.
+                   ) -> PreparedImages | Failure:
+    """Encoded bytes of a request's item ``index`` -> that one image prepared by the Engine's
+    input pipeline (``Engine.prepare_images``: its loading policy, and its GPU decode where the
+    Engine preprocesses on the device), or the item's Failure (over the pixel limit, or not
+    decodable) naming ``index``. Runs in a decode thread.
 
-    The Engine loads and preprocesses the item at its request position (``offset``), so its
-    Failure carries the request's index and says it: nothing is relabelled afterwards."""
+    The Engine prepares the item at its request position (``offset``), so its Failure carries
+    the request's index and says it: nothing is relabelled afterwards."""
     over = check_pixels(data, index, max_pixels)
     if over is not None:
         return over
-    prepare = getattr(engine, "prepare_images", None)
-    if prepare is not None:  # the Engine's public input pipeline, where it has one
-        pixels, _, failures = prepare([data], offset=index)
-    else:  # the same policy and preprocessing, at position ``index``
-        pixels, _, failures = engine._pixels([data], index, "skip")
-    if failures:
-        return failures[0]
-    return pixels[0]
+    prepared = engine.prepare_images([data], offset=index)
+    return prepared.failures[0] if prepared.failures else prepared
 
 
 def token_rows(tokens: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

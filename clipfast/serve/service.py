@@ -23,6 +23,7 @@ import numpy as np
 
 from clipfast.artifact.fidelity import l2_normalize
 from clipfast.errors import InputError
+from clipfast.inputs.pipeline import PreparedImages
 from clipfast.serve.batcher import Overloaded, TowerBatcher
 from clipfast.serve.config import ServeConfig
 from clipfast.serve.errors import ApiError
@@ -125,8 +126,9 @@ class Service:
         tokens = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         return l2_normalize(self.engine.run_text_tower(tokens))
 
-    def _run_image(self, rows: list[np.ndarray]) -> np.ndarray:
-        return l2_normalize(self.engine.run_image_tower(np.stack(rows)))
+    def _run_image(self, rows: list[PreparedImages]) -> np.ndarray:
+        # the Engine joins the prepared images (host arrays or device tensors) and normalises
+        return self.engine.embed_prepared(rows).embeddings
 
     async def close(self) -> None:
         for b in self.batchers.values():
@@ -175,10 +177,11 @@ class Service:
             self.metrics.errors.labels(endpoint, "bad_item").inc(len(failures))
 
     # -- images to pixels -------------------------------------------------------------------
-    def prepare_image(self, data: bytes, index: int) -> np.ndarray | Failure:
-        """Encoded bytes of the request's item ``index`` -> float32 ``(3, H, W)``, the row the
-        image tower gets, or that item's Failure (over ``--max-image-pixels``, or not
-        decodable), its message naming ``index``. Runs in a decode thread.
+    def prepare_image(self, data: bytes, index: int) -> PreparedImages | Failure:
+        """Encoded bytes of the request's item ``index`` -> the image prepared by the Engine's
+        input pipeline (on the device where the Engine preprocesses there), or that item's
+        Failure (over ``--max-image-pixels``, or not decodable), its message naming ``index``.
+        Runs in a decode thread.
 
         The only place the server turns bytes into pixels: the Engine's own loading policy
         and preprocessing, one item at a time so that a request's items decode in parallel
