@@ -45,3 +45,29 @@ class BatchResult:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+def lazy_exports(package: str, exports: dict[str, str], *, needs: tuple[str, str] | None = None):
+    """``(__getattr__, __dir__)`` for a package whose names are imported from their modules on
+    first use (PEP 562), so that importing the package (``clipfast --help`` imports every
+    front end's CLI) pulls in none of its heavy dependencies. ``exports``: name -> module.
+    ``needs``: (top-level module, extra); an ImportError of that module names the extra to
+    install instead of failing deep inside it."""
+    import importlib
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError as e:
+            if needs is None or (e.name or "").split(".")[0] != needs[0]:
+                raise
+            raise ImportError(f"{package}.{name} needs {needs[0]}: pip install "
+                              f"'clipfast[{needs[1]}]' ({e})") from e
+
+    def __dir__() -> list[str]:
+        return sorted(exports)
+
+    return __getattr__, __dir__

@@ -7,10 +7,9 @@ pulls in neither pyarrow nor the runtime.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipfast.types import lazy_exports
 
-_EXPORTS = {
+_EXPORTS: dict[str, str] = {
     "EmbedInterrupted": "clipfast.embed.job",
     "EmbedOptions": "clipfast.embed.job",
     "EmbedSummary": "clipfast.embed.job",
@@ -21,14 +20,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'clipfast.embed' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports("clipfast.embed", _EXPORTS)

@@ -6,8 +6,7 @@ Needs the extra: ``pip install 'clipfast[ray]'``. Names are imported lazily so t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipfast.types import lazy_exports
 
 # name -> module that defines it (clipfast.ray.data: Ray Data; clipfast.ray.serve: Ray Serve)
 _EXPORTS: dict[str, str] = {
@@ -17,20 +16,5 @@ _EXPORTS: dict[str, str] = {
     "build_app": "clipfast.ray.serve",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'clipfast.ray' has no attribute {name!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError as e:
-        if (e.name or "").split(".")[0] != "ray":
-            raise
-        raise ImportError(
-            f"clipfast.ray.{name} needs Ray: pip install 'clipfast[ray]' ({e})"
-        ) from e
-
-
-def __dir__() -> list[str]:
-    return sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports("clipfast.ray", _EXPORTS, needs=("ray", "ray"))

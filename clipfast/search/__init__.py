@@ -6,10 +6,9 @@ Names are imported lazily so that ``clipfast --help`` pulls in neither faiss nor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from clipfast.types import lazy_exports
 
-_EXPORTS = {
+_EXPORTS: dict[str, str] = {
     "IndexOptions": "clipfast.search.index",
     "SearchIndex": "clipfast.search.index",
     "build_index": "clipfast.search.index",
@@ -18,14 +17,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'clipfast.search' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports("clipfast.search", _EXPORTS)
