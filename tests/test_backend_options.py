@@ -5,13 +5,11 @@ load and hands each backend only its own (an option of one backend does not trou
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from manifest_stub import stub_manifest
 
 import clipfast
 from clipfast import backends
-from clipfast.artifact.manifest import Manifest
 from clipfast.backends import onnxruntime as ort_backend
 from clipfast.backends import openvino as ov_backend
 from clipfast.backends import torch as torch_backend
@@ -21,7 +19,7 @@ from clipfast.errors import BackendUnavailable, InputError
 
 MODULES = {"tensorrt": trt_backend, "onnxruntime": ort_backend, "openvino": ov_backend,
            "torch": torch_backend}
-NOWHERE = Manifest(Path("/nonexistent"), {})
+NOWHERE = stub_manifest("/nonexistent", {})
 
 
 def test_every_backend_declares_its_options():

@@ -33,12 +33,12 @@ def _awkward_images() -> list:
 def vitb32_source(vitb32_artifact):
     from clipfast.export.sources import load_source_from_spec
 
-    return load_source_from_spec(load_manifest(vitb32_artifact)["source"])
+    return load_source_from_spec(load_manifest(vitb32_artifact).spec.source)
 
 
 def test_manifest_records_everything(vitb32_artifact):
     m = load_manifest(vitb32_artifact)
-    d = m.data
+    d = m.spec.to_dict()
     assert d["format_version"] == 1 and d["precision"] == "fp32" and d["embed_dim"] == 512
     assert d["random_weights"] is True and d["source"]["pretrained"] == "none"
     assert set(d["files"]) == {"image.onnx", "text.onnx", "tokenizer.json", "golden.npz"}

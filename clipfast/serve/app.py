@@ -288,7 +288,7 @@ class Service:
     def probabilities(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         """What Engine.classify returns for these embeddings."""
         logits = self.engine.logits(image_emb, text_emb).astype(np.float64)
-        if self.engine.manifest.logits.kind == "sigmoid":
+        if self.engine.manifest.spec.logits.kind == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
         else:
             logits -= logits.max(axis=1, keepdims=True)
@@ -680,7 +680,7 @@ def create_app(engine: Any, config: ServeConfig | None = None) -> FastAPI:
         return _json({"object": "list", "data": [{
             "id": service.model_name, "object": "model", "created": service.created,
             "owned_by": "clipfast", "embed_dim": engine.embed_dim,
-            "family": engine.manifest.family, "precision": engine.manifest.precision,
+            "family": engine.manifest.spec.family, "precision": engine.manifest.spec.precision,
             "backend": engine.backend, "device": engine.backend_device,
             "modalities": ["text", "image"]}]})
 

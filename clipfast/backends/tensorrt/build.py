@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.artifact.cache import artifact_cache_dir, writable_dir
-from clipfast.artifact.manifest import MANIFEST_NAME, artifact_digest, tower_input_dims
+from clipfast.artifact.manifest import artifact_digest, tower_input_dims
 from clipfast.backends.batching import BatchProfile, as_profile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
 
@@ -145,15 +145,9 @@ def has_contrib_ops(onnx_path: str | os.PathLike) -> bool:
 def recorded_contrib_ops(manifest, tower: str) -> list[str] | None:
     """``manifest["graph"][tower]["contrib_ops"]``, the export's record of the op types of the
     tower graph outside the standard ONNX domain (sorted), or None when the manifest predates
-    that record. ArtifactError when the record is not a list of names."""
-    record = manifest.graph.get(tower)
-    if not isinstance(record, dict) or "contrib_ops" not in record:
-        return None
-    ops = record["contrib_ops"]
-    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
-        raise ArtifactError(f"{Path(manifest.directory) / MANIFEST_NAME}: graph.{tower}."
-                            f"contrib_ops must be a list of operator names, got {ops!r}")
-    return sorted(ops)
+    that record."""
+    ops = manifest.spec.graph.contrib_ops(tower)  # a list of names (ArtifactSpec checks it)
+    return None if ops is None else sorted(ops)
 
 
 def tower_contrib_ops(manifest, tower: str) -> list[str]:
@@ -173,7 +167,7 @@ def tower_contrib_ops(manifest, tower: str) -> list[str]:
             "older clipfast), and the onnx package that could read them from the graph is not "
             "installed; re-export the artifact with this clipfast (`clipfast export ... "
             "--tensorrt`), or `pip install onnx`") from None
-    return contrib_ops(manifest.path(manifest.tower(tower).file))
+    return contrib_ops(manifest.path(manifest.spec.tower(tower).file))
 
 
 def contrib_ops_message(tower: str, path: Path, ops: list[str]) -> str:
@@ -269,9 +263,9 @@ class EngineKey:
 
 def tower_sha256(manifest, tower: str) -> str:
     """The tower graph's sha256 as recorded in the manifest's file list."""
-    name = manifest.tower(tower).file
+    name = manifest.spec.tower(tower).file
     try:
-        return str(manifest.files[name]["sha256"])
+        return str(manifest.spec.files[name]["sha256"])
     except KeyError as e:
         raise ArtifactError(f"{manifest.directory}: manifest has no checksum for {name}") from e
 
@@ -281,8 +275,8 @@ def engine_key(manifest, tower: str, profile: BatchProfile, trt_version: str,
     from clipfast.inputs.text_batching import sequence_profile
 
     return EngineKey(tower=tower, onnx_sha256=tower_sha256(manifest, tower),
-                     precision=manifest.precision,
-                     io_dtype=manifest.io_dtype, profile=profile,
+                     precision=manifest.spec.precision,
+                     io_dtype=manifest.spec.io_dtype, profile=profile,
                      trt_version=str(trt_version),
                      compute_capability=(int(compute_capability[0]), int(compute_capability[1])),
                      sequence=sequence_profile(manifest) if tower == "text" else None)
@@ -550,7 +544,7 @@ def ensure_engine(manifest, tower: str, profile: BatchProfile, cache_dir: Path, 
     lookup = find_engine(cache_dir, key)
     if lookup.path is not None and not rebuild:
         return lookup.path, key, False
-    onnx_path = manifest.path(manifest.tower(tower).file)
+    onnx_path = manifest.path(manifest.spec.tower(tower).file)
     ops = tower_contrib_ops(manifest, tower)
     if ops:
         raise BackendUnavailable(contrib_ops_message(tower, onnx_path, ops))
@@ -587,6 +581,7 @@ def record_in_manifest(artifact_dir: Path, section: dict[str, Any]) -> bool:
     its file list (engines are a cache, not checksummed artifact files). Returns False, changing
     nothing, when the artifact is read-only."""
     from clipfast.artifact.manifest import MANIFEST_NAME, load_manifest, write_manifest
+    from clipfast.artifact.sections import TensorRTSection
 
     artifact_dir = Path(artifact_dir)
     if not os.access(artifact_dir / MANIFEST_NAME, os.W_OK) or not os.access(artifact_dir,
@@ -594,8 +589,8 @@ def record_in_manifest(artifact_dir: Path, section: dict[str, Any]) -> bool:
         return False
     manifest = load_manifest(artifact_dir, verify_checksums=False)
     spec = manifest.spec
-    spec.tensorrt = section
-    write_manifest(artifact_dir, spec, list(manifest.files))
+    spec.tensorrt = TensorRTSection.from_dict(section, manifest.where)
+    write_manifest(artifact_dir, spec, list(manifest.spec.files))
     return True
 
 
