@@ -64,7 +64,7 @@ def test_small_transformers_families(family, tmp_path, export_fn, photos):
                "siglip": hf_models.save_siglip, "metaclip2": hf_models.save_metaclip2}[family]
     builder(tmp_path / "src")
     art = export_fn(f"transformers:{tmp_path / 'src'}", tmp_path / "art", pretrained=None)
-    m = load_manifest(art)
+    m = load_manifest(art).spec.to_dict()
     assert m["fidelity"]["passed"], m["fidelity"]
     engine, fig = _parity(art, photos)
     assert not check_gates(fig, FP32), fig

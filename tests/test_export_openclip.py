@@ -96,14 +96,14 @@ def test_metaclip_quickgelu_export_and_gelu_mixup_detected(tmp_path, export_fn):
     from clipfast.export.sources import load_source_from_spec
 
     art = export_fn("ViT-B-32-quickgelu", tmp_path / "mc")
-    m = load_manifest(art)
-    assert m["fidelity"]["passed"] and m["architecture"]["quick_gelu"] is True
+    m = load_manifest(art).spec
+    assert m.fidelity["passed"] and m.architecture["quick_gelu"] is True
     g = onnx.load(str(art / "image.onnx"))
     ops = {n.op_type for n in g.graph.node}
     # x*sigmoid(1.702x), or ORT's fused QuickGelu operator made from it
     assert "Erf" not in ops and ops & {"Sigmoid", "QuickGelu"}, "QuickGELU lost in export"
 
-    quick = load_source_from_spec(m["source"])
+    quick = load_source_from_spec(m.source)
     import open_clip
 
     gelu = open_clip.create_model("ViT-B-32", pretrained=None)

@@ -534,15 +534,16 @@ def test_engine_matches_onnxruntime_within_the_gates(trt_artifact):
     from clipfast.artifact.fidelity import centred_relative_error, cosine
 
     m = load_manifest(trt_artifact)
-    assert m["graph"]["image"]["fusion"] == tb.FUSION_OFF_NOTE
-    assert set(m["tensorrt"]["engines"]) == {"image", "text"}
-    assert not tb.has_contrib_ops(m.path(m["image"]["file"]))
+    spec = m.spec
+    assert spec.graph.image.fusion == tb.FUSION_OFF_NOTE
+    assert set(spec.tensorrt.engines) == {"image", "text"}
+    assert not tb.has_contrib_ops(m.path(spec.image.file))
     backend = trt_backend.load(m, device="cuda", profile={"min": 1, "opt": 4, "max": 8})
-    gates = m["gates"]
+    gates = spec.gates.as_dict()
     rng = np.random.default_rng(0)
     # 13 rows: chunks of 8 and 5 (bucket 8), both slots of the pipeline in use
-    pixels = rng.standard_normal((13, *m["image"]["shape"])).astype(np.float32)
-    ref = _ort(m.path(m["image"]["file"]), {m["image"]["input"]: pixels})
+    pixels = rng.standard_normal((13, *spec.image.shape)).astype(np.float32)
+    ref = _ort(m.path(spec.image.file), {spec.image.input: pixels})
     got = backend.run_image(pixels)
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert centred_relative_error(got, ref).max() <= gates["image_centred_rel_error_max"]
@@ -550,10 +551,10 @@ def test_engine_matches_onnxruntime_within_the_gates(trt_artifact):
     # batches through one pipeline equal one call per batch; bucket replays equal first runs
     parts = backend.run_image_batches([pixels[:3], pixels[3:]])
     np.testing.assert_allclose(np.concatenate(parts), got, rtol=1e-5, atol=1e-5)
-    length = m["tokenizer"]["context_length"]
+    length = spec.tokenizer.context_length
     ids = rng.integers(1, 1000, size=(11, length)).astype(np.int32)
-    feed = {n: np.ones_like(ids) if "mask" in n else ids for n in m["text"]["inputs"]}
-    ref_t = _ort(m.path(m["text"]["file"]), feed)
+    feed = {n: np.ones_like(ids) if "mask" in n else ids for n in spec.text.inputs}
+    ref_t = _ort(m.path(spec.text.file), feed)
     got_t = backend.run_text(feed)
     assert centred_relative_error(got_t, ref_t).max() <= gates["text_centred_rel_error_max"]
     info = backend.describe()
