@@ -95,13 +95,13 @@ def emit(values: dict[str, Any], defaults: dict[str, Any], omit: frozenset[str],
 
 
 class Reader:
-    """Typed reads of one JSON object of the manifest, each failure naming ``section.key``."""
+    """Typed reads of one JSON object of the manifest, each failure naming the field: as
+    ``section.key`` inside a section, as ``'key'`` at the top level (``section`` "")."""
 
     def __init__(self, d: Any, where: str, section: str, what: str = "an object"):
         if not isinstance(d, dict):
             raise fail(where, repr(section) if "." not in section else section,
                        f"must be {what}, got {type(d).__name__}")
-        # the top level (section "") names its fields as 'key', a section's as section.key
         self.d, self.where, self.prefix = d, where, section
         self.known: set[str] = set()
 
@@ -227,8 +227,9 @@ class Gates(JsonSection):
     @classmethod
     def from_dict(cls, d: Any, where: str, section: str = "gates") -> Gates:
         r = Reader(d, where, section)
-        numbers = {k: r.number(k) for k in cls.OMIT - {"token_ids_identical",
-                                                       "retrieval_pairs_min"}}
+        numbers = {k: r.number(k) for k in (
+            "pixel_max_levels", "image_centred_rel_error_max", "text_centred_rel_error_max",
+            "image_cosine_min", "text_cosine_min", "top1_agreement_min")}
         return cls(**numbers, token_ids_identical=r.get("token_ids_identical", bool,
                                                         "true or false", None),
                    retrieval_pairs_min=r.integer("retrieval_pairs_min"), extra=r.extra,

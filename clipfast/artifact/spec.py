@@ -299,5 +299,6 @@ class ArtifactSpec(JsonSection):
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's JSON. Built in code: without format fields and checksums
-        (``write_manifest`` adds those); read from a file: the file's JSON."""
+        (``write_manifest`` adds those); read from a file: that file's JSON, unchanged apart
+        from what was set since."""
         return super().to_dict()
