@@ -143,7 +143,7 @@ def has_contrib_ops(onnx_path: str | os.PathLike) -> bool:
 
 
 def recorded_contrib_ops(manifest, tower: str) -> list[str] | None:
-    """``manifest["graph"][tower]["contrib_ops"]``, the export's record of the op types of the
+    """``manifest.spec.graph.<tower>.contrib_ops``, the export's record of the op types of the
     tower graph outside the standard ONNX domain (sorted), or None when the manifest predates
     that record."""
     ops = manifest.spec.graph.contrib_ops(tower)  # a list of names (ArtifactSpec checks it)
