@@ -131,7 +131,7 @@ def _run_golden_texts(backend, text: dict[str, np.ndarray], manifest) -> tuple[n
     length (or the next length the backend accepts), as the Engine runs them; else as stored.
     Returns ``(embeddings, distinct lengths run)``."""
     inputs = {k: v.astype(np.int64) for k, v in text.items()}
-    if not getattr(getattr(manifest, "text", None), "dynamic", False):
+    if manifest is None or not manifest.spec.text.dynamic:
         return backend.run_text(inputs), 1
     from clipfast.inputs.text_batching import plan_text_batches, row_lengths, run_planned
 

@@ -178,7 +178,7 @@ class Service:
         # path parameter (``prefix/{id}``), labelled by the prefix.
         self.routes: set[str] = set(_ROUTES)
         self.param_routes: set[str] = set()
-        pad = getattr(getattr(engine.manifest, "tokenizer", None), "pad_id", 0)
+        pad = getattr(getattr(engine.manifest.spec, "tokenizer", None), "pad_id", 0)
         self._pad_id = pad if isinstance(pad, int) else 0
 
     # Tower calls, in the tower thread: exactly Engine.encode_texts / encode_images per row.
