@@ -143,24 +143,32 @@ def bench_attention(args, device) -> list[dict[str, Any]]:
     return rows
 
 
+def _table(header: list[str], cells: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in cells)]
+
+
 def markdown(rows: list[dict[str, Any]], gpu: str) -> str:
     lines = [f"# clipfast kernels on {gpu}", ""]
     pre = [r for r in rows if r["bench"] == "preprocess"]
     if pre:
-        lines += ["| preprocessing (224, bicubic, mixed sizes) | images/s | GB/s | median ms | "
-                  "p90 ms | max levels vs Pillow |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['impl']} | {r['images_per_s']:.0f} | {r['GB_per_s']:.1f} | "
-                  f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['max_levels_vs_pillow']:.1f} |"
-                  for r in pre]
+        lines += _table(
+            ["preprocessing (224, bicubic, mixed sizes)", "images/s", "GB/s", "median ms",
+             "p90 ms", "max levels vs Pillow"],
+            [[r["impl"], f"{r['images_per_s']:.0f}", f"{r['GB_per_s']:.1f}",
+              f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['max_levels_vs_pillow']:.1f}"]
+             for r in pre])
         lines.append("")
     att = [r for r in rows if r["bench"] == "attention"]
     if att:
-        lines += ["| attention shape | (B, H, T, D) | impl | path | median us | p90 us | "
-                  "TFLOP/s |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']}{' causal' if r['causal'] else ''} | "
-                  f"{tuple(r['batch_heads_tokens_dim'])} | {r['impl']} | {r['path']} | "
-                  f"{r['median_us']:.1f} | {r['p90_us']:.1f} | {r['TFLOP_per_s']:.1f} |"
-                  for r in att]
+        lines += _table(
+            ["attention shape", "(B, H, T, D)", "impl", "path", "median us", "p90 us",
+             "TFLOP/s"],
+            [[f"{r['shape']}{' causal' if r['causal'] else ''}",
+              str(tuple(r["batch_heads_tokens_dim"])), r["impl"], r["path"],
+              f"{r['median_us']:.1f}", f"{r['p90_us']:.1f}", f"{r['TFLOP_per_s']:.1f}"]
+             for r in att])
     return "\n".join(lines) + "\n"
 
 

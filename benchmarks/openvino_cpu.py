@@ -72,25 +72,26 @@ class NncfTowers:
 
 def load_paths(fp32: Path, int8: Path, threads: int, calib) -> dict[str, tuple[Any, str]]:
     """``{path: (towers, precision)}``; towers has run_image(pixels) / run_text(tokens)."""
-    def engine(art, backend, **kw):
-        return clipfast.Engine(art, backend=backend, threads=threads, **kw)._backend
+    from clipfast.artifact.manifest import load_manifest
+    from clipfast.backends import load_backend
+
+    def engine(art, backend, **options):
+        """The backend itself (its towers, unchunked), through the public loader."""
+        return load_backend(backend, load_manifest(art), "cpu", threads=threads, **options)
 
     paths: dict[str, tuple[Any, str]] = {}
-    paths["eager PyTorch fp32"] = (engine(fp32, "torch", self_check=False,
-                                          backend_options={"compile": False}), "fp32")
+    paths["eager PyTorch fp32"] = (engine(fp32, "torch", compile=False), "fp32")
     paths["clipfast fp32 (ONNX Runtime)"] = (engine(fp32, "onnxruntime"), "fp32")
     paths["clipfast int8 (ONNX Runtime)"] = (engine(int8, "onnxruntime"), "int8")
     paths["OpenVINO fp32"] = (engine(fp32, "openvino"), "fp32")
     try:
-        paths["OpenVINO bf16"] = (engine(fp32, "openvino",
-                                         backend_options={"ov_precision": "bf16"}), "bf16")
+        paths["OpenVINO bf16"] = (engine(fp32, "openvino", ov_precision="bf16"), "bf16")
     except clipfast.errors.BackendUnavailable as e:
         print(f"OpenVINO bf16 skipped: {e}", file=sys.stderr)
     paths["OpenVINO int8 (clipfast graph)"] = (engine(int8, "openvino"), "int8")
     paths["OpenVINO int8 (NNCF)"] = (NncfTowers(fp32, threads, *calib), "int8")
     # auto: clipfast's own selection (clipfast.backends.tune, measured afresh) over the paths
     # already loaded, so that it adds no copy of the model to this process
-    from clipfast.artifact.manifest import load_manifest
     from clipfast.artifact.selfcheck import load_golden, run_self_check
     from clipfast.backends import tune
 
@@ -109,7 +110,7 @@ def load_paths(fp32: Path, int8: Path, threads: int, calib) -> dict[str, tuple[A
         threads=threads, allow=("bf16",), available=("onnxruntime", "openvino"), retune=True)
     choice = auto.tuning
     paths[f"clipfast auto, bf16 allowed (-> {choice['label']})"] = (
-        auto, getattr(auto, "precision", None) or "fp32")
+        auto, auto.info().precision or "fp32")
     return paths
 
 

@@ -80,21 +80,26 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _bench_tower(benchmark, engine, tower: str, x, batch: int, gflop: float | None) -> None:
+    """Time ``engine.run_{tower}_tower(x)`` (synchronised on CUDA) and record items/s."""
+    run_tower = engine.run_image_tower if tower == "image" else engine.run_text_tower
+
+    def run():
+        out = run_tower(x)
+        _sync()
+        return out
+
+    benchmark.group = f"{tower} tower batch {batch}"
+    out = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    assert out.shape == (batch, engine.embed_dim)
+    _record(benchmark, batch, gflop)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_image_tower(benchmark, bench_artifact, pixels, flops, backend, batch):
     engine = _engine(bench_artifact, backend)
-    x = pixels[:batch]
-
-    def run():
-        out = engine.run_image_tower(x)
-        _sync()
-        return out
-
-    benchmark.group = f"image tower batch {batch}"
-    out = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    assert out.shape == (batch, engine.embed_dim)
-    _record(benchmark, batch, flops["image"])
+    _bench_tower(benchmark, engine, "image", pixels[:batch], batch, flops["image"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -102,13 +107,4 @@ def test_image_tower(benchmark, bench_artifact, pixels, flops, backend, batch):
 def test_text_tower(benchmark, bench_artifact, tokens, flops, backend, batch):
     engine = _engine(bench_artifact, backend)
     x = {k: v[:batch] for k, v in tokens.items()}
-
-    def run():
-        out = engine.run_text_tower(x)
-        _sync()
-        return out
-
-    benchmark.group = f"text tower batch {batch}"
-    out = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    assert out.shape == (batch, engine.embed_dim)
-    _record(benchmark, batch, flops["text"])
+    _bench_tower(benchmark, engine, "text", x, batch, flops["text"])

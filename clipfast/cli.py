@@ -12,7 +12,9 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from clipfast.errors import ClipfastError
 from clipfast.types import IMAGE_SUFFIXES, plural
@@ -381,6 +383,15 @@ class _TopHelp(argparse.HelpFormatter):
         return text
 
 
+def _artifact_command(sub: Any, name: str, fn: Callable[[argparse.Namespace], int],
+                      **parser_kw: Any) -> argparse.ArgumentParser:
+    """Register a subcommand whose first argument is an artifact directory, run by ``fn``."""
+    p = sub.add_parser(name, **parser_kw)
+    p.add_argument("artifact", help="artifact directory (written by clipfast export)")
+    p.set_defaults(fn=fn)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clipfast import __version__
     from clipfast.backends import available_backends
@@ -434,9 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_flags(e)
     e.set_defaults(fn=_cmd_export)
 
-    b = sub.add_parser("build-engines",
-                       help="build an artifact's TensorRT engines on this GPU")
-    b.add_argument("artifact", help="artifact directory (written by clipfast export)")
+    b = _artifact_command(sub, "build-engines", _cmd_build_engines,
+                          help="build an artifact's TensorRT engines on this GPU")
     _add_profile_flags(b)
     b.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="where engines go (default: ARTIFACT/tensorrt/ when writable, else "
@@ -445,27 +455,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rebuild", action="store_true",
                    help="build even when a matching engine is cached")
     b.add_argument("--quiet", action="store_true", help="no progress messages")
-    b.set_defaults(fn=_cmd_build_engines)
 
-    v = sub.add_parser("verify", help="check an artifact's fidelity on this host",
-                       description="Check the artifact's golden outputs on this host and, with "
-                       "the export extras, re-measure its fidelity against the PyTorch source "
-                       "(exit status 1 when a gate fails).")
-    v.add_argument("artifact", help="artifact directory (written by clipfast export)")
+    v = _artifact_command(sub, "verify", _cmd_verify,
+                          help="check an artifact's fidelity on this host",
+                          description="Check the artifact's golden outputs on this host and, "
+                          "with the export extras, re-measure its fidelity against the PyTorch "
+                          "source (exit status 1 when a gate fails).")
     v.add_argument("--images", default=None, metavar="DIR",
                    help="directory of images to measure on (default: a built-in set)")
     v.add_argument("--backend", default="onnxruntime",
                    help=f"backend to check: {backends} (default onnxruntime)")
     v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     v.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    v.set_defaults(fn=_cmd_verify)
 
-    i = sub.add_parser("info", help="describe an artifact",
-                       description="Print an artifact's source, family, precision, "
-                       "preprocessing, tokenizer, files and fidelity figures (checksums are "
-                       "not re-read).")
-    i.add_argument("artifact", help="artifact directory (written by clipfast export)")
-    i.set_defaults(fn=_cmd_info)
+    _artifact_command(sub, "info", _cmd_info, help="describe an artifact",
+                      description="Print an artifact's source, family, precision, "
+                      "preprocessing, tokenizer, files and fidelity figures (checksums are not "
+                      "re-read).")
 
     n = sub.add_parser("encode", help="embed images or --texts into a .npy file")
     n.add_argument("artifact", help="artifact directory (written by clipfast export)")

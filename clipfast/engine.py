@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -12,7 +13,8 @@ import numpy as np
 
 from clipfast.artifact.fidelity import l2_normalize
 from clipfast.artifact.manifest import Manifest, load_manifest
-from clipfast.backends import resolve_backend
+from clipfast.backends import BackendInfo, resolve_backend
+from clipfast.backends.batching import chunk_size
 from clipfast.errors import ClipfastError, InputError
 from clipfast.types import BatchResult, Failure
 
@@ -167,8 +169,7 @@ class Engine:
             log.warning("clipfast: device %r was asked for; the %s backend runs on %r (%s)",
                         device, self._backend.name, self.backend_device,
                         "; ".join(f"{n}: {r}" for n, r in self.fallbacks) or "no reason given")
-        max_batch = getattr(self._backend, "max_batch", None)
-        self._chunk = min(self.batch_size, max_batch) if max_batch else self.batch_size
+        self._chunk = chunk_size(self.batch_size, self._backend.max_batch)
         self._threads = threads or os.cpu_count() or 1
         self._gpu_preprocess = None
         self._preprocess_path = "cpu (Pillow): the towers run on the CPU"
@@ -197,22 +198,29 @@ class Engine:
     def backend_device(self) -> str:
         """Where the towers run: "cuda", or "cpu" (also when "cuda" was asked for and the chain
         fell back to a CPU backend; ``fallbacks`` says why)."""
-        return getattr(self._backend, "device", self.device)
+        return self._backend.device
 
     @property
     def embed_dim(self) -> int:
         return self.manifest.spec.embed_dim
 
+    def backend_info(self) -> BackendInfo:
+        """The backend's facts (``clipfast.backends.BackendInfo``): name, device, the precision
+        the towers really compute in (the artifact's unless the backend says otherwise),
+        providers, batch limits, ``backend="auto"``'s measured choice, its ``describe()``."""
+        info = self._backend.info()
+        return dataclasses.replace(info, precision=info.precision or self.manifest.spec.precision)
+
     def describe(self) -> dict[str, Any]:
+        info = self.backend_info()
         return {
-            **self._backend.describe(),
+            **info.details,
             "artifact": str(self.manifest.directory),
             "family": self.manifest.spec.family,
             "precision": self.manifest.spec.precision,
             # what the towers compute in (a backend may run bf16 on an fp32 artifact when
             # asked to; never unsaid)
-            "compute_precision": getattr(self._backend, "precision", None)
-            or self.manifest.spec.precision,
+            "compute_precision": info.precision,
             "requested_device": self.device,
             "batch_size": self._chunk,
             "preprocess": self._preprocess_path,
@@ -220,7 +228,7 @@ class Engine:
             "fallbacks": list(self.fallbacks),
             "self_check": self.self_check_figures,
             # backend="auto" on the CPU: the measured choice (clipfast.backends.tune)
-            "auto": getattr(self._backend, "tuning", None),
+            "auto": info.tuning,
         }
 
     def check_golden(self) -> dict[str, Any] | None:
@@ -312,11 +320,9 @@ class Engine:
     def _run_chunks(self, tower: str, chunks: list) -> list[np.ndarray]:
         """Run chunks through one tower; a backend that overlaps copies and compute across
         batches (``run_image_batches`` / ``run_text_batches``) gets them all at once."""
-        many = getattr(self._backend, f"run_{tower}_batches", None)
-        if many is not None and len(chunks) > 1:
-            return list(many(chunks))
-        one = getattr(self._backend, f"run_{tower}")
-        return [one(c) for c in chunks]
+        backend = self._backend
+        run = backend.run_image_batches if tower == "image" else backend.run_text_batches
+        return list(run(chunks))
 
     def encode_images(self, images: Sequence[Any], *, normalize: bool = True,
                       errors: str = "raise", progress: bool = False):
@@ -369,17 +375,10 @@ class Engine:
                 if bar is not None:
                     bar.update(min(size, len(items) - s))
 
-        many = getattr(self._backend, "run_image_batches", None)
         stream = pixel_chunks()
         interrupted = False
         try:
-            if many is not None and len(starts) > 1:
-                outs = many(stream)
-            else:
-                outs = []
-                for pixels in stream:
-                    outs.append(self._backend.run_image(pixels))
-                    pixels = None  # not kept while the next chunk is produced
+            outs = self._backend.run_image_batches(stream)
         except BaseException:
             interrupted = True
             raise
@@ -426,13 +425,14 @@ class Engine:
         if n == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         if self.text_dynamic:
-            from clipfast.inputs.text_batching import plan_text_batches, run_planned
+            from clipfast.backends.batching import plan_text_batches
+            from clipfast.inputs.text_batching import run_planned
 
             if lengths is None:
                 lengths = self.tokenizer.lengths(inputs)
             plan = plan_text_batches(lengths, self._chunk,
                                      context=self.tokenizer.context_length,
-                                     allowed=getattr(self._backend, "text_lengths", None))
+                                     allowed=self._backend.text_lengths)
             return run_planned(lambda chunks: self._run_chunks("text", chunks), inputs, plan,
                                self.embed_dim)
         out = self._run_chunks("text", [{k: v[s:s + self._chunk] for k, v in inputs.items()}

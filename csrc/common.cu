@@ -1,25 +1,10 @@
-// common.cu - clipfast_last_error / version / build info, and the shared error helpers.
-#include <cstdarg>
-#include <cstdio>
+// common.cu - version / build info and the CUDA error helpers (clipfast_last_error and fail()
+// are in last_error.cu).
 #include <mutex>
 
 #include "common.h"
 
 namespace clipfast {
-
-namespace {
-thread_local char g_last_error[1024] = "";
-}  // namespace
-
-int fail(int code, const char* fmt, ...) {
-  va_list args;
-  va_start(args, fmt);
-  std::vsnprintf(g_last_error, sizeof(g_last_error), fmt, args);
-  va_end(args);
-  return code;
-}
-
-void clear_error() { g_last_error[0] = '\0'; }
 
 int cuda_fail(cudaError_t err, const char* what) {
   cudaGetLastError();  // clear a sticky-free error so the next call starts clean
@@ -51,8 +36,6 @@ int max_smem_optin(int* bytes) {
 extern "C" {
 
 int clipfast_abi_version(void) { return CLIPFAST_ABI_VERSION; }
-
-const char* clipfast_last_error(void) { return clipfast::g_last_error; }
 
 const char* clipfast_build_info(void) {
   return "clipfast_kernels abi " CLIPFAST_STR(CLIPFAST_ABI_VERSION)

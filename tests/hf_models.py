@@ -18,6 +18,7 @@ import gzip
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +92,13 @@ def _clip_tokenizer(directory: Path):
     )
 
 
+def _encoder(*, width: int, layers: int, heads: int, mlp: int, **extra: Any) -> dict[str, Any]:
+    """A transformers encoder config (``text_config`` / ``vision_config``) of these sizes, plus
+    the tower's own keys in ``extra``."""
+    return {"hidden_size": width, "intermediate_size": mlp, "num_hidden_layers": layers,
+            "num_attention_heads": heads, **extra}
+
+
 _CLIP_SIZES = {
     # name: (vision width, layers, heads, patch, image size, text width, layers, heads, proj)
     "small": (64, 2, 4, 16, 64, 64, 2, 4, 48),
@@ -123,27 +131,12 @@ def save_clip(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = CLIPConfig(
-        text_config={
-            "vocab_size": 49408,
-            "hidden_size": tw,
-            "intermediate_size": 4 * tw,
-            "num_hidden_layers": tl,
-            "num_attention_heads": th,
-            "max_position_embeddings": 77,
-            "hidden_act": hidden_act,
-            "bos_token_id": 0 if eos_token_id == 2 else 49406,
-            "eos_token_id": eos_token_id,
-            "pad_token_id": 1,
-        },
-        vision_config={
-            "hidden_size": vw,
-            "intermediate_size": 4 * vw,
-            "num_hidden_layers": vl,
-            "num_attention_heads": vh,
-            "patch_size": patch,
-            "image_size": image,
-            "hidden_act": hidden_act,
-        },
+        text_config=_encoder(width=tw, layers=tl, heads=th, mlp=4 * tw, vocab_size=49408,
+                             max_position_embeddings=77, hidden_act=hidden_act,
+                             bos_token_id=0 if eos_token_id == 2 else 49406,
+                             eos_token_id=eos_token_id, pad_token_id=1),
+        vision_config=_encoder(width=vw, layers=vl, heads=vh, mlp=4 * vw, patch_size=patch,
+                               image_size=image, hidden_act=hidden_act),
         projection_dim=proj,
     )
     torch.manual_seed(seed)
@@ -283,13 +276,7 @@ def save_align(directory: str | Path, full: bool = True, *, seed: int = 0) -> Pa
             "hidden_dim": 160,
             "depthwise_padding": [],
         }
-        text = {
-            "vocab_size": 1024,
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "intermediate_size": 128,
-        }
+        text = _encoder(width=64, layers=2, heads=4, mlp=128, vocab_size=1024)
         resize, crop, vocab_size = 76, 64, 1024
     config = AlignConfig(text_config=text, vision_config=vision, projection_dim=640 if full else 80)
     torch.manual_seed(seed)
@@ -360,25 +347,11 @@ def save_siglip(directory: str | Path, *, seed: int = 0) -> Path:
         model_input_names=["input_ids"],
     )
     config = SiglipConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 64,
-            "bos_token_id": None,
-            "pad_token_id": 1,
-            "eos_token_id": 1,
-        },
-        vision_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 64,
-            "patch_size": 16,
-        },
+        text_config=_encoder(width=64, layers=2, heads=4, mlp=128, vocab_size=len(vocab),
+                             max_position_embeddings=64, bos_token_id=None, pad_token_id=1,
+                             eos_token_id=1),
+        vision_config=_encoder(width=64, layers=2, heads=4, mlp=128, image_size=64,
+                               patch_size=16),
     )
     torch.manual_seed(seed)
     model = SiglipModel(config).eval()
@@ -412,25 +385,11 @@ def save_metaclip2(directory: str | Path, *, seed: int = 0) -> Path:
     vocab += _unigram_pieces(1500) + [("<mask>", 0.0)]
     tokenizer = XLMRobertaTokenizer(vocab=vocab, model_max_length=77)
     config = MetaClip2Config(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 77,
-            "bos_token_id": 0,
-            "pad_token_id": 1,
-            "eos_token_id": 2,  # as in the released weights (XLM-R "</s>")
-        },
-        vision_config={
-            "hidden_size": 64,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 64,
-            "patch_size": 16,
-        },
+        text_config=_encoder(width=64, layers=2, heads=4, mlp=256, vocab_size=len(vocab),
+                             max_position_embeddings=77, bos_token_id=0, pad_token_id=1,
+                             eos_token_id=2),  # as in the released weights (XLM-R "</s>")
+        vision_config=_encoder(width=64, layers=2, heads=4, mlp=256, image_size=64,
+                               patch_size=16),
         projection_dim=48,
     )
     torch.manual_seed(seed)

@@ -5,6 +5,9 @@ load and hands each backend only its own (an option of one backend does not trou
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 from manifest_stub import stub_manifest
 
@@ -30,22 +33,55 @@ def test_every_backend_declares_its_options():
     assert "cuda_graphs" not in ort_backend.OPTIONS
 
 
+
+def _received(name: str) -> set[str]:
+    """The names under which backend ``name`` receives its checked options: its class's
+    parameters (the torch backend's: the fields of its resolved TorchOptions)."""
+    if name == "torch":
+        return {f.name for f in dataclasses.fields(torch_backend.TorchOptions)}
+    cls = {"tensorrt": trt_backend.TensorRTBackend, "onnxruntime": ort_backend.OnnxRuntimeBackend,
+           "openvino": ov_backend.OpenVinoBackend}[name]
+    return set(inspect.signature(cls).parameters)
+
+
 @pytest.mark.parametrize("name", ["tensorrt", "onnxruntime", "openvino", "torch"])
-def test_every_reported_option_is_accepted_by_the_backend(name):
-    """What ``backend_options`` reports (the list the Engine checks against up front and error
-    messages show) is what the backend's ``load`` takes: each option passes both checks, and
-    loading then fails only on the missing artifact or runtime, never on the option's name.
-    Each is described in the backend module's docstring, where users look them up."""
-    for option in backends.backend_options(name):
+def test_every_declared_option_reaches_the_backend_and_is_documented(name):
+    """The spec the checks use is the one the backend is built from: every declared option's
+    default passes its own check, is a parameter of the class that receives the checked options
+    (a declared option the backend ignores, or one renamed on one side, fails here), and is
+    described in the module docstring, where users look options up."""
+    spec = backends.option_spec(name)
+    assert tuple(spec) == backends.backend_options(name)
+    fields = _received(name)
+    defaults = spec.validate({})
+    for option in spec:
         assert f"``{option}``" in MODULES[name].__doc__, f"{name}: {option} is not documented"
-        assert backends.check_backend_options(name, {option: None}) == {
-            name: backends.backend_options(name)}
-        try:
-            MODULES[name].load(NOWHERE, device="cpu", **{option: None})
-        except InputError as e:
-            assert "unknown option" not in str(e), (option, e)
-        except Exception:  # noqa: BLE001 - past the option check, the missing artifact fails
-            pass
+        assert option in fields, f"{name}: {option} does not reach the backend"
+        assert spec.validate({option: defaults[option]})[option] == defaults[option], option
+
+
+@pytest.mark.parametrize(("name", "option", "value", "message"), [
+    ("onnxruntime", "ort_tensorrt", "yes", "backend option ort_tensorrt='yes': expected True or "
+     "False"),
+    ("onnxruntime", "device_id", -1, "backend option device_id=-1: expected a CUDA device"),
+    ("onnxruntime", "profile", (4, 2, 1), "backend option profile=(4, 2, 1)"),
+    ("openvino", "ov_precision", "fp8", "backend option ov_precision='fp8': expected one of "
+     "auto, f32, bf16"),
+    ("torch", "dtype", "int4", "backend option dtype='int4': expected one of auto, fp32"),
+    ("torch", "attention", "fast", "backend option attention='fast': expected one of"),
+    ("tensorrt", "build", "always", "tensorrt backend option build='always': expected one of "
+     "missing, never"),
+])
+def test_a_bad_value_is_refused_up_front_by_name_and_in_auto(recorded_loads, name, option,
+                                                              value, message):
+    """Values are checked with the names, before anything loads, for a named backend and in
+    ``auto`` on every device (before, a bad value of a backend the CPU chain never reaches,
+    such as tensorrt's, passed unseen on a CPU host)."""
+    for backend, device in ((name, "cpu"), ("auto", "cpu"), ("auto", "cuda")):
+        with pytest.raises(InputError) as info:
+            backends.resolve_backend(backend, NOWHERE, device, **{option: value})
+        assert message in str(info.value), (backend, device, str(info.value))
+    assert recorded_loads == []
 
 
 @pytest.mark.parametrize("name", ["tensorrt", "onnxruntime", "openvino", "torch"])

@@ -23,14 +23,13 @@ from clipfast.artifact.fidelity import GATES, centred_relative_error, check_gate
 from clipfast.artifact.manifest import artifact_digest
 from clipfast.backends import onnxruntime as ort_backend
 from clipfast.backends import torch as torch_backend
-from clipfast.backends.batching import BatchProfile
+from clipfast.backends.batching import BatchProfile, plan_rows
 from clipfast.backends.torch import (
     GraphCache,
     GraphEntry,
     attention_request,
     fill_static,
     parse_options,
-    plan_batches,
 )
 from clipfast.errors import BackendUnavailable, ClipfastError, InputError
 
@@ -38,6 +37,11 @@ CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecu
 
 
 # ------------------------------------------------------------------------------ planning (CPU)
+def plan_batches(n, buckets, max_batch=None):
+    """The batch planner as the torch backend calls it, as ``(start, stop, rows run)``."""
+    return [(c.start, c.stop, c.bucket) for c in plan_rows(n, max_batch, buckets)]
+
+
 def test_plan_pads_each_chunk_to_the_smallest_bucket():
     buckets = BatchProfile(1, 4, 16).buckets()
     assert buckets == (1, 2, 4, 8, 16)

@@ -154,7 +154,9 @@ def test_engine_chunks_to_the_backends_max_batch(vitb32_artifact, monkeypatch, p
     real = engine_mod.resolve_backend
     calls = []
 
-    class Capped:
+    from clipfast.backends import Backend
+
+    class Capped(Backend):
         def __init__(self, inner):
             self.inner, self.name, self.device, self.max_batch = inner, "capped", "cpu", 2
 

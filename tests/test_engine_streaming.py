@@ -16,7 +16,7 @@ from PIL import Image
 from test_tensorrt import _fake_trt, _FakeCuda, _NoLog
 
 import clipfast
-from clipfast.backends.base import host_array
+from clipfast.backends.base import Backend, host_array
 from clipfast.backends.batching import BatchProfile
 from clipfast.backends.tensorrt import backend as trt_backend
 from clipfast.errors import ClipfastError, ImageLoadError
@@ -24,7 +24,7 @@ from clipfast.errors import ClipfastError, ImageLoadError
 WAIT_S = 60  # a deadlock guard, not a timing assumption
 
 
-class _OnCuda:
+class _OnCuda(Backend):
     """The real backend's arithmetic, presented as a CUDA backend (so the Engine prefetches)."""
 
     name, device = "stand-in", "cuda"
@@ -197,12 +197,15 @@ def test_the_engine_on_cpu_stays_sequential(engines, monkeypatch):
     items = _images(5)
     started, log, _ = _instrument(eng, 3, monkeypatch)
 
-    class Seq:
+    class Seq(Backend):
         name, device = "cpu-stand-in", "cpu"
 
         def run_image(self, pixels):
             log.append(("tower", len(pixels)))
             return ref._backend.run_image(pixels)
+
+        def run_text(self, feed):
+            return ref._backend.run_text(feed)
 
         def describe(self):
             return {}

@@ -61,10 +61,11 @@ def test_one_dispatch_point_names_each_reason(monkeypatch):
 def _on_cuda(monkeypatch):
     """Engines built after this see their backend on CUDA (the towers are ONNX Runtime's)."""
     import clipfast.engine as engine_mod
+    from clipfast.backends import Backend
 
     real = engine_mod.resolve_backend
 
-    class OnCuda:
+    class OnCuda(Backend):
         name, device = "stand-in", "cuda"
 
         def __init__(self, inner):

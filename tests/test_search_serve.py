@@ -381,7 +381,7 @@ def test_search_body_is_parsed_and_tokenized_off_the_event_loop(stub, monkeypatc
     import asyncio
     import threading
 
-    import clipfast.serve.app as app_mod
+    import clipfast.serve.schemas as app_mod
 
     engine, idx, _ = stub
     threads: list[str] = []

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from clipfast.types import BatchResult, Failure
+from clipfast.types import Failure
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -127,16 +127,22 @@ class StubEngine:
     def run_image_tower(self, pixels):
         return self._tower(pixels)
 
-    def preprocess(self, images, errors="skip"):
-        try:
-            img = Image.open(io.BytesIO(images[0]))
-            img.load()
-            arr = np.asarray(img.convert("RGB").resize((4, 4)), np.float32)[None] / 255
-            return BatchResult(arr.transpose(0, 3, 1, 2), np.array([0]), [])
-        except Exception as e:
-            return BatchResult(np.zeros((0, 3, 4, 4), np.float32), np.array([], np.int64),
-                               [Failure(0, "<bytes>", f"image 0 (<bytes>): cannot identify "
-                                        f"image data ({type(e).__name__})")])
+    def prepare_images(self, images, *, offset=0):
+        """(pixels, absolute indices, failures), as Engine.prepare_images: a failure names
+        its position ``offset + i``."""
+        rows, idx, failures = [], [], []
+        for i, data in enumerate(images, start=offset):
+            try:
+                img = Image.open(io.BytesIO(data))
+                img.load()
+                arr = np.asarray(img.convert("RGB").resize((4, 4)), np.float32) / 255
+                rows.append(arr.transpose(2, 0, 1))
+                idx.append(i)
+            except Exception as e:
+                failures.append(Failure(i, "<bytes>", f"image {i} (<bytes>): cannot identify "
+                                        f"image data ({type(e).__name__})"))
+        pixels = np.stack(rows) if rows else np.zeros((0, 3, 4, 4), np.float32)
+        return pixels, idx, failures
 
     def logits(self, a, b):
         return (100.0 * a @ b.T).astype(np.float32)

@@ -15,11 +15,17 @@ import pytest
 from manifest_stub import stub_manifest
 
 from clipfast.artifact.manifest import load_manifest, write_manifest
-from clipfast.backends.batching import BatchProfile
+from clipfast.backends.batching import BatchProfile, plan_rows
 from clipfast.backends.tensorrt import backend as trt_backend
 from clipfast.backends.tensorrt import build as tb
 from clipfast.backends.tensorrt import cudart
-from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, ExportError
+from clipfast.errors import (
+    ArtifactError,
+    BackendUnavailable,
+    ClipfastError,
+    ExportError,
+    InputError,
+)
 
 SHA = "ab" * 32
 KEY = tb.EngineKey(tower="image", onnx_sha256=SHA, precision="fp16", io_dtype="fp32",
@@ -211,35 +217,47 @@ def test_profile_validation():
 
 
 def test_backend_option_validation():
-    profile, cache, build, graphs = trt_backend.parse_options({"min": 1, "opt": 2, "max": 4},
-                                                              "/tmp/x", "never", False)
+    profile, cache, build, graphs = trt_backend.parse_options(
+        profile={"min": 1, "opt": 2, "max": 4}, cache_dir="/tmp/x", build="never",
+        cuda_graphs=False)
     assert profile == BatchProfile(1, 2, 4) and cache == Path("/tmp/x")
     assert (build, graphs) == ("never", False)
+    assert trt_backend.parse_options() == (BatchProfile(), None, "missing", True)
+    assert trt_backend.parse_options(cuda_graphs=None)[3] is True  # the default, as for torch
     with pytest.raises(ClipfastError, match="build='always'"):
         trt_backend.parse_options(build="always")
     with pytest.raises(ClipfastError, match="cuda_graphs='yes'"):
         trt_backend.parse_options(cuda_graphs="yes")
+    with pytest.raises(InputError, match=r"cache_dir=5: expected a folder path"):
+        trt_backend.parse_options(cache_dir=5)
+    with pytest.raises(InputError, match=r"backend option profile=\(4, 2, 1\)"):
+        trt_backend.parse_options(profile=(4, 2, 1))
 
 
 # -- planning ----------------------------------------------------------------------------------
+def _plan(n, profile):
+    """The batch planner as the TensorRT pipeline calls it."""
+    return plan_rows(n, profile.max, profile.buckets())
+
+
 def test_plan_chunks_splits_at_max_and_pads_to_buckets():
     p = BatchProfile(1, 64, 256)
-    plan = trt_backend.plan_chunks(300, p)
+    plan = _plan(300, p)
     assert [(c.start, c.stop, c.bucket) for c in plan] == [(0, 256, 256), (256, 300, 64)]
-    assert [c.bucket for c in trt_backend.plan_chunks(5, p)] == [8]
-    assert [c.bucket for c in trt_backend.plan_chunks(1, p)] == [1]
-    assert trt_backend.plan_chunks(0, p) == []
+    assert [c.bucket for c in _plan(5, p)] == [8]
+    assert [c.bucket for c in _plan(1, p)] == [1]
+    assert _plan(0, p) == []
     # min above 1: small requests pad to min; a non-power-of-two opt is a bucket of its own
-    assert [c.bucket for c in trt_backend.plan_chunks(3, BatchProfile(8, 48, 100))] == [8]
-    assert [c.bucket for c in trt_backend.plan_chunks(40, BatchProfile(8, 48, 100))] == [48]
-    assert [c.bucket for c in trt_backend.plan_chunks(250, BatchProfile(8, 48, 100))] == [
+    assert [c.bucket for c in _plan(3, BatchProfile(8, 48, 100))] == [8]
+    assert [c.bucket for c in _plan(40, BatchProfile(8, 48, 100))] == [48]
+    assert [c.bucket for c in _plan(250, BatchProfile(8, 48, 100))] == [
         100, 100, 64]
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 63, 64, 65, 255, 256, 257, 769, 1000])
 def test_plan_chunks_cover_every_row_once(n):
     p = BatchProfile(1, 64, 256)
-    plan = trt_backend.plan_chunks(n, p)
+    plan = _plan(n, p)
     rows = np.concatenate([np.arange(c.start, c.stop) for c in plan])
     assert np.array_equal(rows, np.arange(n))
     for c in plan:

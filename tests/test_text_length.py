@@ -110,9 +110,8 @@ class _ShapeSpy:
             return original(inputs)
 
         backend.run_text = run_text
+        # the default run_text_batches calls run_text once per batch, so each shape is seen
         self._undo = lambda: setattr(backend, "run_text", original)
-        # one call per batch, so each shape is seen
-        backend.run_text_batches = None
 
     def close(self) -> None:
         self._undo()

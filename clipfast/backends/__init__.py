@@ -7,10 +7,14 @@
   source model; it needs the export extras and the weights) is the last resort.
 - device "cpu": onnxruntime, openvino, torch.
 
-Backend options: each backend module declares the ones it accepts (``OPTIONS``) and its
-``load()`` raises InputError for any other. ``resolve_backend`` checks the Engine's
-``backend_options`` against the backends it may load before loading any, and in ``auto`` hands
-each backend only its own.
+Every backend subclasses ``base.Backend`` (run_image / run_text, their streaming forms,
+max_batch, device, ``info()``), the contract the Engine calls.
+
+Backend options: each backend module declares the ones it accepts (``OPTIONS``, a
+``base.OptionSpec``), whose ``validate`` is the one check of option names and values: the
+module's ``load()`` calls it, and ``resolve_backend`` calls it for every backend it may load
+before loading any (a bad value fails at once, on every machine); in ``auto`` each backend gets
+only its own options.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from clipfast.backends.base import Backend, check_options
+from clipfast.backends.base import Backend, BackendInfo, OptionSpec, check_options
 from clipfast.errors import BackendUnavailable, ClipfastError, FidelityError
 
 AUTO_CHAIN = {
@@ -59,27 +63,35 @@ def backend_module(name: str):
         raise BackendUnavailable(f"backend {name}: {e}; install it with {_INSTALL[name]}") from e
 
 
+def option_spec(name: str) -> OptionSpec:
+    """The options backend ``name`` declares (its module's ``OPTIONS``)."""
+    return backend_module(name).OPTIONS
+
+
 def backend_options(name: str) -> tuple[str, ...]:
-    """The options backend ``name`` accepts (its module's ``OPTIONS``)."""
-    return tuple(backend_module(name).OPTIONS)
+    """The names of the options backend ``name`` accepts."""
+    return tuple(option_spec(name))
 
 
 def check_backend_options(name: str, options: dict[str, Any]) -> dict[str, tuple[str, ...]]:
-    """``{backend: its OPTIONS}`` for the backends ``name`` may load (every backend for "auto",
-    whatever the device: one options dict serves every machine), after checking ``options``
-    against the union: InputError names an option none of them accepts and lists theirs. A
-    backend whose module cannot be imported is left out (it cannot run; loading it says why)."""
+    """``{backend: its option names}`` for the backends ``name`` may load (every backend for
+    "auto", whatever the device: one options dict serves every machine), after checking
+    ``options``: InputError names an option none of them accepts (listing theirs) or a value
+    one of them refuses (each backend's ``OPTIONS.validate``). A backend whose module cannot be
+    imported is left out (it cannot run; loading it says why)."""
     if name != "auto":
-        accepted = {name: backend_options(name)}
-        check_options(options, accepted[name], f"backend {name}")
-        return accepted
-    accepted = {}
+        option_spec(name).validate(options)
+        return {name: backend_options(name)}
+    specs = {}
     for candidate in AUTO_ORDER:
         try:
-            accepted[candidate] = backend_options(candidate)
+            specs[candidate] = option_spec(candidate)
         except BackendUnavailable:
             continue
+    accepted = {n: tuple(spec) for n, spec in specs.items()}
     check_options(options, accepted, f"backend auto ({', '.join(accepted)})")
+    for spec in specs.values():
+        spec.validate({k: v for k, v in options.items() if k in spec})
     return accepted
 
 
@@ -108,7 +120,8 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     is a skip whose reason carries the figures.
 
     ``options`` (the Engine's ``backend_options``) are checked before anything loads: one that
-    no backend ``name`` may load accepts raises InputError (``check_backend_options``). In
+    no backend ``name`` may load accepts, or a value one of them refuses, raises InputError
+    (``check_backend_options``, through each backend's ``OPTIONS.validate``). In
     ``auto`` each backend gets the options it accepts, so an option of one backend does not
     trouble the others. ``threads`` goes to every backend (the CPU ones use it).
 
@@ -171,5 +184,6 @@ def resolve_backend(name: str, manifest, device: str, *, fallback: bool = True,
     raise error(f"no backend can run this artifact on {device!r}: {reasons}")
 
 
-__all__ = ["AUTO_CHAIN", "AUTO_ORDER", "Backend", "available_backends", "backend_module",
-           "backend_options", "check_backend_options", "load_backend", "resolve_backend"]
+__all__ = ["AUTO_CHAIN", "AUTO_ORDER", "Backend", "BackendInfo", "available_backends",
+           "backend_module", "backend_options", "check_backend_options", "load_backend",
+           "option_spec", "resolve_backend"]

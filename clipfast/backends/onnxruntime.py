@@ -53,6 +53,7 @@ tower there (integer operators only) cannot run correctly and is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -65,15 +66,19 @@ import numpy as np
 from clipfast.artifact.cache import artifact_cache_dir
 from clipfast.artifact.manifest import tower_input_dims
 from clipfast.backends.base import (
-    check_options,
+    DEVICE_ID,
+    Backend,
+    BackendInfo,
+    Option,
+    OptionSpec,
+    choice,
+    flag,
     host_array,
     is_torch_tensor,
     option_bool,
-    option_choice,
-    option_device_id,
     text_feed,
 )
-from clipfast.backends.batching import BatchProfile, as_profile
+from clipfast.backends.batching import PROFILE, BatchProfile
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 # ONNX Runtime's input type strings -> numpy dtypes (what a feed must be cast to)
@@ -102,8 +107,12 @@ CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 ARENA_EXTEND_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 # The folder of the TensorRT EP's engines and timing cache (clipfast.artifact.cache).
 CACHE_PURPOSE = "ort-tensorrt"
-OPTIONS = ("device_id", "ort_tensorrt", "ort_trt_fp16", "ort_cudnn_conv_algo_search",
-           "ort_arena_extend_strategy", "profile")
+OPTIONS = OptionSpec(
+    "onnxruntime", DEVICE_ID, flag("ort_tensorrt", False),
+    Option("ort_trt_fp16", None, lambda v: None if v is None else option_bool("ort_trt_fp16", v)),
+    choice("ort_cudnn_conv_algo_search", "EXHAUSTIVE", CUDNN_CONV_ALGO_SEARCH),
+    choice("ort_arena_extend_strategy", "kSameAsRequested", ARENA_EXTEND_STRATEGIES),
+    PROFILE)
 # Device input buffers kept per (tower, input, shape): the engine sends a full-size chunk and at
 # most a few remainders, so a handful covers steady state without holding memory for every shape.
 _MAX_CACHED_INPUTS = 8
@@ -292,25 +301,19 @@ def session_options(ort, threads: int | None):
     return so
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, manifest, device: str, threads: int | None = None, *,
-                 device_id: int = 0, ort_tensorrt: bool = False,
-                 ort_trt_fp16: bool | None = None,
-                 ort_cudnn_conv_algo_search: str = "EXHAUSTIVE",
-                 ort_arena_extend_strategy: str = "kSameAsRequested", profile: Any = None):
-        # Options are checked before anything is loaded: a typo fails fast, naming the option.
-        tensorrt = option_bool("ort_tensorrt", ort_tensorrt)
+                 device_id: int, ort_tensorrt: bool, ort_trt_fp16: bool | None,
+                 ort_cudnn_conv_algo_search: str, ort_arena_extend_strategy: str,
+                 profile: BatchProfile):
+        """``load`` checks the options (``OPTIONS.validate``) before this runs."""
+        tensorrt = ort_tensorrt
         precision = manifest.spec.precision
-        trt_fp16 = (precision == "fp16" if ort_trt_fp16 is None
-                    else option_bool("ort_trt_fp16", ort_trt_fp16))
-        device_id = option_device_id(device_id)
-        conv_search = option_choice("ort_cudnn_conv_algo_search", ort_cudnn_conv_algo_search,
-                                     CUDNN_CONV_ALGO_SEARCH)
-        arena = option_choice("ort_arena_extend_strategy", ort_arena_extend_strategy,
-                               ARENA_EXTEND_STRATEGIES)
-        batch_profile = as_profile(profile, "backend option profile")
+        trt_fp16 = precision == "fp16" if ort_trt_fp16 is None else ort_trt_fp16
+        conv_search, arena = ort_cudnn_conv_algo_search, ort_arena_extend_strategy
+        batch_profile = profile
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -471,6 +474,9 @@ class OnnxRuntimeBackend:
             out = self._sessions["text"].run(None, feed)[0]
         return out.astype(np.float32, copy=False)
 
+    def info(self) -> BackendInfo:
+        return dataclasses.replace(super().info(), providers=tuple(self.providers))
+
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": self.device, "providers": self.providers,
                 "provider_options": {n: dict(o) for n, o in self._provider_options.items()},
@@ -484,6 +490,7 @@ class OnnxRuntimeBackend:
 def load(manifest, device: str = "cpu", threads: int | None = None, **options: Any
          ) -> OnnxRuntimeBackend:
     """The onnxruntime backend; ``options`` are this backend's (``OPTIONS``, described in the
-    module docstring): any other raises InputError naming it."""
-    check_options(options, OPTIONS, "backend onnxruntime")
-    return OnnxRuntimeBackend(manifest, device=device, threads=threads, **options)
+    module docstring), checked before anything loads: InputError names an unknown one or a bad
+    value."""
+    return OnnxRuntimeBackend(manifest, device=device, threads=threads,
+                              **OPTIONS.validate(options))

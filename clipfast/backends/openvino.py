@@ -51,19 +51,14 @@ from typing import Any
 
 import numpy as np
 
-from clipfast.backends.base import (
-    check_options,
-    host_array,
-    option_bool,
-    option_choice,
-    text_feed,
-)
+from clipfast.backends.base import Backend, OptionSpec, choice, flag, host_array, text_feed
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
 
 log = logging.getLogger("clipfast")
 
-OPTIONS = ("ov_precision", "ov_cache")
 PRECISIONS = ("auto", "f32", "bf16")
+OPTIONS = OptionSpec("openvino", choice("ov_precision", "auto", PRECISIONS),
+                     flag("ov_cache", True))
 INSTALL_HINT = "pip install 'clipfast[openvino]'"
 CACHE_PURPOSE = "openvino"
 # Layers whose runtime precision describe() reports: where the arithmetic is.
@@ -144,15 +139,14 @@ def _numpy_dtype(element_type) -> type:
         name, np.float32)
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(Backend):
     name = "openvino"
     device = "cpu"
-    max_batch = None
 
     def __init__(self, manifest, device: str = "cpu", threads: int | None = None, *,
-                 ov_precision: str = "auto", ov_cache: bool = True):
-        option_choice("ov_precision", ov_precision, PRECISIONS)
-        use_cache = option_bool("ov_cache", ov_cache)
+                 ov_precision: str, ov_cache: bool):
+        """``load`` checks the options (``OPTIONS.validate``) before this runs."""
+        use_cache = ov_cache
         if device != "cpu":
             raise BackendUnavailable(f"the openvino backend runs on the CPU; device={device!r} "
                                      "was asked for")
@@ -255,6 +249,6 @@ class OpenVinoBackend:
 def load(manifest, device: str = "cpu", threads: int | None = None, **options: Any
          ) -> OpenVinoBackend:
     """The openvino backend; ``options`` are this backend's (``OPTIONS``, in the module
-    docstring): any other raises InputError naming it."""
-    check_options(options, OPTIONS, "backend openvino")
-    return OpenVinoBackend(manifest, device=device, threads=threads, **options)
+    docstring), checked before anything loads: InputError names an unknown one or a bad
+    value."""
+    return OpenVinoBackend(manifest, device=device, threads=threads, **OPTIONS.validate(options))

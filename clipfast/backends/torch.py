@@ -30,21 +30,27 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from clipfast import settings
-from clipfast.backends.base import check_options, option_bool, option_device_id
-from clipfast.backends.batching import BatchProfile, as_profile, bucket_for, chunks
+from clipfast.backends.base import (
+    DEVICE_ID,
+    Backend,
+    BackendInfo,
+    Option,
+    OptionSpec,
+    flag,
+)
+from clipfast.backends.batching import PROFILE, BatchProfile, plan_rows
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 
 log = logging.getLogger("clipfast")
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ATTENTION_MODES = settings.ATTENTION_MODES
-OPTIONS = ("dtype", "cuda_graphs", "compile", "attention", "profile", "device_id")
 COMPILE_MODE = "max-autotune-no-cudagraphs"
 # Eager runs on the capture stream before each capture: cuBLAS / cuDNN pick and cache their
 # algorithms and workspaces and the allocator settles, none of which may happen during capture.
@@ -71,39 +77,51 @@ class TorchOptions:
     device_id: int = 0
 
 
+def _attention_mode(option: Any) -> str:
+    if option not in ATTENTION_MODES:
+        raise InputError(f"backend option attention={option!r}: expected one of "
+                         f"{', '.join(ATTENTION_MODES)}")
+    return option
+
+
+def _dtype(option: Any) -> str:
+    if option != "auto" and option not in DTYPES:
+        raise InputError(f"backend option dtype={option!r}: expected one of auto, "
+                         f"{', '.join(DTYPES)}")
+    return option
+
+
+OPTIONS = OptionSpec("torch", Option("dtype", "auto", _dtype),
+                     flag("cuda_graphs", None, none_ok=True), flag("compile", False),
+                     Option("attention", "auto", _attention_mode), PROFILE, DEVICE_ID)
+
+
 def attention_request(option: Any, environ: Mapping[str, str] | None = None
                       ) -> tuple[str, str]:
     """``(mode, origin)``: the ``attention`` option, unless ``CLIPFAST_TORCH_ATTENTION`` is set
     (in ``environ``, default ``os.environ`` read now), which wins (origin then names the
     variable)."""
-    if option not in ATTENTION_MODES:
-        raise InputError(f"backend option attention={option!r}: expected one of "
-                         f"{', '.join(ATTENTION_MODES)}")
+    option = _attention_mode(option)
     env = settings.value("CLIPFAST_TORCH_ATTENTION", environ)
     if env is None:
         return option, "option"
     return env, f"CLIPFAST_TORCH_ATTENTION={env}"
 
 
-def parse_options(device: str, *, dtype: Any = "auto", cuda_graphs: Any = None,
-                  compile: Any = False, attention: Any = "auto", profile: Any = None,
-                  device_id: Any = 0, environ: Mapping[str, str] | None = None) -> TorchOptions:
-    """Check the backend options and resolve the defaults for ``device`` ("cpu" or "cuda").
-
-    Raises InputError naming the option and what it accepts, BackendUnavailable for a
-    CUDA-only setting on the CPU.
-    """
+def parse_options(device: str, *, environ: Mapping[str, str] | None = None, **options: Any
+                  ) -> TorchOptions:
+    """Check the backend options (``OPTIONS.validate``: InputError names an unknown option or a
+    bad value) and resolve the defaults for ``device`` ("cpu" or "cuda"); BackendUnavailable
+    for a CUDA-only setting on the CPU."""
     if device not in ("cpu", "cuda"):
         raise InputError(f"device={device!r}: expected 'cpu' or 'cuda'")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise InputError(f"backend option dtype={dtype!r}: expected one of auto, "
-                         f"{', '.join(DTYPES)}")
+    given = OPTIONS.validate(options)
+    dtype = given["dtype"]
     resolved = ("fp16" if device == "cuda" else "fp32") if dtype == "auto" else dtype
-    graphs = device == "cuda" if cuda_graphs is None else option_bool("cuda_graphs", cuda_graphs)
-    do_compile = option_bool("compile", compile)
-    mode, origin = attention_request(attention, environ)
-    batch_profile = as_profile(profile, "backend option profile")
-    device_id = option_device_id(device_id)
+    graphs = device == "cuda" if given["cuda_graphs"] is None else given["cuda_graphs"]
+    do_compile = given["compile"]
+    mode, origin = attention_request(given["attention"], environ)
+    batch_profile, device_id = given["profile"], given["device_id"]
     if device == "cpu":
         # The CPU path is the fp32 reference; half precision, graphs and compile are CUDA
         # features here. BackendUnavailable, not InputError: in the auto chain the CPU entry is a
@@ -117,23 +135,7 @@ def parse_options(device: str, *, dtype: Any = "auto", cuda_graphs: Any = None,
                         device_id)
 
 
-# -- batch planning and graph bookkeeping (pure, CPU-testable) ------------------------------------
-def plan_batches(n: int, buckets: tuple[int, ...] | None, max_batch: int | None = None
-                 ) -> list[tuple[int, int, int]]:
-    """``[(start, stop, rows)]`` covering ``range(n)``: chunks of at most ``max_batch`` rows
-    (default: the largest bucket), each run at ``rows`` = the smallest bucket holding it, or at
-    its own size when ``buckets`` is None (eager runs need no padding)."""
-    if n < 0:
-        raise ValueError(f"n={n}: must be >= 0")
-    if n == 0:
-        return []
-    limit = max_batch if max_batch is not None else (buckets[-1] if buckets else n)
-    if buckets is not None and limit > buckets[-1]:
-        raise ClipfastError(f"max_batch {limit} exceeds the largest bucket {buckets[-1]}")
-    return [(s, e, bucket_for(e - s, buckets) if buckets is not None else e - s)
-            for s, e in chunks(n, limit)]
-
-
+# -- graph bookkeeping (pure, CPU-testable) ------------------------------------------------------
 @dataclass
 class GraphEntry:
     """One captured graph: replay it after copying a chunk into ``inputs``; ``output`` then holds
@@ -201,11 +203,13 @@ class _CaptureFailed(Exception):
     """A CUDA graph could not be captured (the message is the first line of torch's error)."""
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, manifest, device: str, threads: int | None = None, **options: Any):
-        opts = parse_options(device, **options)
+    def __init__(self, manifest, device: str, threads: int | None = None, *,
+                 options: TorchOptions):
+        """``load`` checks and resolves the options (``parse_options``) before this runs."""
+        opts = options
         try:
             import torch
         except ImportError as e:
@@ -432,14 +436,14 @@ class TorchBackend:
         if n == 0:
             return np.zeros((0, int(self._source.embed_dim)), dtype=np.float32)
         use_graphs = self.buckets is not None and not self._graphs.disabled(which)
-        plan = plan_batches(n, self.buckets if use_graphs else None, self.max_batch)
+        plan = plan_rows(n, self.max_batch, self.buckets if use_graphs else None)
         outs = []
         with self._lock, torch.inference_mode():
-            for start, stop, rows in plan:
-                chunk = tuple(a[start:stop] for a in args)
+            for c in plan:
+                chunk = tuple(a[c.start:c.stop] for a in args)
                 if use_graphs and not self._graphs.disabled(which):
                     try:
-                        outs.append(self._replay(which, chunk, rows))
+                        outs.append(self._replay(which, chunk, c.bucket))
                         continue
                     except _CaptureFailed as e:
                         # Some towers hold ops a graph cannot capture (host syncs, data-dependent
@@ -487,6 +491,9 @@ class TorchBackend:
         with self._device_ctx():
             return self._run("text", tuple(args))
 
+    def info(self) -> BackendInfo:
+        return replace(super().info(), source_model=self._source)
+
     def describe(self) -> dict[str, Any]:
         torch = self._torch
         out = {"backend": self.name, "device": self.device, "torch": torch.__version__,
@@ -505,6 +512,7 @@ class TorchBackend:
 def load(manifest, device: str = "cpu", threads: int | None = None, **options: Any
          ) -> TorchBackend:
     """The torch backend; ``options`` are this backend's (``OPTIONS``, described in the module
-    docstring): any other raises InputError naming it."""
-    check_options(options, OPTIONS, "backend torch")
-    return TorchBackend(manifest, device=device, threads=threads, **options)
+    docstring), checked before anything loads: InputError names an unknown one or a bad
+    value."""
+    return TorchBackend(manifest, device=device, threads=threads,
+                        options=parse_options(device, **options))

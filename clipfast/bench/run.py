@@ -281,8 +281,8 @@ class _Run:
              ) -> dict[str, Any]:
         tower, mode, batch, length = where
         # what the towers compute in (bf16 on an fp32 artifact is said, not implied)
-        precision = "fp32" if backend == BASELINE else (
-            getattr(engine._backend, "precision", None) or a.precision)
+        info = engine.backend_info()
+        precision = "fp32" if backend == BASELINE else info.precision
         stats = summarize(times, batch)
         row: dict[str, Any] = {
             "model": a.label, "artifact": str(a.path), "backend": backend,
@@ -306,10 +306,9 @@ class _Run:
         row["load_s"] = round(load[0], 2)
         row["load_rss_mb"] = load[1]
         if engine.backend == "onnxruntime":
-            row["providers"] = getattr(engine._backend, "providers", None)
-        tuning = getattr(engine._backend, "tuning", None)
-        if tuning:
-            row["auto_choice"] = tuning.get("label")
+            row["providers"] = list(info.providers) if info.providers is not None else None
+        if info.tuning:
+            row["auto_choice"] = info.tuning.get("label")
         row.update(_utilisation(flops, stats["items_per_s"],
                                 peak_for(precision, self.peak)))
         return row

@@ -112,7 +112,7 @@ def prepare_inputs(manifest, max_batch: int, images: Path | None, towers: Iterab
 def _source_of(engine) -> Any:
     """The torch backend's loaded SourceModel (its reference transform and tokenizer make the
     PyTorch end-to-end pipeline), or None."""
-    return getattr(engine._backend, "source", None)
+    return engine.backend_info().source_model
 
 
 def row_callable(engine, tower: str, mode: str, batch: int, inputs: Inputs,

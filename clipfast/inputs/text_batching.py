@@ -3,9 +3,12 @@
 A text tower on the dynamic sequence path (manifest ``text.sequence == "dynamic"``) gives the
 same embedding for a text whatever the trailing padding, so a batch need only be as long as its
 longest text. Throughput then depends on how texts are grouped: one 77-token text in a batch of
-short captions would pad all of them to 77. ``plan_text_batches`` sorts the texts by length and
-splits the sorted list into batches that minimise the tokens run plus a per-batch overhead;
-the caller runs each batch and puts the rows back in input order.
+short captions would pad all of them to 77. The batch planner
+(``clipfast.backends.batching.plan_text_batches``, re-exported here) sorts the texts by length
+and splits the sorted list into batches that minimise the tokens run plus a per-batch overhead;
+``run_planned`` runs each batch and puts the rows back in input order. This module keeps the
+text-specific parts: reading lengths from the padding, the length buckets, the TensorRT
+sequence profile.
 
 Backends that need fixed shapes (TensorRT optimization profiles, CUDA graphs) state the lengths
 they accept (``text_lengths``); each batch is then padded up to the nearest one.
@@ -13,30 +16,12 @@ they accept (``text_lengths``); each batch is then padded up to the nearest one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
+
+from clipfast.backends.batching import BATCH_OVERHEAD_TOKENS, TextBatch, plan_text_batches
 
 __all__ = ["BATCH_OVERHEAD_TOKENS", "SEQUENCE_OPT", "TextBatch", "length_buckets",
            "plan_text_batches", "row_lengths", "run_planned", "sequence_profile"]
-
-# The fixed cost charged per tower call, in token-rows of work: what splitting a sorted batch
-# in two must save to be worth it (a call's session overhead, thread wake-ups and the poorer
-# efficiency of smaller GEMMs). A set value, not measured per host: 96 is about 1.2 rows of 77
-# tokens, so a batch is split only where that saves more than one full-length row of work.
-BATCH_OVERHEAD_TOKENS = 96
-# Above this many texts the sorted order is simply cut into full batches: neighbours in a long
-# sorted list have nearly equal lengths, and the exact partition costs O(texts x batch).
-_EXACT_PLAN_LIMIT = 2048
-
-
-@dataclass(frozen=True)
-class TextBatch:
-    """Rows ``rows`` (positions in the input) run together, padded to ``length`` tokens."""
-
-    rows: np.ndarray
-    length: int
 
 
 def row_lengths(inputs: dict[str, np.ndarray], *, pad_id: int, padding_side: str = "right",
@@ -71,57 +56,6 @@ def length_buckets(max_length: int, step: int = 16) -> tuple[int, ...]:
         out.append(b)
         b += step
     return (*out, max_length)
-
-
-def _padded(length: int, allowed: Sequence[int] | None, context: int) -> int:
-    if not allowed:
-        return length
-    for a in allowed:
-        if a >= length:
-            return int(a)
-    return context
-
-
-def plan_text_batches(lengths: np.ndarray, max_batch: int, *, context: int,
-                      allowed: Sequence[int] | None = None,
-                      overhead: int = BATCH_OVERHEAD_TOKENS) -> list[TextBatch]:
-    """Batches covering every row once, each of at most ``max_batch`` rows.
-
-    Rows are sorted by length (stably); the sorted list is cut where that minimises
-    ``sum(rows x padded length + overhead)`` over the batches (exactly, by dynamic programming,
-    up to ``_EXACT_PLAN_LIMIT`` rows; beyond, in full batches). ``allowed``: the lengths the
-    backend accepts, ascending (None: any); a batch is padded up to the first one that holds
-    its longest row, or to ``context``.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    n = len(lengths)
-    if max_batch < 1:
-        raise ValueError(f"max_batch={max_batch}: must be >= 1")
-    if n == 0:
-        return []
-    order = np.argsort(lengths, kind="stable")
-    padded = np.array([_padded(int(min(v, context)), allowed, context)
-                       for v in lengths[order]], dtype=np.int64)
-    if n > _EXACT_PLAN_LIMIT:
-        cuts = list(range(0, n, max_batch)) + [n]
-    else:
-        # best[j]: least cost of the first j sorted rows; a batch ending at row j-1 is padded to
-        # padded[j-1] (the longest of a sorted run is its last).
-        best = np.zeros(n + 1, dtype=np.float64)
-        start = np.zeros(n + 1, dtype=np.int64)
-        for j in range(1, n + 1):
-            i = np.arange(max(0, j - max_batch), j)
-            cost = best[i] + (j - i) * padded[j - 1] + overhead
-            # ties go to the latest start: batches fill in order and the remainder comes last,
-            # as plain chunking would cut texts of one length
-            k = len(cost) - 1 - int(np.argmin(cost[::-1]))
-            best[j], start[j] = cost[k], i[k]
-        cuts = [n]
-        while cuts[-1] > 0:
-            cuts.append(int(start[cuts[-1]]))
-        cuts.reverse()
-    return [TextBatch(order[a:b], int(padded[b - 1])) for a, b in zip(cuts, cuts[1:])
-            if b > a]
 
 
 def run_planned(run, inputs: dict[str, np.ndarray], plan: list[TextBatch], dim: int

@@ -1,4 +1,6 @@
-"""The server's settings, in one dataclass shared by the CLI, the app and the Ray deployment."""
+"""The server's settings, in one dataclass shared by the CLI, the app and the Ray deployment
+(``clipfast.ray.build_app`` takes the same fields; there host, port, workers, the connection
+limits and the header deadline are the Ray Serve proxy's business and unused)."""
 
 from __future__ import annotations
 

@@ -205,17 +205,23 @@ def check_pixels(data: bytes, index: int, max_pixels: int) -> Failure | None:
 
 def preprocess_one(engine: Engine, data: bytes, index: int, max_pixels: int
                    ) -> np.ndarray | Failure:
-    """Encoded bytes -> float32 ``(3, H, W)``, exactly the row ``Engine.encode_images`` would feed
-    the tower, or the item's Failure (over the pixel limit, or not decodable). Runs in a decode
-    thread."""
+    """Encoded bytes of a request's item ``index`` -> float32 ``(3, H, W)``, exactly the row
+    ``Engine.encode_images`` would feed the tower, or the item's Failure (over the pixel limit,
+    or not decodable) naming ``index``. Runs in a decode thread.
+
+    The Engine loads and preprocesses the item at its request position (``offset``), so its
+    Failure carries the request's index and says it: nothing is relabelled afterwards."""
     over = check_pixels(data, index, max_pixels)
     if over is not None:
         return over
-    result = engine.preprocess([data], errors="skip")
-    if result.failures:
-        f = result.failures[0]
-        return Failure(index, f.item, f.error.replace("image 0 ", f"image {index} ", 1))
-    return result.embeddings[0]
+    prepare = getattr(engine, "prepare_images", None)
+    if prepare is not None:  # the Engine's public input pipeline, where it has one
+        pixels, _, failures = prepare([data], offset=index)
+    else:  # the same policy and preprocessing, at position ``index``
+        pixels, _, failures = engine._pixels([data], index, "skip")
+    if failures:
+        return failures[0]
+    return pixels[0]
 
 
 def token_rows(tokens: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:

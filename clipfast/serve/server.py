@@ -21,6 +21,9 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from clipfast.errors import InputError
 from clipfast.serve.config import ServeConfig
 from clipfast.serve.protocol import guarded_protocol
+from clipfast.serve.service import load_engine
+
+__all__ = ["bind", "load_engine", "serve", "uvicorn_config"]
 
 log = logging.getLogger("clipfast.serve")
 
@@ -59,16 +62,6 @@ class _Server(uvicorn.Server):
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-
-
-def load_engine(artifact: str, *, backend: str = "auto", device: str | None = None,
-                threads: int | None = None, config: ServeConfig | None = None) -> Any:
-    import clipfast
-
-    config = config or ServeConfig()
-    # One server batch is one tower call: the Engine chunks at its batch size.
-    return clipfast.Engine(artifact, backend=backend, device=device, threads=threads,
-                           batch_size=max(32, config.max_batch))
 
 
 def uvicorn_config(app: Any, config: ServeConfig, log_level: str = "warning",

@@ -18,19 +18,7 @@
 #include "../attention_kernels.cuh"
 #include "../preprocess_kernels.cuh"
 
-namespace clipfast {
-namespace {
-char g_error[1024] = "";
-}
-int fail(int code, const char* fmt, ...) {
-  va_list args;
-  va_start(args, fmt);
-  std::vsnprintf(g_error, sizeof(g_error), fmt, args);
-  va_end(args);
-  return code;
-}
-void clear_error() { g_error[0] = '\0'; }
-}  // namespace clipfast
+#include "../last_error.cu"  // fail() / clipfast_last_error(), as in the library
 
 namespace {
 
@@ -48,7 +36,7 @@ T take(const std::vector<char>& buf, size_t* pos) {
 }
 
 int report(int rc) {
-  if (rc != 0) std::fprintf(stderr, "error %d: %s\n", rc, clipfast::g_error);
+  if (rc != 0) std::fprintf(stderr, "error %d: %s\n", rc, clipfast_last_error());
   return rc;
 }
 

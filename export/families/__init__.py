@@ -2,10 +2,13 @@
 Runtime's ``MODEL_TYPES`` table).
 
 Every module of this package (except ``base``, ``offline``, ``cli`` and private ones) defines
-one family: a ``FamilySpec`` subclass decorated with ``@register``. The registry discovers the
-modules on first use, so adding a family is adding one module; the export's call sites
-(``sources_hf.build_towers``, ``sources_openclip``, ``fusion.attention_spec``,
-``quant_graph.layer_of``) ask the registry instead of keeping their own tables.
+one family: a ``FamilySpec`` subclass decorated with ``@register``, or, for an open_clip family
+that differs from the generic one only in its attributes and the configs it claims, a
+declaration through ``_openclip.open_clip_family`` / ``timm_family``, which register it. The
+registry discovers the modules on first use, so adding a family is adding one module; the
+export's call sites (``sources_hf.build_towers``, ``sources_openclip``,
+``fusion.attention_spec``, ``quant_graph.layer_of``) ask the registry instead of keeping their
+own tables.
 
 Importing this package does not import torch or open_clip.
 """

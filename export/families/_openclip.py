@@ -1,17 +1,26 @@
 """Shared by the open_clip families: which towers are theirs, the open_clip attribute probing
-that finds rewritable attention, the manifest label from the pretrained tag, and open_clip's
-preprocessing and tokenizer readers."""
+that finds rewritable attention, the manifest label from the pretrained tag, open_clip's
+preprocessing and tokenizer readers, and ``open_clip_family`` / ``timm_family``, which declare
+and register a family from its attributes and the rule that claims its configs."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from clipfast.export.families import register
 from clipfast.export.families.base import AttentionSpec, FamilySpec
 
-__all__ = ["OpenClipFamily", "open_clip_fusion_plan"]
+__all__ = ["TIMM_LAYER_NAMES", "OpenClipFamily", "open_clip_family", "open_clip_fusion_plan",
+           "timm_family", "timm_name"]
+
+# block names of open_clip towers whose image trunk is a timm model ("blocks.N",
+# "stages.N.blocks.M") beside open_clip's own text transformer ("resblocks.N")
+TIMM_LAYER_NAMES = ("resblocks", "blocks")
 
 # --pretrained none: LayerScale gammas below 1e-2 are set to this (see random_init)
 LAYER_SCALE_RANDOM = 1.0
@@ -82,6 +91,7 @@ class OpenClipFamily(FamilySpec):
     """
 
     loader = "open_clip"
+    label = "openclip"
     # open_clip transformers: "resblocks.N"; timm trunks: "blocks.N" / "stages.N.blocks.M"
     layer_names = ("resblocks",)
     # default text tower: open_clip's causal CLIP text transformer
@@ -203,4 +213,45 @@ class OpenClipFamily(FamilySpec):
 
 
 def timm_name(cfg: dict[str, Any]) -> str:
+    """The timm model of an open_clip config's image tower ("" when it is not a timm trunk)."""
     return str((cfg.get("vision_cfg") or {}).get("timm_model_name") or "")
+
+
+def _caller_module(depth: int = 2) -> str:
+    """``__name__`` of the module that called the caller (as ``collections.namedtuple`` finds
+    it): a declared family class reports its family module as its own."""
+    return sys._getframe(depth).f_globals.get("__name__", __name__)
+
+
+def open_clip_family(name: str, *, priority: int, summary: str, image_pooling: str,
+                     claims: Callable[[str, dict[str, Any]], bool], label: str = "openclip",
+                     text_pooling: str = OpenClipFamily.text_pooling,
+                     layer_names: tuple[str, ...] = OpenClipFamily.layer_names,
+                     module: str | None = None) -> type[OpenClipFamily]:
+    """Declare and register an open_clip family that differs from ``OpenClipFamily`` only in
+    its attributes and in which configs it claims: ``claims(model_name, cfg)`` is its
+    ``claims_open_clip``. Returns the registered class, named after ``name``, in ``module``
+    (default: the calling module, so the registry's messages name the module that declares
+    the family)."""
+
+    def claims_open_clip(self: OpenClipFamily, model_name: str, cfg: dict[str, Any]) -> bool:
+        return claims(model_name, cfg)
+
+    cls_name = "".join(part.capitalize() for part in name.split("-")) + "Family"
+    attrs = dict(name=name, label=label, priority=priority, summary=summary,
+                 image_pooling=image_pooling, text_pooling=text_pooling,
+                 layer_names=layer_names, claims_open_clip=claims_open_clip,
+                 __module__=module or _caller_module(), __doc__=summary)
+    return register(type(cls_name, (OpenClipFamily,), attrs))
+
+
+def timm_family(name: str, *, timm_prefix: str, priority: int, summary: str,
+                image_pooling: str) -> type[OpenClipFamily]:
+    """``open_clip_family`` for a timm image trunk claimed by the prefix of its timm model name
+    (``vision_cfg.timm_model_name``), beside open_clip's CLIP text transformer."""
+
+    def claims(model_name: str, cfg: dict[str, Any]) -> bool:
+        return timm_name(cfg).startswith(timm_prefix)
+
+    return open_clip_family(name, priority=priority, summary=summary, image_pooling=image_pooling,
+                            claims=claims, layer_names=TIMM_LAYER_NAMES, module=_caller_module())

@@ -18,7 +18,7 @@ from clipfast.export.families.base import (
     hf_attention,
 )
 
-__all__ = ["CLIPImageTower", "CLIPTextTower", "ClipFamily", "clip_padding_free", "clip_towers"]
+__all__ = ["CLIPImageTower", "CLIPTextTower", "ClipFamily", "clip_towers"]
 
 
 class CLIPImageTower(nn.Module):
@@ -92,20 +92,10 @@ def clip_towers(model: nn.Module, model_type: str) -> TowerParts:
     )
 
 
-def clip_padding_free(tower: nn.Module) -> tuple[bool, str]:
-    """CLIP-architecture text towers: causal attention, pooled at the (first) EOS token."""
-    if isinstance(tower, CLIPTextTower):
-        return True, "causal attention and EOS-token pooling"
-    return False, "not a CLIP text tower"
-
-
-def clip_attention(tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
-    model = tower.vision_model if isinstance(tower, CLIPImageTower) else tower.text_model
-    return hf_attention(model.config, "clip"), None
-
-
 @register
 class ClipFamily(TransformersFamily):
+    """CLIP-architecture dual encoders; the MetaCLIP families subclass it (same towers)."""
+
     name = "clip"
     label = "clip"
     model_types = ("clip",)
@@ -116,10 +106,14 @@ class ClipFamily(TransformersFamily):
     tower_classes = (CLIPImageTower, CLIPTextTower)
 
     def build_towers(self, model: nn.Module, name: str) -> TowerParts:
-        return clip_towers(model, "clip")
+        return clip_towers(model, self.model_types[0])
 
     def attention(self, tower: nn.Module, which: str) -> tuple[AttentionSpec | None, str | None]:
-        return clip_attention(tower, which)
+        model = tower.vision_model if isinstance(tower, CLIPImageTower) else tower.text_model
+        return hf_attention(model.config, "clip"), None
 
     def text_padding_free(self, tower: nn.Module) -> tuple[bool, str]:
-        return clip_padding_free(tower)
+        """Causal attention, pooled at the (first) EOS token."""
+        if isinstance(tower, CLIPTextTower):
+            return True, "causal attention and EOS-token pooling"
+        return False, "not a CLIP text tower"

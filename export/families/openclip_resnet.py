@@ -13,13 +13,13 @@ RESIDUAL_BRANCH_SCALE = 0.2
 
 @register
 class OpenClipResNetFamily(OpenClipFamily):
+    """Declared as a class, not with ``open_clip_family``: it also adjusts BatchNorm weights
+    for ``--pretrained none``."""
+
     name = "openclip-resnet"
-    label = "openclip"
     priority = 10
     image_pooling = "attention pool (AttentionPool2d, query = mean token)"
-    text_pooling = "EOT token (argmax of ids), ln_final, text_projection"
     summary = "OpenCLIP ModifiedResNet image towers (RN50, RN101, RN50x4 ... RN50x64)"
-    layer_names = ("resblocks",)
 
     def _prepare_batchnorm(self, bns: list[tuple[str, Any]]) -> str:
         """open_clip zeroes each bottleneck's last BatchNorm weight: with it (and BatchNorm at

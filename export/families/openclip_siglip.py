@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipfast.export.families import register
-from clipfast.export.families._openclip import OpenClipFamily, timm_name
+from clipfast.export.families._openclip import TIMM_LAYER_NAMES, open_clip_family, timm_name
 
 
-@register
-class OpenClipSiglipFamily(OpenClipFamily):
-    name = "openclip-siglip"
-    label = "siglip"
-    priority = 10
-    image_pooling = "timm attention-pooling head (MAP)"
-    text_pooling = "last token, non-causal, linear head"
-    summary = "SigLIP and SigLIP 2 in open_clip (timm ViT with MAP head, sigmoid logits)"
-    layer_names = ("resblocks", "blocks")
+def claims(model_name: str, cfg: dict[str, Any]) -> bool:
+    return "siglip" in timm_name(cfg)
 
-    def claims_open_clip(self, model_name: str, cfg: dict[str, Any]) -> bool:
-        return "siglip" in timm_name(cfg)
+
+FAMILY = open_clip_family(
+    "openclip-siglip", label="siglip", priority=10, claims=claims, layer_names=TIMM_LAYER_NAMES,
+    image_pooling="timm attention-pooling head (MAP)",
+    text_pooling="last token, non-causal, linear head",
+    summary="SigLIP and SigLIP 2 in open_clip (timm ViT with MAP head, sigmoid logits)")

@@ -30,54 +30,48 @@ minutes;
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipfast.backends.base import (
-    check_options,
+    Backend,
+    Option,
+    OptionSpec,
+    choice,
+    flag,
     host_array,
     is_torch_tensor,
-    option_bool,
-    option_choice,
 )
-from clipfast.backends.batching import BatchProfile, bucket_for, chunks
+from clipfast.backends.batching import PROFILE, BatchProfile, Chunk, plan_rows
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError, InputError
 from clipfast.inputs.text_batching import length_buckets
 
 log = logging.getLogger("clipfast.tensorrt")
 
 BUILD_MODES = ("missing", "never")
-OPTIONS = ("profile", "cache_dir", "build", "cuda_graphs")
 SLOTS = 2
 
 
-# -- planning (pure, tested on CPU) ------------------------------------------------------------
-@dataclass(frozen=True)
-class Chunk:
-    """Rows ``start:stop`` of a request, run as a batch of ``bucket`` rows (zero padded)."""
-
-    start: int
-    stop: int
-    bucket: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
+def _cache_dir(value: Any) -> Path | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise InputError(f"tensorrt backend option cache_dir={value!r}: expected a folder path "
+                         "(str or os.PathLike) or None")
+    return Path(value)
 
 
-def plan_chunks(n: int, profile: BatchProfile) -> list[Chunk]:
-    """Split ``n`` rows into chunks of at most ``profile.max`` rows, each assigned the smallest
-    bucket of ``profile`` that holds it."""
-    if n < 0:
-        raise InputError(f"batch of {n} rows: a row count cannot be negative")
-    buckets = profile.buckets()
-    return [Chunk(s, e, bucket_for(e - s, buckets)) for s, e in chunks(n, profile.max)]
+# cuda_graphs=None is the default (on), as for the torch backend: one options dict serves both.
+OPTIONS = OptionSpec("tensorrt", PROFILE, Option("cache_dir", None, _cache_dir),
+                     choice("build", "missing", BUILD_MODES, owner="tensorrt backend"),
+                     flag("cuda_graphs", True, owner="tensorrt backend", none_ok=True))
 
 
+# -- shapes and staging (pure, tested on CPU) -------------------------------------------------
 def _shape_key(bucket: int, length: int | None) -> int | tuple[int, int]:
     """Contexts and graphs are keyed by batch bucket, and by length too on a dynamic-sequence
     text engine."""
@@ -104,14 +98,13 @@ def stage_rows(dst: np.ndarray, src: np.ndarray, bucket: int) -> np.ndarray:
     return dst[:bucket]
 
 
-def parse_options(profile: Any = None, cache_dir: Any = None, build: str = "missing",
-                  cuda_graphs: bool = True) -> tuple[BatchProfile, Path | None, str, bool]:
-    """Validate the backend options; ClipfastError names the bad one."""
-    from clipfast.backends.tensorrt.build import profile_from
-
-    option_choice("build", build, BUILD_MODES, owner="tensorrt backend")
-    option_bool("cuda_graphs", cuda_graphs, owner="tensorrt backend")
-    return profile_from(profile), (Path(cache_dir) if cache_dir else None), build, cuda_graphs
+def parse_options(**options: Any) -> tuple[BatchProfile, Path | None, str, bool]:
+    """``(profile, cache_dir, build, cuda_graphs)``, checked by ``OPTIONS.validate``: InputError
+    names an unknown option or a bad value."""
+    given = OPTIONS.validate(options)
+    graphs = given["cuda_graphs"]
+    return (given["profile"], given["cache_dir"], given["build"],
+            True if graphs is None else graphs)
 
 
 # -- one tower ---------------------------------------------------------------------------------
@@ -358,7 +351,7 @@ class TowerRunner:
                     n = len(next(iter(feed.values())))
                     out = np.empty((n, *self.output[2]), dtype=np.float32)
                     outs.append(out)
-                    for chunk in plan_chunks(n, self.profile):
+                    for chunk in plan_rows(n, self.profile.max, self.profile.buckets()):
                         slot = self.slots[k % SLOTS]
                         self._collect(slot)
                         held[k % SLOTS] = feed if on_device else None
@@ -390,15 +383,14 @@ class _DeserializeError(Exception):
 
 
 # -- the backend -------------------------------------------------------------------------------
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, manifest, device: str = "cuda", *, profile: Any = None,
-                 cache_dir: Any = None, build: str = "missing", cuda_graphs: bool = True):
+    def __init__(self, manifest, device: str = "cuda", *, profile: BatchProfile,
+                 cache_dir: Path | None, build: str, cuda_graphs: bool):
+        """``load`` checks the options (``parse_options``) before this runs."""
         from clipfast.backends.tensorrt import build as tb
 
-        profile, cache_dir, build, cuda_graphs = parse_options(profile, cache_dir, build,
-                                                               cuda_graphs)
         trt = tb.import_tensorrt()
         from clipfast.backends.tensorrt import cudart
 
@@ -579,11 +571,12 @@ class TensorRTBackend:
 def load(manifest, device: str = "cuda", threads: int | None = None, **options: Any
          ) -> TensorRTBackend:
     """The TensorRT backend for ``manifest``; ``options`` are this backend's (``OPTIONS``, see
-    the module docstring): any other raises InputError naming it. ``threads`` (host threads of
-    the CPU backends) does not apply here."""
-    check_options(options, OPTIONS, "backend tensorrt")
-    return TensorRTBackend(manifest, device=device, **options)
+    the module docstring), checked before anything loads: InputError names an unknown one or a
+    bad value. ``threads`` (host threads of the CPU backends) does not apply here."""
+    profile, cache_dir, build, cuda_graphs = parse_options(**options)
+    return TensorRTBackend(manifest, device=device, profile=profile, cache_dir=cache_dir,
+                           build=build, cuda_graphs=cuda_graphs)
 
 
-__all__ = ["BUILD_MODES", "OPTIONS", "Chunk", "Slot", "TensorRTBackend", "TowerRunner", "load",
-           "parse_options", "plan_chunks", "stage_rows"]
+__all__ = ["BUILD_MODES", "OPTIONS", "Slot", "TensorRTBackend", "TowerRunner", "load",
+           "parse_options", "stage_rows"]
