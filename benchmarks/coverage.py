@@ -86,6 +86,7 @@ def _measure_images(work: Path) -> Path:
 def _export_one(name: str, precision: str, work: Path, layers: int | None) -> dict[str, Any]:
     from offline_families import timm_depth
 
+    from clipfast.artifact.manifest import load_manifest
     from clipfast.export.pipeline import ExportOptions, run_export
 
     out = work / f"artifact-{precision}"
@@ -96,13 +97,13 @@ def _export_one(name: str, precision: str, work: Path, layers: int | None) -> di
             run_export(ExportOptions(model=name, out=out, pretrained="none", precision=precision,
                                      images=_measure_images(work), progress=False,
                                      overwrite=True))
-        manifest = json.loads((out / "manifest.json").read_text())
-        fid = manifest.get("fidelity") or {}
+        spec = load_manifest(out, verify_checksums=False).spec
+        fid = spec.fidelity or {}
         rec.update(passed=bool(fid.get("passed")),
                    figures={k: fid[k] for k in FIGURE_KEYS if k in fid},
-                   fused={w: (manifest.get("graph", {}).get(w, {}) or {}).get("fusion")
+                   fused={w: getattr(spec.graph.tower(w), "fusion", None)
                           for w in ("image", "text")},
-                   family=manifest.get("family"))
+                   family=spec.family)
     except Exception as e:  # every failure is a result, with its reason
         rec["error"] = _short_error(e)
         rec["stage"] = type(e).__name__

@@ -195,9 +195,9 @@ def main() -> int:
     doc = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "cpu": cpu_facts(),
-        "artifact": {"path": args.artifact, "family": eng.manifest.family,
-                     "precision": eng.manifest.precision,
-                     "architecture": eng.manifest.raw.get("architecture")
+        "artifact": {"path": args.artifact, "family": eng.manifest.spec.family,
+                     "precision": eng.manifest.spec.precision,
+                     "architecture": eng.manifest.spec.architecture
                      if hasattr(eng.manifest, "raw") else None},
         "versions": {"onnxruntime": __import__("onnxruntime").__version__,
                      "torch": torch.__version__, "open_clip": open_clip.__version__,
@@ -220,7 +220,7 @@ def main() -> int:
         f"Command: `{doc['command']}`", "",
         f"CPU: {doc['cpu']['model']}, {doc['cpu']['cores']} cores, AVX-512 VNNI "
         f"{doc['cpu']['avx512_vnni']}, AVX2 {doc['cpu']['avx2']}. Artifact: ViT-B-32 "
-        f"{eng.manifest.precision} (random weights), ONNX Runtime CPU. "
+        f"{eng.manifest.spec.precision} (random weights), ONNX Runtime CPU. "
         f"{args.rounds} interleaved rounds, medians in img/s.", "",
         "Load (`uptime`) before each round and at the end:", "",
         *[f"- `{x}`" for x in loads], "",

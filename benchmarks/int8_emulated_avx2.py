@@ -57,6 +57,12 @@ def _photos(directory: Path | None) -> list[str]:
     return [str(p) for p in images_from_dir(root)]
 
 
+def _report(manifest, tower: str) -> dict:
+    """The quantizer's report of ``tower`` in an int8 artifact, or {}."""
+    quantization = manifest.spec.quantization
+    return (quantization.report(tower) if quantization else None) or {}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     images = _photos(args.images)
     manifest = load_manifest(args.artifact)
-    source = load_source_from_spec(manifest.source)
+    source = load_source_from_spec(manifest.spec.source)
     import torch
 
     with torch.inference_mode():
@@ -121,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         with np.load(out) as z:
             img, txt = z["img"], z["txt"]
     record = {
-        "artifact": str(args.artifact), "precision": manifest.precision,
-        "int8_format": {t: (manifest.quantization or {}).get(t, {}).get("int8_format")
+        "artifact": str(args.artifact), "precision": manifest.spec.precision,
+        "int8_format": {t: _report(manifest, t).get("int8_format")
                         for t in ("image", "text")},
-        "exported_on": manifest.exported_on, "emulated_cpu": QEMU_CPU,
+        "exported_on": manifest.spec.exported_on, "emulated_cpu": QEMU_CPU,
         "run_on": child["cpu"], "int8_kernels": child["int8"],
         "self_check": child["self_check"], "photos": [Path(p).name for p in images],
         "image_centred_rel_error": float(centred_relative_error(img, ref_img).max()),
@@ -132,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "text_centred_rel_error": float(centred_relative_error(txt, ref_txt).max()),
         "text_cosine": float(cosine(txt, ref_txt).min()),
         "top1_agreement": top1_agreement(img, txt, ref_img, ref_txt),
-        "gates": manifest.gates,
+        "gates": manifest.spec.gates.as_dict(),
         "exported_under_emulation": bool(args.export), "export_seconds": export_seconds,
-        "int8_attempts": {t: len((manifest.quantization or {}).get(t, {}).get("attempts", []))
+        "int8_attempts": {t: len(_report(manifest, t).get("attempts", []))
                           for t in ("image", "text")},
     }
     if args.out:
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = record["self_check"] or {}
     print(f"| artifact | run on | self-check (image / text centred error) | photos | image err | "
           f"image cos | text err | top-1 |\n|---|---|---|---:|---:|---:|---:|---:|\n"
-          f"| {Path(args.artifact).name} ({manifest.precision}) | {child['cpu']['isa']} "
+          f"| {Path(args.artifact).name} ({manifest.spec.precision}) | {child['cpu']['isa']} "
           f"(qemu {QEMU_CPU}) | {'passed' if sc.get('passed') else 'FAILED'} "
           f"({sc.get('image_centred_rel_error', float('nan')):.4f} / "
           f"{sc.get('text_centred_rel_error', float('nan')):.4f}) | {len(images)} | "

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("centred_rel_error_median", np.median(centred_relative_error(got[t], want[t]))),
                 ("cosine_min", cosine(got[t], want[t]).min()))}
         rows[precision]["runtime_precisions"] = eng.describe()["runtime_precisions"]
-    report = {"artifact": str(args.artifact), "source": ref.manifest.source,
-              "random_weights": ref.manifest.get("random_weights"),
+    report = {"artifact": str(args.artifact), "source": ref.manifest.spec.source,
+              "random_weights": ref.manifest.spec.random_weights,
               "images": int(pixels.shape[0]), "texts": int(len(next(iter(tokens.values())))),
               "reference": "clipfast fp32 on ONNX Runtime", "cpu": host_cpu().to_dict(),
               "openvino": rows}

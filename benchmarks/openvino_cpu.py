@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     from clipfast.inputs.tokenizer import Tokenizer
 
     manifest = load_manifest(args.fp32)
-    tokenize = Tokenizer(manifest.tokenizer, manifest.path(manifest.tokenizer.file))
+    tokenize = Tokenizer(manifest.spec.tokenizer, manifest.path(manifest.spec.tokenizer.file))
 
     def preprocess(images):
-        return np.stack([preprocess_image(x, manifest.preprocess) for x in images])
+        return np.stack([preprocess_image(x, manifest.spec.preprocess) for x in images])
 
     photos = [getattr(data, n)() for n in ("astronaut", "chelsea", "coffee", "rocket")]
     fid_pixels = preprocess([*sample_images(24, seed=3), *photos])

@@ -32,7 +32,7 @@ def profile(artifact: Path, tower: str, batch: int, calls: int, threads: int | N
     tmp = tempfile.mkdtemp(prefix="clipfast-prof-")
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tmp) / tower)
-    session = ort.InferenceSession(str(manifest.path(manifest[tower]["file"])), so,
+    session = ort.InferenceSession(str(manifest.path(manifest.spec.tower(tower).file)), so,
                                    providers=["CPUExecutionProvider"],
                                    disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
     rng = np.random.default_rng(0)
@@ -40,9 +40,9 @@ def profile(artifact: Path, tower: str, batch: int, calls: int, threads: int | N
     for i in session.get_inputs():
         if tower == "image":
             dtype = np.float16 if "float16" in i.type else np.float32
-            feed[i.name] = rng.standard_normal((batch, *manifest["image"]["shape"])).astype(dtype)
+            feed[i.name] = rng.standard_normal((batch, *manifest.spec.image.shape)).astype(dtype)
         else:
-            length = manifest.tokenizer.context_length
+            length = manifest.spec.tokenizer.context_length
             dtype = np.int32 if "int32" in i.type else np.int64
             feed[i.name] = (rng.integers(1, 1000, (batch, length)).astype(dtype)
                             if "mask" not in i.name else np.ones((batch, length), dtype))

@@ -204,15 +204,15 @@ def main() -> int:
     manifest = load_manifest(args.artifact)
     cpu = host_cpu()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        idx = index_part(args.n, manifest.embed_dim, args.queries, artifact_digest(manifest),
+        idx = index_part(args.n, manifest.spec.embed_dim, args.queries, artifact_digest(manifest),
                          Path(tmp))
         print(json.dumps(idx, indent=2), flush=True)
         srv = server_part(args.artifact, Path(tmp) / "idx", args.requests)
     result = {"host": {"isa": cpu.isa, "cpu": cpu.to_dict(), "cores": os.cpu_count(),
                        "python": platform.python_version(),
                        "load_avg": os.getloadavg()},
-              "artifact": {"path": str(args.artifact), "family": manifest.family,
-                           "precision": manifest.precision},
+              "artifact": {"path": str(args.artifact), "family": manifest.spec.family,
+                           "precision": manifest.spec.precision},
               "index": idx, "server_text_query": srv,
               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     out = Path(args.out)
@@ -233,7 +233,7 @@ def main() -> int:
           f"| numpy brute force QPS, same queries | {i['numpy_qps_batch']:.0f} |",
           f"| index vs numpy | {i['speedup_vs_numpy']:.1f}x |",
           f"| one query at a time, p50 | {i['index_single_query_p50_ms']:.2f} ms |", "",
-          f"Text query through the server ({manifest.family}, {manifest.precision}, "
+          f"Text query through the server ({manifest.spec.family}, {manifest.spec.precision}, "
           "POST /v1/search, k=10):", "",
           "| concurrency | p50 | p99 |", "|---|---|---|"]
     for conc in (1, 8):

@@ -18,7 +18,7 @@ def _captions(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(manifest):
-    cfg = manifest.tokenizer
+    cfg = manifest.spec.tokenizer
     return Tokenizer(cfg, manifest.path(cfg.file))
 
 
@@ -29,7 +29,7 @@ def reference_tokenize(manifest):
         from clipfast.export.sources import load_source_from_spec
     except ImportError:
         return None
-    return load_source_from_spec(manifest["source"]).reference_tokenize
+    return load_source_from_spec(manifest.spec.source).reference_tokenize
 
 
 @pytest.mark.parametrize("batch", BATCHES)

@@ -40,7 +40,7 @@ def flops(bench_artifact, manifest):
     try:
         from clipfast.bench import count_flops, tower_shapes
 
-        return {t: count_flops(manifest.path(manifest[t]["file"]),
+        return {t: count_flops(manifest.path(manifest.spec.tower(t).file),
                                tower_shapes(manifest, t)).total / 1e9 for t in ("image", "text")}
     except ImportError:
         return {"image": None, "text": None}
@@ -51,7 +51,7 @@ def pixels(manifest):
     from clipfast.artifact.samples import sample_images
     from clipfast.inputs.preprocess import preprocess_batch
 
-    base = preprocess_batch(sample_images(12), manifest.preprocess)
+    base = preprocess_batch(sample_images(12), manifest.spec.preprocess)
     return np.ascontiguousarray(np.resize(base, (max(BATCHES), *base.shape[1:])))
 
 
@@ -61,7 +61,7 @@ def tokens(manifest):
     from clipfast.inputs.tokenizer import Tokenizer
 
     texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(max(BATCHES))]
-    cfg = manifest.tokenizer
+    cfg = manifest.spec.tokenizer
     return Tokenizer(cfg, manifest.path(cfg.file))(texts)
 
 

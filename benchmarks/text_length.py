@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                              threads=args.threads)
     if not engine.text_dynamic:
         print(f"{args.artifact}: text tower is not on the dynamic path "
-              f"({engine.manifest.text.sequence_reason or 'exported before it existed'})")
+              f"({engine.manifest.spec.text.sequence_reason or 'exported before it existed'})")
         return 2
     context = engine.tokenizer.context_length
     loads = {}
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         loads["end"] = f.read().split()[:3]
     cpu = host_cpu()
     doc = {"benchmark": "text_length", "artifact": str(args.artifact),
-           "model": engine.manifest.source.get("model"), "precision": engine.manifest.precision,
+           "model": engine.manifest.spec.source.get("model"),
+           "precision": engine.manifest.spec.precision,
            "backend": engine.backend, "describe_threads": args.threads,
            "cpu": cpu.to_dict(), "isa": cpu.isa, "loadavg": loads,
            "seconds": round(time.time() - t_start, 1),

@@ -114,11 +114,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     engine = clipfast.Engine(args.artifact, backend=args.backend, device=args.device,
                              self_check=False)
     print(f"clipfast verify {args.artifact} (backend {engine.backend} on "
-          f"{engine.backend_device}, precision {engine.manifest.precision})")
+          f"{engine.backend_device}, precision {engine.manifest.spec.precision})")
     from clipfast.cpu import host_cpu
 
     print(f"  host CPU: {host_cpu().describe()}")
-    exported_on = engine.manifest.exported_on
+    exported_on = engine.manifest.spec.exported_on
     if isinstance(exported_on, dict):
         print(f"  exported on: {exported_on.get('model')} ({exported_on.get('isa')})")
     failed = False
@@ -144,13 +144,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
               "'clipfast[export]' for it)")
         return 1 if failed else 0
     images = [str(p) for p in images_from_dir(args.images)] if args.images else None
-    stage(f"loading the PyTorch source {engine.manifest.source.get('model')}")
-    source = load_source_from_spec(engine.manifest.source)
+    stage(f"loading the PyTorch source {engine.manifest.spec.source.get('model')}")
+    source = load_source_from_spec(engine.manifest.spec.source)
     stage("measuring the artifact against the source on "
           + (plural(len(images), "image") if images else "the built-in images"))
     figures = measure(source, engine, images=images)
     stage.done()
-    gates = engine.manifest.gates
+    gates = engine.manifest.spec.gates.as_dict()
     failures = check_gates(figures, gates)
     print("against the PyTorch source:")
     for key, value in figures.items():
@@ -167,7 +167,7 @@ def _print_info(directory: str | Path) -> None:
     from clipfast.artifact.manifest import load_manifest
 
     m = load_manifest(directory, verify_checksums=False)
-    d = m.data
+    d = m.spec.to_dict()
     size = sum(f["bytes"] for f in d["files"].values())
     print(f"artifact   {m.directory}")
     src = d["source"]

@@ -150,8 +150,8 @@ class Engine:
         self.alpha_background = tuple(alpha_background)
         self.max_image_bytes = None if max_image_bytes is None else int(max_image_bytes)
         self.prompt_template = prompt_template
-        self.preprocess_config = self.manifest.preprocess
-        tok_cfg = self.manifest.tokenizer
+        self.preprocess_config = self.manifest.spec.preprocess
+        tok_cfg = self.manifest.spec.tokenizer
         self.tokenizer = Tokenizer(tok_cfg, self.manifest.path(tok_cfg.file))
         self.self_check_figures: dict[str, Any] | None = None
         golden = load_golden(self.manifest) if self_check else None
@@ -214,22 +214,22 @@ class Engine:
 
     @property
     def embed_dim(self) -> int:
-        return self.manifest.embed_dim
+        return self.manifest.spec.embed_dim
 
     def backend_info(self) -> BackendInfo:
         """The backend's facts (``clipfast.backends.BackendInfo``): name, device, the precision
         the towers really compute in (the artifact's unless the backend says otherwise),
         providers, batch limits, ``backend="auto"``'s measured choice, its ``describe()``."""
         info = self._backend.info()
-        return dataclasses.replace(info, precision=info.precision or self.manifest.precision)
+        return dataclasses.replace(info, precision=info.precision or self.manifest.spec.precision)
 
     def describe(self) -> dict[str, Any]:
         info = self.backend_info()
         return {
             **info.details,
             "artifact": str(self.manifest.directory),
-            "family": self.manifest.family,
-            "precision": self.manifest.precision,
+            "family": self.manifest.spec.family,
+            "precision": self.manifest.spec.precision,
             # what the towers compute in (a backend may run bf16 on an fp32 artifact when
             # asked to; never unsaid)
             "compute_precision": info.precision,
@@ -403,7 +403,7 @@ class Engine:
         """Whether text batches are padded only to their longest text (the artifact's text
         tower takes any length and its result does not depend on padding) rather than to the
         full context length."""
-        return self.manifest.text.dynamic and self.tokenizer.config.padding_side == "right"
+        return self.manifest.spec.text.dynamic and self.tokenizer.config.padding_side == "right"
 
     def run_text_tower(self, inputs: dict[str, np.ndarray],
                        lengths: np.ndarray | None = None) -> np.ndarray:
@@ -457,7 +457,7 @@ class Engine:
     def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         """L2-normalised ``(N, D)`` and ``(L, D)`` -> logits ``(N, L)`` with the model's scale
         (and bias for sigmoid models)."""
-        cfg = self.manifest.logits
+        cfg = self.manifest.spec.logits
         out = cfg.scale * (l2_normalize(image_embeds) @ l2_normalize(text_embeds).T)
         if cfg.bias is not None:
             out = out + cfg.bias
@@ -477,7 +477,7 @@ class Engine:
         text = self.encode_texts([template.format(label) for label in labels])
         img = self.encode_images(images)
         logits = self.logits(img, text).astype(np.float64)
-        if self.manifest.logits.kind == "sigmoid":
+        if self.manifest.spec.logits.kind == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
         else:
             logits -= logits.max(axis=1, keepdims=True)

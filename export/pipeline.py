@@ -8,13 +8,11 @@ against PyTorch (export/measure.py) -> gate.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,15 @@ import numpy as np
 import clipfast
 from clipfast.artifact.fidelity import GATES, check_gates
 from clipfast.artifact.manifest import write_manifest
-from clipfast.artifact.spec import ArtifactSpec, GoldenSection, ImageTower, TextTower
+from clipfast.artifact.spec import (
+    ArtifactSpec,
+    Gates,
+    GoldenSection,
+    GraphSection,
+    ImageTower,
+    Quantization,
+    TextTower,
+)
 from clipfast.backends.batching import BatchProfile
 from clipfast.cpu import host_cpu
 from clipfast.errors import ExportError, FidelityError
@@ -38,6 +44,7 @@ from clipfast.export.measure import (
     run_graph,
     tower_reference,
 )
+from clipfast.export.options import PRECISIONS, ExportOptions
 from clipfast.export.precision import (
     INT8_FORMAT_CHOICES,
     INT8_METHODS,
@@ -51,7 +58,6 @@ log = logging.getLogger("clipfast.export")
 __all__ = ["INT8_FORMAT_CHOICES", "INT8_METHODS", "IO_DTYPES", "PRECISIONS", "ExportOptions",
            "TowerFidelity", "calibration_inputs", "golden_data", "run_export"]
 
-PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_FILE = "image.onnx"
 TEXT_FILE = "text.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -72,119 +78,6 @@ FUSION_CHECK_TOL = 1e-4
 FP16_FALLBACKS: tuple[tuple[str, float], ...] = (
     ("first", 0.05), ("last", 0.25), ("first", 0.25), ("last", 0.5))
 _NP_DTYPE = {"fp32": "float32", "fp16": "float16"}
-
-
-@dataclass
-class ExportOptions:
-    """Everything an export needs; the CLI fills it from its flags.
-
-    precision: "fp32", "fp16" or "int8". io: dtype of the image input and the embedding outputs,
-    "fp32" (default) or "fp16" (``--precision fp16`` only). calibration_images: directory of
-    images to calibrate int8 activations on (default: a built-in varied set). fuse: rewrite
-    attention and run ONNX Runtime's transformer fusions (default on). int8_method: "static"
-    (default: QDQ graphs with calibrated activation ranges; the image tower from the plain
-    graph, the text tower from the fused one) or "dynamic" (int8 weights, activation ranges per
-    batch, from the fused graphs); see INT8_METHODS for why. int8_format: "portable" (default:
-    7-bit weights, the same integers on every CPU), "portable-u8" (8-bit u8 weights, also
-    exact everywhere, slower on VNNI) or "full-range" (8-bit s8 weights, exact only on CPUs with
-    VNNI / AMX / aarch64; others run it as float Q/DQ); --tensorrt implies TensorRT's symmetric
-    int8 (export/quant_options.py INT8_FORMATS). tensorrt: also build a TensorRT
-    engine per tower on this machine's GPU into ``<out>/tensorrt/`` for the batch range
-    ``batch_profile`` (default min 1, opt 64, max 256); implies plain ONNX graphs (no fusion:
-    TensorRT's parser reads standard ONNX operators only).
-    """
-
-    model: str
-    out: Path
-    pretrained: str | None = None
-    precision: str = "fp32"
-    io: str = "fp32"
-    opset: int = 17
-    seed: int = 0
-    images: Path | None = None
-    calibration_images: Path | None = None
-    fuse: bool = True
-    int8_method: str = "static"
-    int8_format: str = "portable"
-    overwrite: bool = False
-    gate: bool = True
-    progress: bool = True
-    tensorrt: bool = False
-    batch_profile: BatchProfile | None = None
-
-    @property
-    def fusion_off_reason(self) -> str | None:
-        """Why ONNX Runtime's fusions do not run (the graph record says it), or None when they
-        do: --no-fuse, or --tensorrt, whose parser rejects the com.microsoft operators they
-        produce."""
-        if self.tensorrt:
-            from clipfast.backends.tensorrt.build import FUSION_OFF_NOTE
-
-            return FUSION_OFF_NOTE
-        return None if self.fuse else "off (--no-fuse)"
-
-    @property
-    def fuse_graphs(self) -> bool:
-        """Whether ONNX Runtime's fusions run."""
-        return self.fusion_off_reason is None
-
-    def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ExportError(f"--precision {self.precision!r}: expected one of {PRECISIONS}")
-        if self.precision == "int8" and importlib.util.find_spec(
-                "clipfast.export.quantize") is None:
-            raise ExportError("--precision int8 is not available: the quantizer "
-                              "(clipfast.export.quantize) is not installed with this clipfast")
-        if self.io not in IO_DTYPES:
-            raise ExportError(f"--io {self.io!r}: expected one of {IO_DTYPES}")
-        if self.io == "fp16" and self.precision != "fp16":
-            raise ExportError(f"--io fp16 needs --precision fp16 (got --precision "
-                              f"{self.precision}): fp32 and int8 graphs take float32 pixels")
-        if self.int8_method not in INT8_METHODS:
-            raise ExportError(f"--int8-method {self.int8_method!r}: expected one of "
-                              f"{tuple(INT8_METHODS)}")
-        if self.int8_method != "static" and self.precision != "int8":
-            raise ExportError(f"--int8-method {self.int8_method} only applies to --precision int8")
-        if self.int8_format not in INT8_FORMAT_CHOICES:
-            raise ExportError(f"--int8-format {self.int8_format!r}: expected one of "
-                              f"{INT8_FORMAT_CHOICES}")
-        if self.int8_format != "portable" and (self.precision != "int8" or self.tensorrt):
-            raise ExportError(f"--int8-format {self.int8_format} applies to --precision int8 "
-                              "without --tensorrt (TensorRT takes its own symmetric int8)")
-        if self.calibration_images is not None:
-            if self.precision != "int8":
-                raise ExportError("--calibration-images only applies to --precision int8")
-            if not Path(self.calibration_images).is_dir():
-                raise ExportError(f"--calibration-images {str(self.calibration_images)!r}: not a "
-                                  "directory")
-        if self.opset < 17:
-            raise ExportError(f"--opset {self.opset}: 17 or newer is required "
-                              "(LayerNormalization)")
-        if self.batch_profile is not None:
-            if not self.tensorrt:
-                raise ExportError("a batch profile (--min-batch/--opt-batch/--max-batch) only "
-                                  "applies with --tensorrt")
-            if not isinstance(self.batch_profile, BatchProfile):
-                raise ExportError("batch_profile: expected a "
-                                  "clipfast.backends.batching.BatchProfile, "
-                                  f"got {type(self.batch_profile).__name__}")
-        if self.tensorrt:
-            if self.precision == "int8" and self.int8_method != "static":
-                raise ExportError(f"--tensorrt needs --int8-method static (QDQ graphs): "
-                                  f"{self.int8_method} int8 uses ONNX Runtime operators "
-                                  "TensorRT cannot parse")
-            # before a minute of export: a machine without TensorRT or a GPU fails here
-            from clipfast.backends.tensorrt.build import unavailable_reason
-
-            reason = unavailable_reason()
-            if reason:
-                raise ExportError(f"--tensorrt cannot build engines on this machine: {reason}. "
-                                  "Export without --tensorrt (add --no-fuse for plain graphs) "
-                                  "and run `clipfast build-engines ARTIFACT` on the GPU host")
-        out = Path(self.out)
-        if out.exists() and any(out.iterdir()) and not self.overwrite:
-            raise ExportError(f"--out {str(out)!r} exists and is not empty; pass --overwrite "
-                              "to replace it")
 
 
 class _Stages:
@@ -455,13 +348,13 @@ def _convert_precision(source, options: ExportOptions, stages: _Stages, build: P
     return quantize_towers(source, options, plain_and_fused, outs, gates)
 
 
-def _record_contrib_ops(work: Path, graph: dict[str, dict[str, Any]]) -> None:
-    """Record in ``graph[tower]["contrib_ops"]`` the op types of the written tower graph outside
+def _record_contrib_ops(work: Path, graph: GraphSection) -> None:
+    """Record in ``graph.<tower>.contrib_ops`` the op types of the written tower graph outside
     the standard ONNX domain (TensorRT's builder reads this instead of the graph)."""
     from clipfast.export.onnx_files import contrib_ops
 
     for which, name in TOWER_FILES.items():
-        graph[which]["contrib_ops"] = contrib_ops(work / name)
+        graph.tower(which).contrib_ops = contrib_ops(work / name)
 
 
 def _manifest_data(source, options: ExportOptions, graph: dict[str, dict[str, Any]],
@@ -481,13 +374,16 @@ def _manifest_data(source, options: ExportOptions, graph: dict[str, dict[str, An
                        sequence=graph["text"].pop("sequence", "fixed"),
                        sequence_reason=graph["text"].pop("sequence_reason", "")),
         preprocess=source.preprocess, tokenizer=source.tokenizer, logits=source.logits,
-        graph=graph, gates=gates, golden=golden, quantization=quantization,
+        graph=GraphSection.from_dict(graph, "export"), gates=Gates.from_dict(gates, "export"),
+        golden=golden,
+        quantization=None if quantization is None else Quantization.from_dict(quantization,
+                                                                              "export"),
         # Where the gates were measured: int8 kernels (and so results) differ by CPU family
         # (clipfast.cpu); every Engine re-checks the golden outputs on its own host.
         exported_on=host_cpu().to_dict(),
         # Gates for running the fp32 / fp16 towers in bf16 (OpenVINO on AVX512_BF16 / AMX
         # CPUs, only when asked for): the runtime's self-check holds bf16 paths to these.
-        extra={"precision_gates": {"bf16": dict(GATES["bf16"])}}
+        precision_gates={"bf16": Gates.from_dict(GATES["bf16"], "export")}
         if options.precision in ("fp32", "fp16") else {})
 
 
@@ -499,8 +395,8 @@ def _write_artifact(source, options: ExportOptions, work: Path,
 
     (work / TOKENIZER_FILE).write_text(source.tokenizer_json)
     golden = write_golden(work, golden_data(source))
-    _record_contrib_ops(work, graph)
     data = _manifest_data(source, options, graph, gates, golden, quantization)
+    _record_contrib_ops(work, data.graph)
     # towers over 2 GiB carry their weights in "<tower>.onnx.data" files beside them
     files = [IMAGE_FILE, TEXT_FILE, TOKENIZER_FILE, golden.file, *sorted(
         p.name for p in work.iterdir() if p.name.endswith(".onnx.data"))]
@@ -516,7 +412,7 @@ def _measure_artifact(source, options: ExportOptions, work: Path, data: Artifact
     (the manifest rewritten). Returns ``(figures, failures)``, the golden self-check included."""
     from clipfast.export.verify import images_from_dir, measure
 
-    gates = data.gates
+    gates = data.gates.as_dict()
     images = images_from_dir(options.images) if options.images else None
     measure_images = [str(p) for p in images] if images else None
     engine = clipfast.Engine(work, backend="onnxruntime", self_check=False)
@@ -549,9 +445,9 @@ def _fp16_retry(source, options: ExportOptions, work: Path, data: ArtifactSpec,
     fidelity = TowerFidelity(source, images, "fp16")
     try:
         for which in towers:
-            graph[which]["fp16"] = _fp16_fallback(
-                which, fp32_graphs[which], work / TOWER_FILES[which], options.io, data.gates,
-                fidelity)
+            graph.tower(which).fp16 = _fp16_fallback(
+                which, fp32_graphs[which], work / TOWER_FILES[which], options.io,
+                data.gates.as_dict(), fidelity)
     except FidelityError as e:
         raise FidelityError(f"{options.model} fp16: {e}; nothing written to {options.out}"
                             ) from e

@@ -23,7 +23,7 @@ from clipfast.export.measure import (
 )
 
 if TYPE_CHECKING:
-    from clipfast.export.pipeline import ExportOptions
+    from clipfast.export.options import ExportOptions
     from clipfast.export.quant_options import QuantOptions
 
 log = logging.getLogger("clipfast.export")

@@ -109,7 +109,7 @@ def test_backend_info_is_public_and_feeds_describe(small_clip_artifact):
     info = engine.backend_info()
     assert isinstance(info, BackendInfo)
     assert (info.name, info.device) == ("onnxruntime", "cpu")
-    assert info.precision == engine.manifest.precision  # onnxruntime runs the graph's own
+    assert info.precision == engine.manifest.spec.precision  # onnxruntime runs the graph's own
     assert info.providers == ("CPUExecutionProvider",)
     assert info.max_batch is None and info.tuning is None and info.source_model is None
     described = engine.describe()

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from pathlib import Path
 
 import pytest
+from manifest_stub import stub_manifest
 
 import clipfast
 from clipfast import backends
-from clipfast.artifact.manifest import Manifest
 from clipfast.backends import onnxruntime as ort_backend
 from clipfast.backends import openvino as ov_backend
 from clipfast.backends import torch as torch_backend
@@ -23,7 +22,7 @@ from clipfast.errors import BackendUnavailable, InputError
 
 MODULES = {"tensorrt": trt_backend, "onnxruntime": ort_backend, "openvino": ov_backend,
            "torch": torch_backend}
-NOWHERE = Manifest(Path("/nonexistent"), {})
+NOWHERE = stub_manifest("/nonexistent", {})
 
 
 def test_every_backend_declares_its_options():

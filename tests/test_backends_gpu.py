@@ -9,16 +9,18 @@ clipfast.artifact.fidelity.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from manifest_stub import stub_manifest
 
 from clipfast.artifact.cache import artifact_cache_dir
 from clipfast.artifact.fidelity import GATES, centred_relative_error, check_gates, cosine
-from clipfast.artifact.manifest import Manifest, artifact_digest
+from clipfast.artifact.manifest import artifact_digest
 from clipfast.backends import onnxruntime as ort_backend
 from clipfast.backends import torch as torch_backend
 from clipfast.backends.batching import BatchProfile, plan_rows
@@ -266,7 +268,7 @@ def tiny_onnx(tmp_path_factory):
             "text": {"file": "text.onnx", "inputs": ["input_ids"]},
             "tokenizer": {"kind": "hf", "context_length": 6},
             "files": {"image.onnx": {"sha256": "a" * 64}, "text.onnx": {"sha256": "b" * 64}}}
-    return Manifest(d, data), (w, b, v)
+    return stub_manifest(d, data), (w, b, v)
 
 
 def test_onnxruntime_cpu_session_settings_and_results(tiny_onnx, monkeypatch):
@@ -333,8 +335,8 @@ def test_tensorrt_cache_dir_and_profile_shapes(tiny_onnx, monkeypatch, tmp_path)
     shared = ort_backend.tensorrt_cache_dir(manifest, profile, "1.31.1")
     assert shared == tmp_path / artifact_digest(manifest) / "ort-tensorrt" / "ort1.31.1-b1-4-8"
     assert shared.parent == artifact_cache_dir(manifest, "ort-tensorrt")
-    other = Manifest(manifest.directory, {**manifest.data, "files": {
-        "image.onnx": {"sha256": "c" * 64}, "text.onnx": {"sha256": "b" * 64}}})
+    other = copy.deepcopy(manifest)
+    other.spec.files = {"image.onnx": {"sha256": "c" * 64}, "text.onnx": {"sha256": "b" * 64}}
     assert ort_backend.tensorrt_cache_dir(other, profile, "1.31.1") != shared
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", "/proc/no-such-dir")
     with pytest.raises(BackendUnavailable, match="TensorRT EP needs a cache directory.*"
@@ -353,7 +355,7 @@ def vits32_manifest(tmp_path_factory):
     """A manifest with only what the torch backend reads: the source spec (open_clip ViT-S-32,
     random weights, seed 0) and the text input names."""
     d = tmp_path_factory.mktemp("vits32-src")
-    return Manifest(d, {"source": {"loader": "open_clip", "model": "ViT-S-32",
+    return stub_manifest(d, {"source": {"loader": "open_clip", "model": "ViT-S-32",
                                    "pretrained": "none", "seed": 0},
                         "text": {"file": "text.onnx", "inputs": ["input_ids"]}})
 

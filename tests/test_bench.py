@@ -332,12 +332,14 @@ else:
 from pathlib import Path
 from clipfast.artifact.manifest import Manifest
 
-manifest = Manifest(Path("."), {"image": {"file": "image.onnx", "input": "pixel_values",
-                                          "output": "e", "shape": [3, 8, 8]},
-                                "text": {"file": "text.onnx", "inputs": ["input_ids"],
-                                         "output": "t"},
-                                "tokenizer": {"context_length": 8},
-                                "files": {"image.onnx": {}, "text.onnx": {}}})
+from clipfast.artifact.spec import ArtifactSpec
+manifest = Manifest(Path("."), ArtifactSpec.from_dict({
+    "source": {}, "family": "t", "embed_dim": 8, "precision": "fp32",
+    "image": {"file": "image.onnx", "input": "pixel_values", "output": "e", "shape": [3, 8, 8]},
+    "text": {"file": "text.onnx", "inputs": ["input_ids"], "output": "t"},
+    "preprocess": {"image_size": [8, 8]}, "tokenizer": {"kind": "hf", "context_length": 8},
+    "logits": {"kind": "softmax", "scale": 1.0},
+    "files": {"image.onnx": {}, "text.onnx": {}}}))
 manifest.path = lambda name: name
 run = _Run(BenchConfig(artifacts=[]), lambda msg: None)
 into = {}

@@ -29,7 +29,7 @@ def _parity(art, photos):
     from clipfast.export.verify import measure
 
     engine = clipfast.Engine(art, backend="onnxruntime")
-    source = load_source_from_spec(engine.manifest["source"])
+    source = load_source_from_spec(engine.manifest.spec.source)
     images = list(photos.values()) + [np.zeros((5, 7, 3), np.uint8),
                                       np.full((30, 900), 200, np.uint8)]
     texts = ["a photo of an astronaut", "a cat", "", "&amp; html entities",
@@ -40,7 +40,7 @@ def _parity(art, photos):
 @pytest.mark.slow
 def test_align_full_size(align_artifact, photos):
     m = load_manifest(align_artifact)
-    d = m.data
+    d = m.spec.to_dict()
     assert d["family"] == "align" and d["embed_dim"] == 640
     assert d["text"]["inputs"] == ["input_ids", "attention_mask"]
     pp = d["preprocess"]
@@ -64,7 +64,7 @@ def test_small_transformers_families(family, tmp_path, export_fn, photos):
                "siglip": hf_models.save_siglip, "metaclip2": hf_models.save_metaclip2}[family]
     builder(tmp_path / "src")
     art = export_fn(f"transformers:{tmp_path / 'src'}", tmp_path / "art", pretrained=None)
-    m = load_manifest(art)
+    m = load_manifest(art).spec.to_dict()
     assert m["fidelity"]["passed"], m["fidelity"]
     engine, fig = _parity(art, photos)
     assert not check_gates(fig, FP32), fig

@@ -33,12 +33,12 @@ def _awkward_images() -> list:
 def vitb32_source(vitb32_artifact):
     from clipfast.export.sources import load_source_from_spec
 
-    return load_source_from_spec(load_manifest(vitb32_artifact)["source"])
+    return load_source_from_spec(load_manifest(vitb32_artifact).spec.source)
 
 
 def test_manifest_records_everything(vitb32_artifact):
     m = load_manifest(vitb32_artifact)
-    d = m.data
+    d = m.spec.to_dict()
     assert d["format_version"] == 1 and d["precision"] == "fp32" and d["embed_dim"] == 512
     assert d["random_weights"] is True and d["source"]["pretrained"] == "none"
     assert set(d["files"]) == {"image.onnx", "text.onnx", "tokenizer.json", "golden.npz"}
@@ -96,14 +96,14 @@ def test_metaclip_quickgelu_export_and_gelu_mixup_detected(tmp_path, export_fn):
     from clipfast.export.sources import load_source_from_spec
 
     art = export_fn("ViT-B-32-quickgelu", tmp_path / "mc")
-    m = load_manifest(art)
-    assert m["fidelity"]["passed"] and m["architecture"]["quick_gelu"] is True
+    m = load_manifest(art).spec
+    assert m.fidelity["passed"] and m.architecture["quick_gelu"] is True
     g = onnx.load(str(art / "image.onnx"))
     ops = {n.op_type for n in g.graph.node}
     # x*sigmoid(1.702x), or ORT's fused QuickGelu operator made from it
     assert "Erf" not in ops and ops & {"Sigmoid", "QuickGelu"}, "QuickGELU lost in export"
 
-    quick = load_source_from_spec(m["source"])
+    quick = load_source_from_spec(m.source)
     import open_clip
 
     gelu = open_clip.create_model("ViT-B-32", pretrained=None)

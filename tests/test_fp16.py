@@ -242,12 +242,12 @@ def test_align_tiny_fp16_gates_via_engine(align_tiny_seeded, photos, tmp_path, i
     art = run_export(ExportOptions(model=f"transformers:{src}", out=tmp_path / "a",
                                    precision="fp16", io=io, progress=False))
     engine = clipfast.Engine(art, backend="onnxruntime")
-    m = engine.manifest
+    m = engine.manifest.spec
     want = "float16" if io == "fp16" else "float32"
-    assert m["io_dtype"] == io and m["image"]["dtype"] == want
+    assert m.io_dtype == io and m.image.dtype == want
     assert engine.describe()["image_input_dtype"] == want
-    assert m["graph"]["text"]["fused"]["Attention"] == 2
-    source = load_source_from_spec(m["source"])
+    assert m.graph.text.fused["Attention"] == 2
+    source = load_source_from_spec(m.source)
     fig = _engine_figures(engine, source, list(photos.values()), _TEXTS)
     assert not check_gates(fig, FP16_EMBED), fig
     # a torch tensor input takes the IO-binding path: same numbers as the numpy path

@@ -117,11 +117,12 @@ def test_portable_weights_fit_int16_pair_sums(graphs):
 
 
 def test_int8_plan_per_cpu():
-    from clipfast.artifact.manifest import Manifest
+    from manifest_stub import stub_manifest
+
     from clipfast.backends.onnxruntime import int8_plan
 
     def manifest(method, safe):
-        return Manifest(Path("/nowhere"), {"precision": "int8", "quantization": {"image": {
+        return stub_manifest("/nowhere", {"precision": "int8", "quantization": {"image": {
             "method": method, "int8_format": {"saturation_safe": safe}}}})
 
     assert int8_plan(manifest("static_qdq", True), "image", "cpu", AVX2)[0] is None
@@ -133,7 +134,7 @@ def test_int8_plan_per_cpu():
     how, why = int8_plan(manifest("dynamic", False), "image", "cpu", AVX2)
     assert how == "refuse" and "portable" in why
     assert int8_plan(manifest("static_qdq", False), "image", "cuda", AVX2)[0] is None
-    assert int8_plan(Manifest(Path("/nowhere"), {"precision": "fp32"}), "image", "cpu",
+    assert int8_plan(stub_manifest("/nowhere", {"precision": "fp32"}), "image", "cpu",
                      AVX2)[0] is None
 
 

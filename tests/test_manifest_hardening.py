@@ -171,7 +171,7 @@ def test_golden_outputs_are_read_through_the_gate(art, tmp_path):
     from clipfast.artifact.selfcheck import load_golden
 
     m = load_manifest(art)
-    m.data["golden"] = {"file": "../golden.npz"}
+    m.spec.golden.file = "../golden.npz"
     np.savez(tmp_path / "golden.npz", a=np.zeros(2))
     with pytest.raises(ArtifactError, match="leaves the artifact directory"):
         load_golden(m)

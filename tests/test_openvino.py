@@ -56,7 +56,7 @@ def test_fp32_parity_with_the_stated_hint(small_clip_artifact, held_out):
     assert d["compute_precision"] == "fp32"
     assert set(d["runtime_precisions"]["image"]) == {"f32"}
     assert engine.self_check_figures["passed"] is True
-    figures = _parity(engine, held_out, engine.manifest.gates)
+    figures = _parity(engine, held_out, engine.manifest.spec.gates.as_dict())
     # NOTE: fp32 kernels differ from PyTorch's in summation order only: round-off, ~1e-6
     assert figures["image_centred_rel_error"] < 1e-4
 
@@ -71,7 +71,7 @@ def test_bf16_parity_on_its_own_gates(small_clip_artifact, held_out):
     assert "bf16" in d["runtime_precisions"]["image"]
     # the self-check held bf16 to the artifact's bf16 gates, not the fp32 ones
     assert engine.self_check_figures["gates"]["image_centred_rel_error_max"] == \
-        engine.manifest.precision_gates("bf16")["image_centred_rel_error_max"] == \
+        engine.manifest.spec.precision_gates["bf16"].image_centred_rel_error_max == \
         GATES["bf16"]["image_centred_rel_error_max"]
     figures = _parity(engine, held_out, GATES["bf16"])
     # bf16 really ran: an error well above fp32 round-off
@@ -176,7 +176,7 @@ def test_int8_runs_clipfasts_graph_on_integer_kernels(small_int8_artifact):
     assert d["compute_precision"] == "int8" and d["inference_precision"] == "f32"
     # OpenVINO's low-precision transformations run the Q/DQ matmuls on its u8/i8 kernels
     assert set(d["runtime_precisions"]["image"]) & {"u8", "i8"}, d["runtime_precisions"]
-    gates = ov.manifest.gates
+    gates = ov.manifest.spec.gates.as_dict()
     _parity(ov, (images, texts, ref_img, ref_txt), gates)
     # the same integers as ONNX Runtime's int8 path: the errors agree closely
     err_ov = centred_relative_error(ov.encode_images(images), ref_img).max()

@@ -228,7 +228,7 @@ def test_manifest_precision_gates_are_read_and_checked(art):
     from clipfast.errors import ArtifactError
 
     m = load_manifest(art)
-    assert m.precision_gates("bf16") == GATES["bf16"]  # written by the export
+    assert m.spec.precision_gates["bf16"].as_dict() == GATES["bf16"]  # written by the export
     assert self_check_gates(m, "bf16")["image_centred_rel_error_max"] == 0.08
     assert self_check_gates(m, "fp32") == self_check_gates(m)  # the artifact's own
     path = art / "manifest.json"

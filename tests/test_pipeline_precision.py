@@ -287,15 +287,15 @@ def test_int8_export_with_the_real_quantizer(tmp_path):
     art = run_export(ExportOptions(model=f"transformers:{src}", out=tmp_path / "i8",
                                    precision="int8", progress=False))
     engine = clipfast.Engine(art, backend="onnxruntime")
-    m = engine.manifest
-    assert m["fidelity"]["passed"] and m["fidelity"]["retrieval_pairs"] >= 20
+    m = engine.manifest.spec
+    assert m.fidelity["passed"] and m.fidelity["retrieval_pairs"] >= 20
     for tower in ("image", "text"):
-        report = m["quantization"][tower]
+        report = m.quantization.report(tower)
         assert report["attempts"][-1]["passed"] is True
         # the portable format, checked on the written weights
         assert report["int8_format"]["saturation_safe"] is True
     assert engine.self_check_figures["passed"] is True
-    assert m["exported_on"]["isa"]
+    assert m.exported_on["isa"]
     assert engine.encode_texts(["a cat"]).shape == (1, engine.embed_dim)
 
 

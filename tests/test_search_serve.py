@@ -254,7 +254,7 @@ def stub_index(root: Path) -> tuple[Any, Path, dict[str, int]]:
     from clipfast.search.index import build_index
 
     engine = StubEngine()
-    engine.manifest.files = {"stub.onnx": {"sha256": "0" * 64}}
+    engine.manifest.spec.files = {"stub.onnx": {"sha256": "0" * 64}}
     photos = make_photos(root / "photos", 4)
     files = {f"photo{i}": p for i, p in enumerate(photos)}
     files["big"] = root / "big.png"

@@ -98,10 +98,10 @@ class StubEngine:
     prompt_template = "a photo of a {}."
 
     def __init__(self):
-        self.manifest = SimpleNamespace(
-            directory="/stub/stub-model", family="stub", precision="fp32",
+        self.manifest = SimpleNamespace(directory="/stub/stub-model", spec=SimpleNamespace(
+            family="stub", precision="fp32",
             logits=SimpleNamespace(kind="softmax", scale=100.0, bias=None),
-            tokenizer=SimpleNamespace(pad_id=0))
+            tokenizer=SimpleNamespace(pad_id=0)))
         self.gate = threading.Event()
         self.gate.set()
         self.calls: list[int] = []

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from manifest_stub import stub_manifest
 
-from clipfast.artifact.manifest import Manifest, load_manifest, write_manifest
+from clipfast.artifact.manifest import load_manifest, write_manifest
 from clipfast.backends.batching import BatchProfile, plan_rows
 from clipfast.backends.tensorrt import backend as trt_backend
 from clipfast.backends.tensorrt import build as tb
@@ -61,14 +62,14 @@ def test_key_differs_by_each_field(change):
 
 
 def test_engine_key_from_manifest_uses_tower_checksum():
-    m = Manifest(Path("/nonexistent"), {
+    m = stub_manifest("/nonexistent", {
         "precision": "int8", "io_dtype": "fp32",
         "image": {"file": "image.onnx", "shape": [3, 8, 8]},
         "files": {"image.onnx": {"sha256": SHA, "bytes": 1}}})
     key = tb.engine_key(m, "image", BatchProfile(1, 8, 16), "11.1.0", (12, 0))
     assert key.onnx_sha256 == SHA and key.precision == "int8"
     assert key.stem() == f"image.int8-io32.b1-8-16.trt11.1.0.sm120.{SHA[:12]}"
-    m.data["files"] = {}
+    m.spec.files = {}
     with pytest.raises(ArtifactError, match="no checksum for image.onnx"):
         tb.engine_key(m, "image", BatchProfile(), "11.1.0", (12, 0))
 
@@ -187,14 +188,17 @@ def test_cache_dir_of_a_read_only_artifact(tmp_path, monkeypatch):
 
 def test_record_in_manifest_keeps_files_and_checksums(tmp_path):
     art = _fake_artifact(tmp_path / "art")
-    before = load_manifest(art)["files"]
+    raw = json.loads((art / "manifest.json").read_text())
     section = tb.tensorrt_section(BatchProfile(1, 8, 16), art / "tensorrt", art, {"image": KEY})
     assert tb.record_in_manifest(art, section)
     m = load_manifest(art)  # checksums still verify
-    assert m["files"] == before
-    assert m["tensorrt"]["profile"] == {"min": 1, "opt": 8, "max": 16}
-    assert m["tensorrt"]["cache"] == "tensorrt"
-    assert m["tensorrt"]["engines"]["image"]["key"] == KEY.stem()
+    assert m.spec.files == raw["files"]
+    assert m.spec.tensorrt.profile == {"min": 1, "opt": 8, "max": 16}
+    assert m.spec.tensorrt.cache == "tensorrt"
+    assert m.spec.tensorrt.engines["image"].key == KEY.stem()
+    # the rewrite adds the section and changes nothing else
+    after = json.loads((art / "manifest.json").read_text())
+    assert after.pop("tensorrt") == section and after == raw
 
 
 # -- profiles and options ----------------------------------------------------------------------
@@ -373,10 +377,10 @@ def test_builder_without_the_record_or_onnx_says_to_re_export(tmp_path, monkeypa
 
 
 def test_a_malformed_contrib_ops_record_is_an_artifact_error(tmp_path):
-    m = load_manifest(_fake_artifact(tmp_path / "art",
-                                     graph={"image": {"contrib_ops": "BiasGelu"}}))
+    # refused when the manifest loads, before any backend reads the record
+    art = _fake_artifact(tmp_path / "art", graph={"image": {"contrib_ops": "BiasGelu"}})
     with pytest.raises(ArtifactError, match="graph.image.contrib_ops must be a list"):
-        tb.tower_contrib_ops(m, "image")
+        load_manifest(art)
 
 
 # -- TensorRT API glue, with stand-ins for the tensorrt module ---------------------------------
@@ -422,7 +426,7 @@ def test_parser_errors_name_the_node():
 # -- without TensorRT / cuda-python ------------------------------------------------------------
 def test_load_without_tensorrt_says_how_to_install(no_tensorrt):
     with pytest.raises(BackendUnavailable, match=r"pip install clipfast\[tensorrt\]"):
-        trt_backend.load(Manifest(Path("/nonexistent"), {}), device="cuda")
+        trt_backend.load(stub_manifest("/nonexistent", {}), device="cuda")
     assert "TensorRT is not importable" in tb.unavailable_reason()
 
 
@@ -548,15 +552,16 @@ def test_engine_matches_onnxruntime_within_the_gates(trt_artifact):
     from clipfast.artifact.fidelity import centred_relative_error, cosine
 
     m = load_manifest(trt_artifact)
-    assert m["graph"]["image"]["fusion"] == tb.FUSION_OFF_NOTE
-    assert set(m["tensorrt"]["engines"]) == {"image", "text"}
-    assert not tb.has_contrib_ops(m.path(m["image"]["file"]))
+    spec = m.spec
+    assert spec.graph.image.fusion == tb.FUSION_OFF_NOTE
+    assert set(spec.tensorrt.engines) == {"image", "text"}
+    assert not tb.has_contrib_ops(m.path(spec.image.file))
     backend = trt_backend.load(m, device="cuda", profile={"min": 1, "opt": 4, "max": 8})
-    gates = m["gates"]
+    gates = spec.gates.as_dict()
     rng = np.random.default_rng(0)
     # 13 rows: chunks of 8 and 5 (bucket 8), both slots of the pipeline in use
-    pixels = rng.standard_normal((13, *m["image"]["shape"])).astype(np.float32)
-    ref = _ort(m.path(m["image"]["file"]), {m["image"]["input"]: pixels})
+    pixels = rng.standard_normal((13, *spec.image.shape)).astype(np.float32)
+    ref = _ort(m.path(spec.image.file), {spec.image.input: pixels})
     got = backend.run_image(pixels)
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert centred_relative_error(got, ref).max() <= gates["image_centred_rel_error_max"]
@@ -564,10 +569,10 @@ def test_engine_matches_onnxruntime_within_the_gates(trt_artifact):
     # batches through one pipeline equal one call per batch; bucket replays equal first runs
     parts = backend.run_image_batches([pixels[:3], pixels[3:]])
     np.testing.assert_allclose(np.concatenate(parts), got, rtol=1e-5, atol=1e-5)
-    length = m["tokenizer"]["context_length"]
+    length = spec.tokenizer.context_length
     ids = rng.integers(1, 1000, size=(11, length)).astype(np.int32)
-    feed = {n: np.ones_like(ids) if "mask" in n else ids for n in m["text"]["inputs"]}
-    ref_t = _ort(m.path(m["text"]["file"]), feed)
+    feed = {n: np.ones_like(ids) if "mask" in n else ids for n in spec.text.inputs}
+    ref_t = _ort(m.path(spec.text.file), feed)
     got_t = backend.run_text(feed)
     assert centred_relative_error(got_t, ref_t).max() <= gates["text_centred_rel_error_max"]
     info = backend.describe()

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import ctypes
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
+from manifest_stub import stub_manifest
 from test_tensorrt import _FakeCuda, _NoLog
 
 from clipfast.artifact.manifest import Manifest
@@ -25,7 +25,7 @@ def _manifest(sequence: str | None) -> Manifest:
     text = {"file": "text.onnx", "inputs": ["input_ids"]}
     if sequence is not None:
         text["sequence"] = sequence
-    return Manifest(Path("/nonexistent"), {
+    return stub_manifest("/nonexistent", {
         "precision": "fp16", "io_dtype": "fp32", "text": text,
         "image": {"file": "image.onnx", "shape": [3, 8, 8]},
         "tokenizer": {"kind": "hf", "context_length": 77},

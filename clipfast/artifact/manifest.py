@@ -15,26 +15,13 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from clipfast.artifact.onnx_proto import onnx_external_data
-from clipfast.artifact.spec import (
-    TOWERS,
-    ArtifactSpec,
-    GoldenSection,
-    ImageTower,
-    LogitsConfig,
-    TextTower,
-    parse_golden,
-    parse_image,
-    parse_text,
-)
+from clipfast.artifact.spec import FORMAT, FORMAT_VERSION, TOWERS, ArtifactSpec
 from clipfast.errors import ArtifactError
 
-FORMAT = "clipfast-artifact"
-FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -62,17 +49,18 @@ def tower_input_dims(manifest: Manifest, tower: str) -> dict[str, tuple[int, ...
     """``{input name: dims after the batch}`` of a tower, from the manifest: the image input's
     ``(C, H, W)``, every text input's ``(context_length,)``. What a backend that builds for
     fixed shapes (TensorRT optimization profiles) needs beyond the batch range."""
+    spec = manifest.spec
     if tower == "image":
-        return {manifest.image.input: tuple(manifest.image.shape)}
-    length = int(manifest.tokenizer.context_length)
-    return {name: (length,) for name in manifest.text.inputs}
+        return {spec.image.input: tuple(spec.image.shape)}
+    length = int(spec.tokenizer.context_length)
+    return {name: (length,) for name in spec.text.inputs}
 
 
 def artifact_digest(manifest) -> str:
     """16 hex digits identifying an artifact's content (its files' checksums): the name of its
     cache folders (TensorRT engines, ONNX Runtime's TensorRT provider) outside the artifact."""
     h = hashlib.sha256()
-    for name, entry in sorted(manifest.files.items()):
+    for name, entry in sorted(manifest.spec.files.items()):
         h.update(f"{name}:{entry['sha256']}\n".encode())
     return h.hexdigest()[:16]
 
@@ -80,7 +68,8 @@ def artifact_digest(manifest) -> str:
 def write_manifest(directory: str | os.PathLike, data: ArtifactSpec | dict[str, Any],
                    files: list[str]) -> Path:
     """Write ``manifest.json`` into ``directory`` from an ArtifactSpec (or its dict form), with
-    checksums of ``files`` (relative names)."""
+    checksums of ``files`` (relative names). A spec read from a manifest keeps that file's key
+    order: rewritten unchanged, the file is byte-identical."""
     directory = Path(directory)
     data = data.to_dict() if isinstance(data, ArtifactSpec) else dict(data)
     data["format"] = FORMAT
@@ -138,17 +127,9 @@ def _contained(root: Path, path: Path, field: str, name: str, where: Path) -> Pa
     return resolved
 
 
-def _files_section(files: Any, where: Path) -> dict[str, dict[str, Any]]:
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{where}: 'files' must be an object mapping file names to "
-                            f"{{'sha256', 'bytes'}}, got {type(files).__name__}")
-    return files
-
-
 def _check_listed(directory: Path, files: Any, name: Any, field: str, where: Path) -> Path:
     """The resolved path of ``name`` (a reference from ``field``) after checking that it is a
     plain relative name listed in ``files`` that resolves inside ``directory``."""
-    files = _files_section(files, where)
     norm = _plain_name(name, field, where)
     if norm not in files:
         raise ArtifactError(f"{where}: {field} {name!r} is not listed in 'files' (every file the "
@@ -162,132 +143,24 @@ def _check_listed(directory: Path, files: Any, name: Any, field: str, where: Pat
 
 @dataclass
 class Manifest:
-    """A loaded, validated manifest. ``data`` is the raw JSON; accessors give typed views."""
+    """A loaded, validated manifest: the artifact directory and its typed ``spec``. Fields are
+    read as ``manifest.spec.<section>.<field>``; this class adds file access (``path``)."""
 
     directory: Path
-    data: dict[str, Any]
+    spec: ArtifactSpec
 
-    def __getitem__(self, key: str) -> Any:
-        return self.data[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    # -- typed views (clipfast.artifact.spec), parsed from ``data`` when first asked for
-    # --------------
     @property
     def where(self) -> str:
+        """The manifest file, as errors name it."""
         return str(self.directory / MANIFEST_NAME)
-
-    @cached_property
-    def spec(self) -> ArtifactSpec:
-        """The whole manifest, typed (what ``write_manifest`` takes back)."""
-        return ArtifactSpec.from_dict(self.data, self.where)
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.data["embed_dim"])
-
-    @property
-    def precision(self) -> str:
-        return str(self.data.get("precision") or "")
-
-    @property
-    def family(self) -> str:
-        return str(self.data.get("family", ""))
-
-    @property
-    def source(self) -> dict[str, Any]:
-        return dict(self.data.get("source") or {})
-
-    @property
-    def io_dtype(self) -> str:
-        return str(self.data.get("io_dtype") or "fp32")
-
-    @cached_property
-    def image(self) -> ImageTower:
-        return parse_image(self.data.get("image"), self.where)
-
-    @cached_property
-    def text(self) -> TextTower:
-        return parse_text(self.data.get("text"), self.where)
-
-    def tower(self, name: str) -> ImageTower | TextTower:
-        """The ``image`` or ``text`` tower's section."""
-        if name not in TOWERS:
-            raise ValueError(f"tower {name!r}: expected one of {TOWERS}")
-        return self.image if name == "image" else self.text
-
-    @cached_property
-    def logits(self) -> LogitsConfig:
-        return LogitsConfig.from_dict(self.data.get("logits"), self.where)
-
-    @cached_property
-    def golden(self) -> GoldenSection | None:
-        return parse_golden(self.data.get("golden"), self.where)
-
-    @property
-    def gates(self) -> dict[str, Any]:
-        return dict(self.data.get("gates") or {})
-
-    def precision_gates(self, precision: str) -> dict[str, Any] | None:
-        """The gates the artifact states for running its towers at ``precision`` other than its
-        own (``precision_gates``, e.g. ``{"bf16": {...}}`` in an fp32 artifact), or None."""
-        section = self.data.get("precision_gates") or {}
-        gates = section.get(precision)
-        return dict(gates) if isinstance(gates, dict) else None
-
-    @property
-    def graph(self) -> dict[str, Any]:
-        return dict(self.data.get("graph") or {})
-
-    @property
-    def quantization(self) -> dict[str, Any] | None:
-        return self.data.get("quantization")
-
-    @property
-    def exported_on(self) -> dict[str, Any] | None:
-        return self.data.get("exported_on")
-
-    @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        return dict(self.data.get("files") or {})
-
-    @property
-    def preprocess(self):
-        from clipfast.inputs.preprocess import PreprocessConfig
-
-        return self._section("preprocess", PreprocessConfig.from_dict)
-
-    @property
-    def tokenizer(self):
-        from clipfast.inputs.tokenizer import TokenizerConfig
-
-        return self._section("tokenizer", TokenizerConfig.from_dict)
-
-    def _section(self, key: str, parse):
-        try:
-            return parse(self.data[key])
-        except ArtifactError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ArtifactError(f"{self.directory / MANIFEST_NAME}: invalid {key!r} section: {e}"
-                                ) from e
 
     def path(self, name: str) -> Path:
         """The path of the artifact file ``name``: the one gate between a name read from the
         manifest and a file the runtime opens. ArtifactError unless ``name`` is a relative name
         listed in ``files`` that resolves (symbolic links followed) inside the artifact
         directory. The returned path is the resolved one."""
-        return _check_listed(self.directory, self.data.get("files"), name, "file",
+        return _check_listed(self.directory, self.spec.files, name, "file",
                              self.directory / MANIFEST_NAME)
-
-
-_REQUIRED = ("source", "family", "embed_dim", "precision", "image", "text", "preprocess",
-             "tokenizer", "logits", "files")
-_DICTS = ("source", "image", "text", "preprocess", "tokenizer", "logits")
-_OPTIONAL_DICTS = ("graph", "gates", "quantization", "tensorrt", "architecture", "fidelity",
-                   "exported_on", "precision_gates")
 
 
 def _is_int(v: Any) -> bool:
@@ -314,64 +187,13 @@ def _check_entries(files: dict, path: Path) -> None:
                                 f"got {entry['bytes']!r}")
 
 
-def _check_types(data: dict, path: Path) -> None:
-    """The types of the fields the runtime reads, so that a malformed manifest is reported here
-    naming the field, not as a KeyError or TypeError deep in a backend."""
-    for key in _DICTS:
-        if not isinstance(data[key], dict):
-            raise ArtifactError(f"{path}: {key!r} must be an object, got "
-                                f"{type(data[key]).__name__}")
-    for key in _OPTIONAL_DICTS:
-        if data.get(key) is not None and not isinstance(data[key], dict):
-            raise ArtifactError(f"{path}: {key!r} must be an object (or absent), got "
-                                f"{type(data[key]).__name__}")
-    for precision, gates in (data.get("precision_gates") or {}).items():
-        if not isinstance(gates, dict):
-            raise ArtifactError(f"{path}: precision_gates.{precision} must be an object of "
-                                f"gates, got {type(gates).__name__}")
-    if not isinstance(data["family"], str):
-        raise ArtifactError(f"{path}: 'family' must be a string, got {data['family']!r}")
-    if not isinstance(data["precision"], str):
-        raise ArtifactError(f"{path}: 'precision' must be a string, got {data['precision']!r}")
-    if not _is_int(data["embed_dim"]) or data["embed_dim"] < 1:
-        raise ArtifactError(f"{path}: 'embed_dim' must be a positive integer, got "
-                            f"{data['embed_dim']!r}")
-    image, text = data["image"], data["text"]
-    for tower, keys in (("image", ("file", "input", "output")), ("text", ("file", "output"))):
-        for key in keys:
-            if key not in data[tower]:
-                raise ArtifactError(f"{path}: '{tower}' section lacks {key!r}")
-            if not isinstance(data[tower][key], str):
-                raise ArtifactError(f"{path}: {tower}.{key} must be a string, got "
-                                    f"{data[tower][key]!r}")
-        for key in ("dtype", "output_dtype"):
-            if data[tower].get(key) is not None and not isinstance(data[tower][key], str):
-                raise ArtifactError(f"{path}: {tower}.{key} must be a string, got "
-                                    f"{data[tower][key]!r}")
-    shape = image.get("shape")
-    if not isinstance(shape, list) or not shape or not all(_is_int(d) and d > 0 for d in shape):
-        raise ArtifactError(f"{path}: image.shape must be a list of positive integers, got "
-                            f"{shape!r}")
-    inputs = text.get("inputs")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(n, str) for n in inputs):
-        raise ArtifactError(f"{path}: text.inputs must be a non-empty list of input names, got "
-                            f"{inputs!r}")
-    tok_file = data["tokenizer"].get("file", "tokenizer.json")
-    if not isinstance(tok_file, str):
-        raise ArtifactError(f"{path}: tokenizer.file must be a string, got {tok_file!r}")
-    golden = data.get("golden")
-    if golden and (not isinstance(golden, dict) or not isinstance(golden.get("file"), str)):
-        raise ArtifactError(f"{path}: 'golden' must be an object with a 'file' string, got "
-                            f"{golden!r}")
-
-
-def referenced_files(data: dict[str, Any]) -> dict[str, str]:
+def referenced_files(spec: ArtifactSpec) -> dict[str, str]:
     """``{field: file name}`` of every file a validated manifest points the runtime at (the
     external-data files of the towers aside: those are named inside the ONNX graphs)."""
-    refs = {f"{t}.file": data[t]["file"] for t in TOWERS}
-    refs["tokenizer.file"] = data["tokenizer"].get("file", "tokenizer.json")
-    if data.get("golden"):
-        refs["golden.file"] = data["golden"]["file"]
+    refs = {f"{t}.file": spec.tower(t).file for t in TOWERS}
+    refs["tokenizer.file"] = spec.tokenizer.file
+    if spec.golden is not None:
+        refs["golden.file"] = spec.golden.file
     return refs
 
 
@@ -425,10 +247,10 @@ def _check_file(root: Path, directory: Path, name: str, entry: dict, where: Path
 def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True) -> Manifest:
     """Read and validate ``DIR/manifest.json``; raise ArtifactError naming the file and problem.
 
-    Checked always: the types of the fields the runtime reads; that every listed file is a
-    plain relative name resolving (symbolic links followed) inside the directory, present, of
-    its recorded size; that every file the manifest references (towers, tokenizer, golden
-    outputs) and every external-data file the tower graphs reference is listed. With
+    Checked always: the fields and their types (``ArtifactSpec.from_dict``); that every listed
+    file is a plain relative name resolving (symbolic links followed) inside the directory,
+    present, of its recorded size; that every file the manifest references (towers, tokenizer,
+    golden outputs) and every external-data file the tower graphs reference is listed. With
     ``verify_checksums`` every listed file is also hashed and compared (a tampered or truncated
     ONNX file is caught here, not as a confusing runtime error later).
     """
@@ -455,20 +277,16 @@ def load_manifest(directory: str | os.PathLike, *, verify_checksums: bool = True
             f"{path}: format_version {version!r} is not supported by this clipfast "
             f"(expects {FORMAT_VERSION}); re-export the model with this version"
         )
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise ArtifactError(f"{path}: missing keys {missing}")
-    files = _files_section(data["files"], path)
+    spec = ArtifactSpec.from_dict(data, str(path))
+    files = spec.files
     _check_entries(files, path)
-    _check_types(data, path)
     root = Path(os.path.realpath(directory))
     for name, entry in files.items():
         _check_file(root, directory, name, entry, path, verify_checksums)
-    for field, name in referenced_files(data).items():
+    for field, name in referenced_files(spec).items():
         _check_listed(directory, files, name, field, path)
     for tower in TOWERS:
-        onnx_path = _check_listed(directory, files, data[tower]["file"], f"{tower}.file", path)
+        onnx_path = _check_listed(directory, files, spec.tower(tower).file, f"{tower}.file",
+                                  path)
         _check_external_data(directory, files, tower, onnx_path, path)
-    manifest = Manifest(directory=directory, data=data)
-    manifest.spec  # noqa: B018 - every typed section parses, or ArtifactError now
-    return manifest
+    return Manifest(directory=directory, spec=spec)

@@ -77,7 +77,7 @@ def write_golden(directory: str | Path, golden: Golden) -> GoldenSection:
 
 def load_golden(manifest) -> Golden | None:
     """The artifact's golden data, or None for an artifact exported without it."""
-    section = manifest.golden
+    section = manifest.spec.golden
     if section is None:
         return None
     path = manifest.path(section.file)
@@ -86,7 +86,7 @@ def load_golden(manifest) -> Golden | None:
             data = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}: cannot read the golden outputs ({e})") from e
-    names = list(manifest.text.inputs)
+    names = list(manifest.spec.text.inputs)
     missing = [k for k in ("pixel_values", "image_embeds", "text_embeds",
                            *(f"text.{n}" for n in names)) if k not in data]
     if missing:
@@ -104,11 +104,12 @@ def load_golden(manifest) -> Golden | None:
 def self_check_gates(manifest, backend_precision: str | None = None) -> dict[str, Any]:
     """The embedding gates a self-check applies: the artifact's own, or those of the backend's
     arithmetic where it is looser (see _PRECISION_ORDER)."""
-    precision = manifest.precision
-    gates = manifest.gates or dict(GATES.get(precision, {}))
+    precision = manifest.spec.precision
+    gates = manifest.spec.gates.as_dict() or dict(GATES.get(precision, {}))
     if backend_precision in _PRECISION_ORDER and precision in _PRECISION_ORDER and \
             _PRECISION_ORDER.index(backend_precision) > _PRECISION_ORDER.index(precision):
-        gates = manifest.precision_gates(backend_precision) or dict(GATES[backend_precision])
+        stated = manifest.spec.precision_gates.get(backend_precision)
+        gates = (stated.as_dict() if stated else {}) or dict(GATES[backend_precision])
     return {k: v for k, v in gates.items() if k in EMBEDDING_GATES}
 
 
@@ -130,19 +131,19 @@ def _run_golden_texts(backend, text: dict[str, np.ndarray], manifest) -> tuple[n
     length (or the next length the backend accepts), as the Engine runs them; else as stored.
     Returns ``(embeddings, distinct lengths run)``."""
     inputs = {k: v.astype(np.int64) for k, v in text.items()}
-    if not getattr(getattr(manifest, "text", None), "dynamic", False):
+    if manifest is None or not manifest.spec.text.dynamic:
         return backend.run_text(inputs), 1
     from clipfast.backends.batching import plan_text_batches, run_planned
     from clipfast.inputs.text_batching import row_lengths
 
-    tok = manifest.tokenizer
+    tok = manifest.spec.tokenizer
     lengths = row_lengths(inputs, pad_id=tok.pad_id, padding_side=tok.padding_side,
                           pad_may_end=tok.kind == "hf")
     # no per-call overhead: every distinct length is its own batch, the strictest check
     plan = plan_text_batches(lengths, len(lengths), context=tok.context_length,
                              allowed=getattr(backend, "text_lengths", None), overhead=0)
     out = run_planned(lambda chunks: [backend.run_text(c) for c in chunks], inputs, plan,
-                      int(manifest.embed_dim))
+                      int(manifest.spec.embed_dim))
     return out, len({b.length for b in plan})
 
 
@@ -186,7 +187,7 @@ def run_self_check(backend, manifest, golden: Golden | None, label: str) -> dict
 
         where = getattr(backend, "device", "cpu")
         error = FidelityError(
-            f"{label} fails the self-check of {manifest.directory} ({manifest.precision}) on "
+            f"{label} fails the self-check of {manifest.directory} ({manifest.spec.precision}) on "
             f"this host: {'; '.join(failures)}. The backend's outputs for the artifact's golden "
             f"inputs differ from the PyTorch source's. Device {where}; CPU "
             f"{host_cpu().describe()}. Causes: weights changed after export, or kernels of this "

@@ -2,32 +2,50 @@
 
 One set of dataclasses for both sides (as timm's ``PretrainedCfg`` and open_clip's
 ``PreprocessCfg`` serve both their writers and readers): ``ArtifactSpec.from_dict`` validates a
-manifest and raises ArtifactError naming the field; ``to_dict`` writes it back. Fields unknown to
-this version (a newer minor version's additions) are kept in ``extra`` and written back unchanged,
-so reading and rewriting a manifest (``clipfast build-engines`` adds its ``tensorrt`` section)
-never drops them. File I/O, checksums and containment live in ``clipfast.artifact.manifest``.
+manifest (the only place it is validated) and raises ArtifactError naming the field; ``to_dict``
+writes it back. Fields unknown to this version (a newer minor version's additions) are kept in
+``extra`` and written back unchanged, and a section read from a file is written back in the
+file's own key order, so reading and rewriting a manifest (``clipfast build-engines`` adds its
+``tensorrt`` section) gives byte-identical JSON apart from what was changed. The sections the
+export records about itself (graph, gates, quantization, tensorrt) are typed in
+``clipfast.artifact.sections``. File I/O, checksums and containment live in
+``clipfast.artifact.manifest``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from clipfast.artifact.sections import Gates as Gates
+from clipfast.artifact.sections import (
+    GraphSection,
+    JsonSection,
+    Layout,
+    Quantization,
+    Reader,
+    TensorRTSection,
+    emit,
+    extra_field,
+    fail,
+    field_defaults,
+    layout_field,
+)
 from clipfast.errors import ArtifactError
 
+FORMAT = "clipfast-artifact"
+FORMAT_VERSION = 1
 LOGIT_KINDS = ("softmax", "sigmoid")
 TOWERS = ("image", "text")
 # text.sequence: "dynamic" (any length up to context_length, padding-independent) or "fixed"
 SEQUENCE_KINDS = ("dynamic", "fixed")
-
-
-def _fail(where: str, field_name: str, problem: str) -> ArtifactError:
-    return ArtifactError(f"{where}: {field_name} {problem}")
+# keys every manifest has (the runtime cannot do without them)
+REQUIRED = ("source", "family", "embed_dim", "precision", "image", "text", "preprocess",
+            "tokenizer", "logits", "files")
 
 
 @dataclass(frozen=True)
-class LogitsConfig:
+class LogitsConfig(JsonSection):
     """How similarities become logits: ``kind`` is "softmax" (CLIP, ALIGN) or "sigmoid" (SigLIP).
 
     logits = scale * cos_sim + bias  (bias only for sigmoid models).
@@ -36,27 +54,28 @@ class LogitsConfig:
     kind: str
     scale: float
     bias: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "scale": self.scale, "bias": self.bias}
+    extra: dict[str, Any] = extra_field()
+    layout: Layout | None = layout_field()
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "manifest") -> LogitsConfig:
-        if not isinstance(d, dict):
-            raise _fail(where, "'logits'", f"must be an object, got {type(d).__name__}")
+    def from_dict(cls, d: Any, where: str = "manifest", section: str = "logits"
+                  ) -> LogitsConfig:
+        r = Reader(d, where, section)
         if d.get("kind") not in LOGIT_KINDS:
-            raise _fail(where, "logits.kind", f"must be one of {LOGIT_KINDS}, got "
-                        f"{d.get('kind')!r}")
+            raise fail(where, "logits.kind", f"must be one of {LOGIT_KINDS}, got "
+                       f"{d.get('kind')!r}")
+        r.known.add("kind")
         try:
-            scale = float(d["scale"])
-            bias = None if d.get("bias") is None else float(d["bias"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise _fail(where, "logits.scale / logits.bias", f"must be numbers ({e!r})") from e
-        return cls(kind=d["kind"], scale=scale, bias=bias)
+            scale = float(r.number("scale", ...))
+            bias = r.number("bias")
+        except ArtifactError as e:
+            raise fail(where, "logits.scale / logits.bias", f"must be numbers ({e})") from e
+        return cls(kind=d["kind"], scale=scale, bias=None if bias is None else float(bias),
+                   extra=r.extra, layout=r.layout)
 
 
 @dataclass(frozen=True)
-class ImageTower:
+class ImageTower(JsonSection):
     """The image tower's graph: ``file`` takes ``input`` float ``(batch, *shape)`` and gives
     ``output`` ``(batch, embed_dim)``."""
 
@@ -66,15 +85,29 @@ class ImageTower:
     output: str = "image_embeds"
     dtype: str = "float32"
     output_dtype: str = "float32"
+    extra: dict[str, Any] = extra_field()
+    layout: Layout | None = layout_field()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "input": self.input, "output": self.output,
-                "shape": list(self.shape), "dtype": self.dtype,
-                "output_dtype": self.output_dtype}
+    ORDER = ("file", "input", "output", "shape", "dtype", "output_dtype")
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, section: str = "image") -> ImageTower:
+        r = Reader(d, where, section)
+        shape = r.get("shape", list, "a list of positive integers", [])
+        if not shape or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                for x in shape):
+            raise fail(where, "image.shape", f"must be a list of positive integers, got "
+                       f"{d.get('shape')!r}")
+        return cls(file=r.string("file"), shape=tuple(shape),
+                   input=r.string("input", "pixel_values"),
+                   output=r.string("output", "image_embeds"),
+                   dtype=r.string("dtype", "float32"),
+                   output_dtype=r.string("output_dtype", "float32"), extra=r.extra,
+                   layout=r.layout)
 
 
 @dataclass(frozen=True)
-class TextTower:
+class TextTower(JsonSection):
     """The text tower's graph: ``file`` takes ``inputs`` int ``(batch, context_length)`` and
     gives ``output`` ``(batch, embed_dim)``.
 
@@ -92,97 +125,78 @@ class TextTower:
     output_dtype: str = "float32"
     sequence: str = "fixed"
     sequence_reason: str = ""
+    extra: dict[str, Any] = extra_field()
+    layout: Layout | None = layout_field()
 
     @property
     def dynamic(self) -> bool:
         return self.sequence == "dynamic"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "inputs": list(self.inputs), "output": self.output,
-                "dtype": self.dtype, "output_dtype": self.output_dtype,
-                "sequence": self.sequence, "sequence_reason": self.sequence_reason}
+    @classmethod
+    def from_dict(cls, d: Any, where: str, section: str = "text") -> TextTower:
+        r = Reader(d, where, section)
+        inputs = r.names("inputs", [])
+        if not inputs:
+            raise fail(where, "text.inputs", f"must be a non-empty list of names, got "
+                       f"{d.get('inputs')!r}")
+        sequence = r.string("sequence", "fixed")
+        if sequence not in SEQUENCE_KINDS:
+            raise fail(where, "text.sequence", f"must be one of {SEQUENCE_KINDS}, got "
+                       f"{sequence!r}")
+        return cls(file=r.string("file"), inputs=tuple(inputs),
+                   output=r.string("output", "text_embeds"), dtype=r.string("dtype", "int32"),
+                   output_dtype=r.string("output_dtype", "float32"), sequence=sequence,
+                   sequence_reason=r.string("sequence_reason", ""), extra=r.extra,
+                   layout=r.layout)
 
 
 @dataclass
-class GoldenSection:
+class GoldenSection(JsonSection):
     """Golden inputs and the fp32 source's outputs (``clipfast.artifact.selfcheck``)."""
 
     file: str
-    images: int
-    texts: int
+    images: int = 0
+    texts: int = 0
     reference: str = ""
     figures_at_export: dict[str, Any] | None = None
+    extra: dict[str, Any] = extra_field()
+    layout: Layout | None = layout_field()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "images": self.images, "texts": self.texts,
-                "reference": self.reference, "figures_at_export": self.figures_at_export}
-
-
-def _str(d: dict, key: str, where: str, section: str, default: str | None = None) -> str:
-    value = d.get(key, default)
-    if not isinstance(value, str):
-        raise _fail(where, f"{section}.{key}", f"must be a string, got {value!r}")
-    return value
-
-
-def parse_image(d: Any, where: str) -> ImageTower:
-    if not isinstance(d, dict):
-        raise _fail(where, "'image'", f"must be an object, got {type(d).__name__}")
-    shape = d.get("shape")
-    if not isinstance(shape, list) or not shape or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape):
-        raise _fail(where, "image.shape", f"must be a list of positive integers, got {shape!r}")
-    return ImageTower(file=_str(d, "file", where, "image"), shape=tuple(shape),
-                      input=_str(d, "input", where, "image", "pixel_values"),
-                      output=_str(d, "output", where, "image", "image_embeds"),
-                      dtype=_str(d, "dtype", where, "image", "float32"),
-                      output_dtype=_str(d, "output_dtype", where, "image", "float32"))
+    @classmethod
+    def from_dict(cls, d: Any, where: str, section: str = "golden") -> GoldenSection:
+        what = "an object with a 'file' string"
+        r = Reader(d, where, section, what)
+        if not isinstance(d.get("file"), str):
+            raise fail(where, "'golden'", f"must be {what}, got {d!r}")
+        counts = {k: d.get(k, 0) for k in ("images", "texts")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in counts.values()):
+            raise fail(where, "golden.images / golden.texts", f"must be counts, got {counts}")
+        r.known.update(counts)
+        return cls(file=r.string("file"), **counts, reference=r.string("reference", ""),
+                   figures_at_export=r.obj("figures_at_export"), extra=r.extra,
+                   layout=r.layout)
 
 
-def parse_text(d: Any, where: str) -> TextTower:
-    if not isinstance(d, dict):
-        raise _fail(where, "'text'", f"must be an object, got {type(d).__name__}")
-    inputs = d.get("inputs")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(n, str) for n in inputs):
-        raise _fail(where, "text.inputs", f"must be a non-empty list of names, got {inputs!r}")
-    sequence = _str(d, "sequence", where, "text", "fixed")
-    if sequence not in SEQUENCE_KINDS:
-        raise _fail(where, "text.sequence", f"must be one of {SEQUENCE_KINDS}, got {sequence!r}")
-    return TextTower(file=_str(d, "file", where, "text"), inputs=tuple(inputs),
-                     output=_str(d, "output", where, "text", "text_embeds"),
-                     dtype=_str(d, "dtype", where, "text", "int32"),
-                     output_dtype=_str(d, "output_dtype", where, "text", "float32"),
-                     sequence=sequence,
-                     sequence_reason=_str(d, "sequence_reason", where, "text", ""))
-
-
-def parse_golden(d: Any, where: str) -> GoldenSection | None:
-    if not d:
-        return None
-    if not isinstance(d, dict):
-        raise _fail(where, "'golden'", f"must be an object, got {type(d).__name__}")
-    counts = {k: d.get(k, 0) for k in ("images", "texts")}
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-               for v in counts.values()):
-        raise _fail(where, "golden.images / golden.texts", f"must be counts, got {counts}")
-    figures = d.get("figures_at_export")
-    return GoldenSection(file=_str(d, "file", where, "golden"), images=counts["images"],
-                         texts=counts["texts"], reference=str(d.get("reference", "")),
-                         figures_at_export=figures if isinstance(figures, dict) else None)
-
-
-def _dict(data: dict, key: str, where: str, required: bool = False) -> dict | None:
-    value = data.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, dict):
-        raise _fail(where, repr(key), f"must be an object, got {type(value).__name__}")
-    return value
+def _config(r: Reader, key: str, parse: Any) -> Any:
+    """The ``preprocess`` / ``tokenizer`` section through its own ``from_dict``."""
+    section = r.obj(key, ...)
+    if key == "tokenizer" and not isinstance(section.get("file", ""), str):
+        raise fail(r.where, "tokenizer.file", f"must be a string, got {section['file']!r}")
+    try:
+        return parse(section)
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise fail(r.where, f"'{key}' section", f"is invalid: {e}") from e
 
 
 @dataclass
-class ArtifactSpec:
-    """Everything ``manifest.json`` says, typed. ``files`` is filled by ``write_manifest``."""
+class ArtifactSpec(JsonSection):
+    """Everything ``manifest.json`` says, typed. ``files`` is filled by ``write_manifest``.
+
+    Optional sections absent from a manifest take the defaults declared here: no gates, an
+    empty graph record, no quantization or TensorRT record, no stated bf16 gates."""
 
     source: dict[str, Any]
     family: str
@@ -199,17 +213,32 @@ class ArtifactSpec:
     random_weights: bool = False
     clipfast_version: str | None = None
     created: str | None = None
-    graph: dict[str, Any] = field(default_factory=dict)
-    gates: dict[str, Any] = field(default_factory=dict)
+    graph: GraphSection = field(default_factory=GraphSection)
+    gates: Gates = field(default_factory=Gates)
     fidelity: dict[str, Any] | None = None
     golden: GoldenSection | None = None
     exported_on: dict[str, Any] | None = None
-    quantization: dict[str, Any] | None = None
-    tensorrt: dict[str, Any] | None = None
+    quantization: Quantization | None = None
+    tensorrt: TensorRTSection | None = None
     export_seconds: float | None = None
     stage_seconds: dict[str, float] | None = None
+    # gates for running the towers at another precision than the artifact's (``{"bf16":
+    # ...}`` in fp32 and fp16 artifacts: OpenVINO's bf16 path is held to these)
+    precision_gates: dict[str, Gates] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = extra_field()
+    layout: Layout | None = layout_field()
+    # how the preprocess and tokenizer sections were read (their classes are not sections)
+    config_layouts: dict[str, Layout] = field(default_factory=dict, kw_only=True, repr=False,
+                                              compare=False)
+
+    ORDER = ("clipfast_version", "created", "source", "family", "architecture",
+             "random_weights", "embed_dim", "precision", "io_dtype", "opset", "image", "text",
+             "preprocess", "tokenizer", "logits", "graph", "gates", "fidelity", "golden",
+             "exported_on", "quantization", "tensorrt", "export_seconds", "stage_seconds",
+             "precision_gates", "files")
+    OMIT = frozenset({"quantization", "tensorrt", "export_seconds", "stage_seconds",
+                      "precision_gates", "files"})
 
     def tower(self, name: str) -> ImageTower | TextTower:
         if name not in TOWERS:
@@ -224,62 +253,52 @@ class ArtifactSpec:
         from clipfast.inputs.tokenizer import TokenizerConfig
 
         if not isinstance(data, dict):
-            raise _fail(where, "the manifest", f"must be an object, got {type(data).__name__}")
-        for key in ("family", "precision"):
-            if not isinstance(data.get(key), str):
-                raise _fail(where, repr(key), f"must be a string, got {data.get(key)!r}")
-        embed_dim = data.get("embed_dim")
-        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
-            raise _fail(where, "'embed_dim'", f"must be a positive integer, got {embed_dim!r}")
-        parsed: dict[str, Any] = {}
-        for key, parse in (("preprocess", PreprocessConfig.from_dict),
-                           ("tokenizer", TokenizerConfig.from_dict)):
-            section = _dict(data, key, where, required=True)
-            try:
-                parsed[key] = parse(section)
-            except ArtifactError:
-                raise
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise _fail(where, f"'{key}' section", f"is invalid: {e}") from e
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+            raise fail(where, "the manifest", f"must be an object, got {type(data).__name__}")
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise ArtifactError(f"{where}: missing keys {missing}")
+        if not isinstance(data["files"], dict):
+            raise fail(where, "'files'", "must be an object mapping file names to {'sha256', "
+                       f"'bytes'}}, got {type(data['files']).__name__}")
+        r = Reader(data, where, "")
+        r.known.update(("format", "format_version"))
+        embed_dim = r.get("embed_dim", int, "a positive integer", ...)
+        if embed_dim < 1:
+            raise fail(where, "'embed_dim'", f"must be a positive integer, got {embed_dim!r}")
+        configs = {"preprocess": _config(r, "preprocess", PreprocessConfig.from_dict),
+                   "tokenizer": _config(r, "tokenizer", TokenizerConfig.from_dict)}
         return cls(
-            source=_dict(data, "source", where, required=True), family=data["family"],
-            embed_dim=embed_dim, precision=data["precision"], image=parse_image(data.get("image"),
-                                                                           where),
-            text=parse_text(data.get("text"), where), logits=LogitsConfig.from_dict(
-                data.get("logits"), where), io_dtype=str(data.get("io_dtype") or "fp32"),
-            opset=data.get("opset"), architecture=_dict(data, "architecture", where),
-            random_weights=bool(data.get("random_weights")),
-            clipfast_version=data.get("clipfast_version"), created=data.get("created"),
-            graph=_dict(data, "graph", where) or {}, gates=_dict(data, "gates", where) or {},
-            fidelity=_dict(data, "fidelity", where), golden=parse_golden(data.get("golden"), where),
-            exported_on=_dict(data, "exported_on", where),
-            quantization=_dict(data, "quantization", where),
-            tensorrt=_dict(data, "tensorrt", where), export_seconds=data.get("export_seconds"),
-            stage_seconds=_dict(data, "stage_seconds", where),
-            files=_dict(data, "files", where) or {},
-            extra={k: v for k, v in data.items() if k not in known
-                   and k not in ("format", "format_version")},
-            **parsed)
+            source=r.obj("source", ...), family=r.string("family"), embed_dim=embed_dim,
+            precision=r.string("precision"), image=r.section("image", ImageTower, ...),
+            text=r.section("text", TextTower, ...), logits=r.section("logits", LogitsConfig),
+            io_dtype=r.string("io_dtype", "fp32"), opset=r.integer("opset"),
+            architecture=r.obj("architecture"),
+            random_weights=r.get("random_weights", bool, "true or false", False),
+            clipfast_version=r.string("clipfast_version", None),
+            created=r.string("created", None),
+            graph=r.section("graph", GraphSection, GraphSection()),
+            gates=r.section("gates", Gates, Gates()), fidelity=r.obj("fidelity"),
+            golden=r.section("golden", GoldenSection), exported_on=r.obj("exported_on"),
+            quantization=r.section("quantization", Quantization),
+            tensorrt=r.section("tensorrt", TensorRTSection),
+            export_seconds=r.number("export_seconds"), stage_seconds=r.obj("stage_seconds"),
+            precision_gates=r.sections("precision_gates", Gates), files=r.obj("files"),
+            extra=r.extra, layout=r.layout,
+            config_layouts={k: Layout.of(data[k]) for k in configs}, **configs)
 
     # -- writing -------------------------------------------------------------------------------
+    def json_values(self) -> dict[str, Any]:
+        values = super().json_values()
+        for key in ("preprocess", "tokenizer"):
+            config = getattr(self, key)
+            values[key] = emit(config.to_dict(), field_defaults(type(config)), frozenset(),
+                               self.config_layouts.get(key), {})
+        if self.layout is not None:  # where the file had them (write_manifest sets them)
+            values.update(format=FORMAT, format_version=FORMAT_VERSION)
+        return values
+
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's JSON (without format fields and checksums: ``write_manifest`` adds
-        those)."""
-        out: dict[str, Any] = {
-            "clipfast_version": self.clipfast_version, "created": self.created,
-            "source": self.source, "family": self.family, "architecture": self.architecture,
-            "random_weights": self.random_weights, "embed_dim": self.embed_dim,
-            "precision": self.precision, "io_dtype": self.io_dtype, "opset": self.opset,
-            "image": self.image.to_dict(), "text": self.text.to_dict(),
-            "preprocess": self.preprocess.to_dict(), "tokenizer": self.tokenizer.to_dict(),
-            "logits": self.logits.to_dict(), "graph": self.graph, "gates": self.gates,
-            "fidelity": self.fidelity,
-            "golden": self.golden.to_dict() if self.golden else None,
-            "exported_on": self.exported_on,
-        }
-        for key in ("quantization", "tensorrt", "export_seconds", "stage_seconds"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        out.update(self.extra)
-        return out
+        """The manifest's JSON. Built in code: without format fields and checksums
+        (``write_manifest`` adds those); read from a file: that file's JSON, unchanged apart
+        from what was set since."""
+        return super().to_dict()

@@ -203,7 +203,7 @@ def trt_profile_shapes(manifest, profile: BatchProfile) -> dict[str, dict[str, s
     # a dynamic-sequence text tower: one profile over the lengths too, so no length rebuilds
     seq = sequence_profile(manifest)
     if seq is not None:
-        names = list(manifest.text.inputs)
+        names = list(manifest.spec.text.inputs)
         out["text"] = {
             f"trt_profile_{which}_shapes": ",".join(f"{n}:{batch}x{length}" for n in names)
             for which, batch, length in zip(("min", "opt", "max"),
@@ -268,7 +268,8 @@ def _gpu_first(providers: list[tuple[str, dict[str, Any]]]) -> bool:
 def int8_plan(manifest, tower: str, device: str, cpu=None) -> tuple[str | None, str]:
     """``(how, why)`` for one tower of an int8 artifact on this host: how is None (not int8, or
     integer kernels are exact here), "float-qdq" (run the Q/DQ pairs as float), or "refuse"."""
-    quant = (manifest.quantization or {}).get(tower) if manifest.precision == "int8" else None
+    quant = ((q := manifest.spec.quantization) and q.report(tower)
+             if manifest.spec.precision == "int8" else None)
     if not isinstance(quant, dict):
         return None, "not int8"
     record = quant.get("int8_format") or {}
@@ -309,7 +310,7 @@ class OnnxRuntimeBackend(Backend):
                  profile: BatchProfile):
         """``load`` checks the options (``OPTIONS.validate``) before this runs."""
         tensorrt = ort_tensorrt
-        precision = manifest.precision
+        precision = manifest.spec.precision
         trt_fp16 = precision == "fp16" if ort_trt_fp16 is None else ort_trt_fp16
         conv_search, arena = ort_cudnn_conv_algo_search, ort_arena_extend_strategy
         batch_profile = profile
@@ -350,7 +351,7 @@ class OnnxRuntimeBackend(Backend):
             so = session_options(ort, threads)
             if how == "float-qdq":
                 so.add_session_config_entry("session.disable_quant_qdq", "1")
-            path = manifest.path(manifest.tower(tower).file)
+            path = manifest.path(manifest.spec.tower(tower).file)
             tower_providers = [(n, {**o, **(shapes[tower] if shapes and n == TRT_EP else {})})
                                for n, o in providers]
             try:

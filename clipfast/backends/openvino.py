@@ -157,7 +157,7 @@ class OpenVinoBackend(Backend):
         from clipfast.backends.onnxruntime import physical_cores
 
         core = ov.Core()
-        artifact = manifest.precision
+        artifact = manifest.spec.precision
         hint = "f32" if ov_precision == "auto" else ov_precision
         if hint == "bf16":
             reason = bf16_unavailable_reason(core)
@@ -184,13 +184,13 @@ class OpenVinoBackend(Backend):
         self._locks = {t: threading.Lock() for t in ("image", "text")}
         self.runtime: dict[str, dict[str, int]] = {}
         for tower in ("image", "text"):
-            path = manifest.path(manifest.tower(tower).file)
+            path = manifest.path(manifest.spec.tower(tower).file)
             try:
                 # compile_model(path) (rather than read_model first) lets OpenVINO import a
                 # cached blob without converting the ONNX graph again.
                 compiled = core.compile_model(str(path), "CPU", config)
             except Exception as e:  # OpenVINO's conversion / compile errors are RuntimeErrors
-                ops = (manifest.graph.get(tower) or {}).get("contrib_ops")
+                ops = manifest.spec.graph.contrib_ops(tower)
                 hint_text = (f"; its graph uses ONNX Runtime fused operators ({', '.join(ops)}): "
                              "re-export with `clipfast export ... --no-fuse` for plain graphs"
                              if ops else "")
@@ -213,12 +213,13 @@ class OpenVinoBackend(Backend):
         # A port can carry several tensor names (an input feeding a Cast keeps both): the
         # manifest's names are the ones the tokenizer gives.
         self._text_inputs = {}
-        for name in manifest.text.inputs:
+        for name in manifest.spec.text.inputs:
             try:
                 port = self._compiled["text"].input(name)
             except RuntimeError as e:
-                raise ArtifactError(f"{manifest.path(manifest.text.file)}: the text graph has no "
-                                    f"input {name!r} (manifest text.inputs): {e}") from e
+                raise ArtifactError(f"{manifest.path(manifest.spec.text.file)}: the text graph "
+                                    f"has no input {name!r} (manifest text.inputs): {e}"
+                                    ) from e
             self._text_inputs[name] = _numpy_dtype(port.get_element_type())
 
     def _infer(self, tower: str, feed: dict[str, np.ndarray] | list[np.ndarray]) -> np.ndarray:

@@ -243,9 +243,9 @@ class TorchBackend(Backend):
         # (clipfast.artifact.selfcheck):
         # fp16 and bf16 are held to the fp16 gates.
         self.precision = "fp32" if opts.dtype == "fp32" else "fp16"
-        self.text_inputs = tuple(manifest.text.inputs)
+        self.text_inputs = tuple(manifest.spec.text.inputs)
         try:
-            self._source = load_source_from_spec(manifest.source, device=str(self._tdevice))
+            self._source = load_source_from_spec(manifest.spec.source, device=str(self._tdevice))
         except ClipfastError as e:
             raise BackendUnavailable(f"torch backend cannot load the source model: {e}") from e
         self._towers: dict[str, Any] = {"image": self._source.image_tower,
@@ -265,10 +265,10 @@ class TorchBackend(Backend):
             return
         self.max_batch = opts.profile.max
         self.buckets = opts.profile.buckets() if opts.cuda_graphs else None
-        if self.buckets is not None and manifest.text.dynamic:
+        if self.buckets is not None and manifest.spec.text.dynamic:
             from clipfast.inputs.text_batching import length_buckets
 
-            self.text_lengths = length_buckets(int(manifest.tokenizer.context_length))
+            self.text_lengths = length_buckets(int(manifest.spec.tokenizer.context_length))
         with torch.cuda.device(self._tdevice):
             self._setup_cuda()
 

@@ -194,7 +194,7 @@ def resolve_cpu(manifest, *, load: Callable[[Candidate], Any],
     ``backend.tuning`` describing it; None when no candidate runs (the caller goes on to the
     torch backend). ``load(candidate)`` loads one; ``timer(backends, golden)`` times them
     (``time_rounds`` by default; tests inject timings)."""
-    cands = candidates(manifest.precision, allow, available)
+    cands = candidates(manifest.spec.precision, allow, available)
     by_label = {c.label: c for c in cands}
     order = [c.label for c in cands]
     fingerprint = host_fingerprint(threads)

@@ -329,11 +329,12 @@ def tower_shapes(manifest, tower: str) -> dict[str, list[int]]:
     """Batch-1 input shapes of a tower from the manifest (the text length is the context
     length even where the graph leaves it symbolic)."""
     if tower == "image":
-        return {manifest.image.input: [1, *manifest.image.shape]}
-    length = manifest.tokenizer.context_length
-    return {name: [1, length] for name in manifest.text.inputs}
+        return {manifest.spec.image.input: [1, *manifest.spec.image.shape]}
+    length = manifest.spec.tokenizer.context_length
+    return {name: [1, length] for name in manifest.spec.text.inputs}
 
 
 def count_tower_flops(manifest, tower: str) -> FlopCount:
     """FLOPs per item of one tower of a loaded artifact manifest."""
-    return count_flops(manifest.path(manifest.tower(tower).file), tower_shapes(manifest, tower))
+    return count_flops(manifest.path(manifest.spec.tower(tower).file),
+                       tower_shapes(manifest, tower))

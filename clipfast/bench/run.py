@@ -141,15 +141,15 @@ class _Run:
         manifest = load_manifest(art, verify_checksums=False)
         label = model_label(manifest)
         info: dict[str, Any] = {
-            "path": str(Path(art)), "model": label, "family": manifest.family,
-            "precision": manifest.precision,
+            "path": str(Path(art)), "model": label, "family": manifest.spec.family,
+            "precision": manifest.spec.precision,
             "random_weights": manifest.spec.random_weights,
-            "embed_dim": manifest.embed_dim, "flops": {},
+            "embed_dim": manifest.spec.embed_dim, "flops": {},
         }
         self.artifacts.append(info)
         flops = self._count_flops(manifest, label, info["flops"])
         inputs = prepare_inputs(manifest, self.batch_sizes[-1], c.images, c.towers)
-        a = _Artifact(index, art, label, manifest.precision, flops, inputs,
+        a = _Artifact(index, art, label, manifest.spec.precision, flops, inputs,
                       self._rows_per_backend())
         # Sequential: one backend loaded at a time (clean per-backend memory figures).
         # Interleaved: all loaded, calls alternating, so every backend sees the same load.

@@ -18,7 +18,7 @@ from clipfast.types import IMAGE_SUFFIXES
 def model_label(manifest) -> str:
     """A short, stable name for an artifact's source model (rows of one source share the torch
     baseline): the open_clip name (with its tag unless random), or the transformers id / dir."""
-    src = manifest.source
+    src = manifest.spec.source
     model = str(src.get("model", "?"))
     if model.startswith("transformers:"):
         ref = model[len("transformers:"):]
@@ -93,12 +93,12 @@ def prepare_inputs(manifest, max_batch: int, images: Path | None, towers: Iterab
     pixels = tokens = None
     if "image" in towers:
         # Real preprocessed pixels (not zeros): value-dependent paths (denormals) stay honest.
-        base = preprocess_batch(sample_images(min(max_batch, 12)), manifest.preprocess)
+        base = preprocess_batch(sample_images(min(max_batch, 12)), manifest.spec.preprocess)
         pixels = np.ascontiguousarray(np.resize(base, (max_batch, *base.shape[1:])))
     captions = _cycle(CAPTIONS, max_batch)
     by_length = None
     if "text" in towers:
-        tok_cfg = manifest.tokenizer
+        tok_cfg = manifest.spec.tokenizer
         tokenizer = Tokenizer(tok_cfg, manifest.path(tok_cfg.file))
         tokens = tokenizer(captions)
         lengths = sorted({min(n, tokenizer.context_length) for n in TEXT_LENGTHS})

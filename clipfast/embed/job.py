@@ -102,8 +102,8 @@ def _identity(opts: EmbedOptions, engine, specs, the_plan: Plan) -> dict[str, An
     return {
         "artifact": {"digest": artifact_digest(engine.manifest),
                      "path": str(Path(opts.artifact).resolve()),
-                     "family": engine.manifest.family,
-                     "precision": engine.manifest.precision},
+                     "family": engine.manifest.spec.family,
+                     "precision": engine.manifest.spec.precision},
         "source": {"specs": [s.to_dict() for s in specs], "items": the_plan.items,
                    "keys_sha256": the_plan.keys_sha256},
         "output": {"kind": opts.kind, "dtype": opts.dtype, "fast_decode": opts.fast_decode},
@@ -461,7 +461,7 @@ class _Handle:
         self._engine = engine if engine is not None or opts.ray else _engine(opts)
         self.manifest = (self._engine.manifest if self._engine is not None
                          else load_manifest(opts.artifact))
-        self.embed_dim = self.manifest.embed_dim
+        self.embed_dim = self.manifest.spec.embed_dim
 
     def loaded(self, opts: EmbedOptions):
         if self._engine is None:

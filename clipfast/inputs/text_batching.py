@@ -63,7 +63,7 @@ def sequence_profile(manifest) -> tuple[int, int, int] | None:
     """``(min, opt, max)`` sequence lengths a fixed-shape builder (TensorRT, its ONNX Runtime
     execution provider) covers for the text tower: ``(1, 16, context_length)`` on the dynamic
     path, None for a fixed-length tower (built at ``context_length`` only)."""
-    if not manifest.text.dynamic:
+    if not manifest.spec.text.dynamic:
         return None
-    context = int(manifest.tokenizer.context_length)
+    context = int(manifest.spec.tokenizer.context_length)
     return 1, min(SEQUENCE_OPT, context), context

@@ -110,7 +110,7 @@ class Service:
         # path parameter (``prefix/{id}``), labelled by the prefix.
         self.routes: set[str] = set(ROUTES)
         self.param_routes: set[str] = set()
-        pad = getattr(getattr(engine.manifest, "tokenizer", None), "pad_id", 0)
+        pad = getattr(getattr(engine.manifest.spec, "tokenizer", None), "pad_id", 0)
         self._pad_id = pad if isinstance(pad, int) else 0
 
     def _batch_observer(self, tower: str):
@@ -256,7 +256,7 @@ class Service:
     def probabilities(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         """What Engine.classify returns for these embeddings."""
         logits = self.engine.logits(image_emb, text_emb).astype(np.float64)
-        if self.engine.manifest.logits.kind == "sigmoid":
+        if self.engine.manifest.spec.logits.kind == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
         else:
             logits -= logits.max(axis=1, keepdims=True)
@@ -378,7 +378,7 @@ class Service:
         return {"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created,
             "owned_by": "clipfast", "embed_dim": engine.embed_dim,
-            "family": engine.manifest.family, "precision": engine.manifest.precision,
+            "family": engine.manifest.spec.family, "precision": engine.manifest.spec.precision,
             "backend": engine.backend, "device": engine.backend_device,
             "modalities": ["text", "image"]}]}
 

@@ -427,10 +427,10 @@ class TensorRTBackend(Backend):
         except BaseException:
             self.close()
             raise
-        self._text_inputs = list(manifest.text.inputs)
+        self._text_inputs = list(manifest.spec.text.inputs)
         # The Engine pads text batches up to one of these lengths: one execution context and
         # one CUDA graph per (batch bucket, length) instead of one per length seen.
-        self.text_lengths = (length_buckets(int(manifest.tokenizer.context_length))
+        self.text_lengths = (length_buckets(int(manifest.spec.tokenizer.context_length))
                              if self._towers["text"].dynamic_sequence else None)
 
     def _load_tower(self, tb, cudart, tower: str, build: str, cuda_graphs: bool) -> TowerRunner:

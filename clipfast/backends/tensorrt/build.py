@@ -195,9 +195,9 @@ class EngineKey:
 
 def tower_sha256(manifest, tower: str) -> str:
     """The tower graph's sha256 as recorded in the manifest's file list."""
-    name = manifest.tower(tower).file
+    name = manifest.spec.tower(tower).file
     try:
-        return str(manifest.files[name]["sha256"])
+        return str(manifest.spec.files[name]["sha256"])
     except KeyError as e:
         raise ArtifactError(f"{manifest.directory}: manifest has no checksum for {name}") from e
 
@@ -207,8 +207,8 @@ def engine_key(manifest, tower: str, profile: BatchProfile, trt_version: str,
     from clipfast.inputs.text_batching import sequence_profile
 
     return EngineKey(tower=tower, onnx_sha256=tower_sha256(manifest, tower),
-                     precision=manifest.precision,
-                     io_dtype=manifest.io_dtype, profile=profile,
+                     precision=manifest.spec.precision,
+                     io_dtype=manifest.spec.io_dtype, profile=profile,
                      trt_version=str(trt_version),
                      compute_capability=(int(compute_capability[0]), int(compute_capability[1])),
                      sequence=sequence_profile(manifest) if tower == "text" else None)
@@ -476,7 +476,7 @@ def ensure_engine(manifest, tower: str, profile: BatchProfile, cache_dir: Path, 
     lookup = find_engine(cache_dir, key)
     if lookup.path is not None and not rebuild:
         return lookup.path, key, False
-    onnx_path = manifest.path(manifest.tower(tower).file)
+    onnx_path = manifest.path(manifest.spec.tower(tower).file)
     ops = tower_contrib_ops(manifest, tower)
     if ops:
         raise BackendUnavailable(contrib_ops_message(tower, onnx_path, ops))
@@ -513,6 +513,7 @@ def record_in_manifest(artifact_dir: Path, section: dict[str, Any]) -> bool:
     its file list (engines are a cache, not checksummed artifact files). Returns False, changing
     nothing, when the artifact is read-only."""
     from clipfast.artifact.manifest import MANIFEST_NAME, load_manifest, write_manifest
+    from clipfast.artifact.sections import TensorRTSection
 
     artifact_dir = Path(artifact_dir)
     if not os.access(artifact_dir / MANIFEST_NAME, os.W_OK) or not os.access(artifact_dir,
@@ -520,8 +521,8 @@ def record_in_manifest(artifact_dir: Path, section: dict[str, Any]) -> bool:
         return False
     manifest = load_manifest(artifact_dir, verify_checksums=False)
     spec = manifest.spec
-    spec.tensorrt = section
-    write_manifest(artifact_dir, spec, list(manifest.files))
+    spec.tensorrt = TensorRTSection.from_dict(section, manifest.where)
+    write_manifest(artifact_dir, spec, list(manifest.spec.files))
     return True
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from clipfast.artifact.manifest import MANIFEST_NAME
 from clipfast.errors import ArtifactError, BackendUnavailable
 
 # Operator domains TensorRT's ONNX parser reads: the default ONNX domain under both spellings.
@@ -53,17 +52,11 @@ def has_contrib_ops(onnx_path: str | os.PathLike) -> bool:
 
 
 def recorded_contrib_ops(manifest, tower: str) -> list[str] | None:
-    """``manifest["graph"][tower]["contrib_ops"]``, the export's record of the op types of the
+    """``manifest.spec.graph.<tower>.contrib_ops``, the export's record of the op types of the
     tower graph outside the standard ONNX domain (sorted), or None when the manifest predates
-    that record. ArtifactError when the record is not a list of names."""
-    record = manifest.graph.get(tower)
-    if not isinstance(record, dict) or "contrib_ops" not in record:
-        return None
-    ops = record["contrib_ops"]
-    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
-        raise ArtifactError(f"{Path(manifest.directory) / MANIFEST_NAME}: graph.{tower}."
-                            f"contrib_ops must be a list of operator names, got {ops!r}")
-    return sorted(ops)
+    that record."""
+    ops = manifest.spec.graph.contrib_ops(tower)  # a list of names (ArtifactSpec checks it)
+    return None if ops is None else sorted(ops)
 
 
 def tower_contrib_ops(manifest, tower: str) -> list[str]:
@@ -83,7 +76,7 @@ def tower_contrib_ops(manifest, tower: str) -> list[str]:
             "older clipfast), and the onnx package that could read them from the graph is not "
             "installed; re-export the artifact with this clipfast (`clipfast export ... "
             "--tensorrt`), or `pip install onnx`") from None
-    return contrib_ops(manifest.path(manifest.tower(tower).file))
+    return contrib_ops(manifest.path(manifest.spec.tower(tower).file))
 
 
 def contrib_ops_message(tower: str, path: Path, ops: list[str]) -> str:
