@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +55,28 @@ def _cli(art, src, out, *extra) -> list[str]:
             "--quiet", "--batch-size", "2", "--shard-size", "2", *extra]
 
 
-def _committed(out: Path) -> int:
-    j = out / "journal.jsonl"
-    return j.read_bytes().count(b"\n") if j.exists() else 0
+# A CLI job that signals itself right after its ``after``-th shard commit, while it still has
+# work to do: a Ctrl-C (SIGINT) or a pause (SIGSTOP) that lands mid-job however fast the job runs.
+_SELF_SIGNALLING_JOB = """
+import os, signal, sys
+from clipfast.embed import output
+after, sig = int(sys.argv.pop(1)), getattr(signal, sys.argv.pop(1))
+commit, n = output.OutputDir.commit, [0]
+def commit_then_signal(self, *a, **kw):
+    rec = commit(self, *a, **kw)
+    n[0] += 1
+    if n[0] == after:
+        os.kill(os.getpid(), sig)
+    return rec
+output.OutputDir.commit = commit_then_signal
+from clipfast.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-def _wait_commits(proc, out: Path, n: int, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while _committed(out) < n and proc.poll() is None and time.monotonic() < end:
-        time.sleep(0.002)
+def _signalled_cli(art, src, out, after: int, sig: str) -> list[str]:
+    return [sys.executable, "-c", _SELF_SIGNALLING_JOB, str(after), sig,
+            *_cli(art, src, out)[3:]]
 
 
 # ------------------------------------------------------------------------------ --out safety
@@ -134,12 +146,11 @@ def test_a_second_job_is_refused_while_the_first_runs_or_is_paused(art, tmp_path
     run_embed(_opts(art, [src], tmp_path / "ref", batch_size=2, shard_size=2))
     ref_keys, ref = clipfast.read_embeddings(tmp_path / "ref")
     out = tmp_path / "o"
-    first = subprocess.Popen(_cli(art, src, out), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    first = subprocess.Popen(_signalled_cli(art, src, out, 1, "SIGSTOP"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_commits(first, out, 1)
-        first.send_signal(signal.SIGSTOP)  # paused: it still holds the lock
-        assert first.poll() is None, "the first job ended before it could be paused"
+        _, status = os.waitpid(first.pid, os.WUNTRACED)  # until it has paused itself
+        assert os.WIFSTOPPED(status), "the first job ended before it could be paused"
         with pytest.raises(ClipfastError, match=rf"in use by another .*pid {first.pid} "):
             run_embed(_opts(art, [src], out, batch_size=2, shard_size=2))
         second = subprocess.run(_cli(art, src, out, "--overwrite"), capture_output=True,
@@ -392,10 +403,8 @@ def test_ctrl_c_says_what_is_saved_and_exits_130(art, tmp_path):
     src = tmp_path / "imgs"
     make_images(src, 60, seed=8)
     out = tmp_path / "o"
-    proc = subprocess.Popen(_cli(art, src, out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_commits(proc, out, 2)
-    proc.send_signal(signal.SIGINT)
+    proc = subprocess.Popen(_signalled_cli(art, src, out, 2, "SIGINT"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err
     assert "Traceback" not in err
