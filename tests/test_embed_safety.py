@@ -58,7 +58,10 @@ def _cli(art, src, out, *extra) -> list[str]:
 # A CLI job that signals itself right after its ``after``-th shard commit, while it still has
 # work to do: a Ctrl-C (SIGINT) or a pause (SIGSTOP) that lands mid-job however fast the job runs.
 _SELF_SIGNALLING_JOB = """
-import os, signal, sys
+import os, signal, sys, threading
+# Ctrl-C as a terminal delivers it: a child inherits an ignored SIGINT from whatever started it
+# (nohup, a shell's `&`, a test runner in some states), and Python then never raises it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from clipfast.embed import output
 after, sig = int(sys.argv.pop(1)), getattr(signal, sys.argv.pop(1))
 commit, n = output.OutputDir.commit, [0]
@@ -67,6 +70,8 @@ def commit_then_signal(self, *a, **kw):
     n[0] += 1
     if n[0] == after:
         os.kill(os.getpid(), sig)
+        if sig == signal.SIGINT:
+            threading.Event().wait(60)  # the interrupt lands here, with shards still to do
     return rec
 output.OutputDir.commit = commit_then_signal
 from clipfast.cli import main
