@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from clipfast.artifact.spec import LogitsConfig
 from clipfast.inputs.pipeline import PreparedImages, embeddings_result
 from clipfast.types import Failure
 
@@ -100,7 +101,7 @@ class StubEngine:
     def __init__(self):
         self.manifest = SimpleNamespace(directory="/stub/stub-model", spec=SimpleNamespace(
             family="stub", precision="fp32",
-            logits=SimpleNamespace(kind="softmax", scale=100.0, bias=None),
+            logits=LogitsConfig(kind="softmax", scale=100.0),
             tokenizer=SimpleNamespace(pad_id=0)))
         self.gate = threading.Event()
         self.gate.set()
