@@ -476,11 +476,4 @@ class Engine:
             raise InputError("labels: at least one label is needed")
         text = self.encode_texts([template.format(label) for label in labels])
         img = self.encode_images(images)
-        logits = self.logits(img, text).astype(np.float64)
-        if self.manifest.spec.logits.kind == "sigmoid":
-            probs = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            logits -= logits.max(axis=1, keepdims=True)
-            probs = np.exp(logits)
-            probs /= probs.sum(axis=1, keepdims=True)
-        return probs.astype(np.float32)
+        return self.manifest.spec.logits.probabilities(self.logits(img, text))

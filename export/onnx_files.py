@@ -83,7 +83,7 @@ def contrib_ops(path: Path) -> list[str]:
     com.microsoft contrib operators: Attention, SkipLayerNormalization, QAttention ...), which
     TensorRT's ONNX parser rejects. The manifest records them per tower, so that the runtime
     knows without reading the graph."""
-    from clipfast.backends.tensorrt.build import STANDARD_DOMAINS
+    from clipfast.backends.tensorrt.graph_ops import STANDARD_DOMAINS
 
     found: set[str] = set()
     _graph_op_types(load_header(path).graph, tuple(STANDARD_DOMAINS), found)

@@ -60,7 +60,7 @@ class ExportOptions:
         do: --no-fuse, or --tensorrt, whose parser rejects the com.microsoft operators they
         produce."""
         if self.tensorrt:
-            from clipfast.backends.tensorrt.build import FUSION_OFF_NOTE
+            from clipfast.backends.tensorrt.graph_ops import FUSION_OFF_NOTE
 
             return FUSION_OFF_NOTE
         return None if self.fuse else "off (--no-fuse)"

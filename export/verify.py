@@ -27,11 +27,14 @@ log = logging.getLogger("clipfast.export")
 
 
 def images_from_dir(directory: str | Path, limit: int = 256) -> list[Path]:
-    """Image files under ``directory`` (sorted, at most ``limit``)."""
+    """Image files under ``directory`` (at most ``limit``), listed as ``clipfast encode`` and
+    ``embed`` list folders (``clipfast.inputs.listing``: hidden entries left out, one order)."""
+    from clipfast.inputs.listing import walk_images
+
     directory = Path(directory)
     if not directory.is_dir():
         raise ClipfastError(f"--images {str(directory)!r}: not a directory")
-    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = [Path(p) for p in walk_images(str(directory))]
     if not files:
         raise ClipfastError(f"--images {str(directory)!r}: no image files "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))}) found")

@@ -21,6 +21,7 @@ pytest.importorskip("prometheus_client")
 
 from test_search import clipfast, clustered, fake_embed_dir, make_photos  # noqa: E402
 from test_serve_support import (  # noqa: E402
+    HeldTokenizer,
     StubEngine,
     ThreadServer,
     assert_client_error,
@@ -392,32 +393,21 @@ def test_search_body_is_parsed_and_tokenized_off_the_event_loop(stub, monkeypatc
         return check_json(body, max_values)
 
     monkeypatch.setattr(app_mod, "check_json", recording_check)
-    entered, release = threading.Event(), threading.Event()
-    released_by_health: list[bool] = []
-    tokenize = engine.tokenize
-
-    def held(texts):
-        entered.set()
-        released_by_health.append(release.wait(5))
-        return tokenize(texts)
-
+    held = HeldTokenizer(engine)
     app = create_app(engine, stub_config(idx))
     monkeypatch.setattr(engine, "tokenize", held, raising=False)
 
     async def fn(c):
         body = {"text": "a" * 900, "filter": {"labels": ["b" * 900, "c" * 900]}}
         task = asyncio.create_task(c.post("/v1/search", json=body))
-        for _ in range(5000):
-            if entered.is_set():
-                break
-            await asyncio.sleep(0.001)
+        await held.wait_entered()
         assert (await c.get("/health")).status_code == 200
-        release.set()
+        held.release.set()
         r = await task
         assert r.status_code == 200, r.text
 
     run_asgi(app, fn)
-    assert released_by_health[:1] == [True]
+    assert held.released[:1] == [True]
     assert threads and all(t.startswith("clipfast-decode") for t in threads), threads
 
 

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import threading
 
 import httpx
 import numpy as np
@@ -20,6 +19,7 @@ pytest.importorskip("fastapi")
 
 from test_serve_support import (  # noqa: E402
     ERROR_KEYS,
+    HeldTokenizer,
     StubEngine,
     ThreadServer,
     assert_client_error,
@@ -170,33 +170,21 @@ def test_tokenization_runs_off_the_event_loop():
     """/health answers while a request's texts are being tokenized (the tokenizer is held until
     /health has answered; were it on the event loop, /health could only answer after it)."""
     engine = StubEngine()
-    entered, release = threading.Event(), threading.Event()
-    released_by_health: list[bool] = []
-    tokenize = engine.tokenize
-
-    def held(texts):
-        entered.set()
-        released_by_health.append(release.wait(5))
-        return tokenize(texts)
-
-    engine.tokenize = held
+    engine.tokenize = held = HeldTokenizer(engine)
     app = create_app(engine, _cfg())
 
     async def fn(c):
         texts = ["a" * 900] * 3  # over the size parsed inline
         task = asyncio.create_task(c.post("/v1/embeddings",
                                           json={"model": "stub-model", "input": texts}))
-        for _ in range(5000):
-            if entered.is_set():
-                break
-            await asyncio.sleep(0.001)
+        await held.wait_entered()
         r = await c.get("/health")
         assert r.status_code == 200
-        release.set()
+        held.release.set()
         assert (await task).status_code == 200
 
     run_asgi(app, fn)
-    assert released_by_health == [True]
+    assert held.released == [True]
 
 
 def test_bodies_held_at_once_are_bounded_by_max_buffered_bytes():

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from clipfast.artifact.spec import LogitsConfig
 from clipfast.inputs.pipeline import PreparedImages, embeddings_result
 from clipfast.types import Failure
 
@@ -100,7 +101,7 @@ class StubEngine:
     def __init__(self):
         self.manifest = SimpleNamespace(directory="/stub/stub-model", spec=SimpleNamespace(
             family="stub", precision="fp32",
-            logits=SimpleNamespace(kind="softmax", scale=100.0, bias=None),
+            logits=LogitsConfig(kind="softmax", scale=100.0),
             tokenizer=SimpleNamespace(pad_id=0)))
         self.gate = threading.Event()
         self.gate.set()
@@ -154,3 +155,23 @@ class StubEngine:
 
     def logits(self, a, b):
         return (100.0 * a @ b.T).astype(np.float32)
+
+
+class HeldTokenizer:
+    """Stands in for ``engine.tokenize``: each call sets ``entered`` and waits (5 s at most) for
+    ``release``; ``released`` records, call by call, whether the release came in time. Shows
+    that tokenization runs off the event loop: the loop must answer while a call is held."""
+
+    def __init__(self, engine):
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.released: list[bool] = []
+        self._tokenize = engine.tokenize
+
+    def __call__(self, texts):
+        self.entered.set()
+        self.released.append(self.release.wait(5))
+        return self._tokenize(texts)
+
+    async def wait_entered(self) -> None:
+        """Until a call is being held (waited for in a thread, not by polling the loop)."""
+        assert await asyncio.get_running_loop().run_in_executor(None, self.entered.wait, 30)

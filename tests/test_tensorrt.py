@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from manifest_stub import stub_manifest
 
-from clipfast.artifact.manifest import load_manifest, write_manifest
+from clipfast.artifact.manifest import artifact_digest, load_manifest, write_manifest
 from clipfast.backends.batching import BatchProfile, plan_rows
 from clipfast.backends.tensorrt import backend as trt_backend
 from clipfast.backends.tensorrt import build as tb
-from clipfast.backends.tensorrt import cudart
+from clipfast.backends.tensorrt import cudart, graph_ops
 from clipfast.errors import (
     ArtifactError,
     BackendUnavailable,
@@ -174,12 +174,12 @@ def test_cache_dir_of_a_read_only_artifact(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path / "cache"))
     where = tb.engine_cache_dir(m)
     # one rule with the ONNX Runtime TensorRT EP cache: <root>/<artifact digest>/<purpose>
-    assert where == tmp_path / "cache" / tb.artifact_digest(m) / "tensorrt"
-    assert where.is_dir() and len(tb.artifact_digest(m)) == 16
+    assert where == tmp_path / "cache" / artifact_digest(m) / "tensorrt"
+    assert where.is_dir() and len(artifact_digest(m)) == 16
     monkeypatch.delenv("CLIPFAST_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert tb.engine_cache_dir(m) == (tmp_path / "home" / ".cache" / "clipfast"
-                                      / tb.artifact_digest(m) / "tensorrt")
+                                      / artifact_digest(m) / "tensorrt")
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", "/proc/no-such-dir")
     with pytest.raises(ClipfastError, match="no writable tensorrt cache.*CLIPFAST_CACHE_DIR.*"
                                             "--cache-dir"):
@@ -313,14 +313,14 @@ def test_has_contrib_ops(tmp_path):
     plain = _tiny_graph(tmp_path / "plain.onnx")
     fused = _tiny_graph(tmp_path / "fused.onnx", contrib=True)
     nested = _tiny_graph(tmp_path / "nested.onnx", nested=True)
-    assert tb.has_contrib_ops(plain) is False and tb.contrib_ops(plain) == []
-    assert tb.has_contrib_ops(fused) is True
-    assert tb.contrib_ops(fused) == ["com.microsoft:BiasGelu"]
-    assert tb.contrib_ops(nested) == ["com.microsoft:QuickGelu"]  # inside an If branch
-    msg = tb.contrib_ops_message("image", fused, tb.contrib_ops(fused))
+    assert graph_ops.has_contrib_ops(plain) is False and graph_ops.contrib_ops(plain) == []
+    assert graph_ops.has_contrib_ops(fused) is True
+    assert graph_ops.contrib_ops(fused) == ["com.microsoft:BiasGelu"]
+    assert graph_ops.contrib_ops(nested) == ["com.microsoft:QuickGelu"]  # inside an If branch
+    msg = graph_ops.contrib_ops_message("image", fused, graph_ops.contrib_ops(fused))
     assert "com.microsoft:BiasGelu" in msg and "--tensorrt" in msg and "--no-fuse" in msg
     with pytest.raises(ArtifactError, match="not found"):
-        tb.contrib_ops(tmp_path / "missing.onnx")
+        graph_ops.contrib_ops(tmp_path / "missing.onnx")
 
 
 @pytest.fixture
@@ -359,7 +359,7 @@ def test_builder_reads_contrib_ops_from_the_manifest_without_onnx(tmp_path, monk
 
 def test_builder_reads_an_older_manifests_graph_with_onnx(tmp_path, no_gpu_build):
     m = load_manifest(_fake_artifact(tmp_path / "art", contrib=True))
-    assert tb.recorded_contrib_ops(m, "image") is None
+    assert graph_ops.recorded_contrib_ops(m, "image") is None
     with pytest.raises(BackendUnavailable, match="com.microsoft:BiasGelu"):
         tb.ensure_engine(m, "image", BatchProfile(1, 2, 4), tmp_path / "engines")
     tb.ensure_engine(m, "text", BatchProfile(1, 2, 4), tmp_path / "engines")
@@ -553,9 +553,9 @@ def test_engine_matches_onnxruntime_within_the_gates(trt_artifact):
 
     m = load_manifest(trt_artifact)
     spec = m.spec
-    assert spec.graph.image.fusion == tb.FUSION_OFF_NOTE
+    assert spec.graph.image.fusion == graph_ops.FUSION_OFF_NOTE
     assert set(spec.tensorrt.engines) == {"image", "text"}
-    assert not tb.has_contrib_ops(m.path(spec.image.file))
+    assert not graph_ops.has_contrib_ops(m.path(spec.image.file))
     backend = trt_backend.load(m, device="cuda", profile={"min": 1, "opt": 4, "max": 8})
     gates = spec.gates.as_dict()
     rng = np.random.default_rng(0)

@@ -73,6 +73,19 @@ class LogitsConfig(JsonSection):
         return cls(kind=d["kind"], scale=scale, bias=None if bias is None else float(bias),
                    extra=r.extra, layout=r.layout)
 
+    def probabilities(self, logits: Any) -> Any:
+        """Logits ``(N, L)`` -> float32 probabilities: a softmax over the labels, or independent
+        sigmoids for sigmoid models (computed in float64)."""
+        import numpy as np
+
+        z = np.asarray(logits, dtype=np.float64)
+        if self.kind == "sigmoid":
+            probs = 1.0 / (1.0 + np.exp(-z))
+        else:
+            probs = np.exp(z - z.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+        return probs.astype(np.float32)
+
 
 @dataclass(frozen=True)
 class ImageTower(JsonSection):

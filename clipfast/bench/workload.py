@@ -31,8 +31,11 @@ def model_label(manifest) -> str:
 
 
 def image_files(directory: Path) -> list[Path]:
-    """The image files under ``directory`` (by suffix, sorted); a ClipfastError when none."""
-    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files under ``directory``, listed as ``clipfast encode`` and ``embed`` list
+    folders (``clipfast.inputs.listing``); a ClipfastError when none."""
+    from clipfast.inputs.listing import walk_images
+
+    files = [Path(p) for p in walk_images(str(directory))]
     if not files:
         raise ClipfastError(f"--images {str(directory)!r}: no image files "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))}) found")

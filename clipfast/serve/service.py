@@ -255,14 +255,8 @@ class Service:
 
     def probabilities(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         """What Engine.classify returns for these embeddings."""
-        logits = self.engine.logits(image_emb, text_emb).astype(np.float64)
-        if self.engine.manifest.spec.logits.kind == "sigmoid":
-            probs = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            logits -= logits.max(axis=1, keepdims=True)
-            probs = np.exp(logits)
-            probs /= probs.sum(axis=1, keepdims=True)
-        return probs.astype(np.float32)
+        return self.engine.manifest.spec.logits.probabilities(
+            self.engine.logits(image_emb, text_emb))
 
     # -- endpoints: prepare (off the loop), then answer ---------------------------------------
     def prepare_embeddings(self, req: EmbeddingRequest

@@ -39,17 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from clipfast.artifact.cache import artifact_cache_dir, writable_dir
-from clipfast.artifact.manifest import artifact_digest, tower_input_dims
+from clipfast.artifact.manifest import tower_input_dims
 from clipfast.backends.batching import BatchProfile, as_profile
-from clipfast.backends.tensorrt.graph_ops import (  # re-exported: the build's public names
-    FUSION_OFF_NOTE,
-    STANDARD_DOMAINS,
-    contrib_ops,
-    contrib_ops_message,
-    has_contrib_ops,
-    recorded_contrib_ops,
-    tower_contrib_ops,
-)
+from clipfast.backends.tensorrt.graph_ops import contrib_ops_message, tower_contrib_ops
 from clipfast.errors import ArtifactError, BackendUnavailable, ClipfastError
 
 log = logging.getLogger("clipfast.tensorrt")
@@ -547,13 +539,9 @@ def build_engines(artifact: str | os.PathLike, profile: BatchProfile | dict | No
 
 
 __all__ = [
-    "FUSION_OFF_NOTE", "INSTALL_HINT", "EngineBuildError", "EngineKey", "EngineLookup",
-    "artifact_digest", "build_engine", "build_engines", "capturing_logger", "check_sidecar",
-    "shared_logger",
-    "contrib_ops", "create_network", "engine_cache_dir", "engine_key", "ensure_engine",
-    "find_engine", "parser_errors",
-    "has_contrib_ops", "import_tensorrt", "profile_from", "record_in_manifest",
-    "STANDARD_DOMAINS", "contrib_ops_message", "recorded_contrib_ops", "tensorrt_section",
-    "timing_cache_path", "tower_contrib_ops",
-    "unavailable_reason",
+    "INSTALL_HINT", "EngineBuildError", "EngineKey", "EngineLookup", "build_engine",
+    "build_engines", "capturing_logger", "check_sidecar", "shared_logger", "create_network",
+    "engine_cache_dir", "engine_key", "ensure_engine", "find_engine", "parser_errors",
+    "import_tensorrt", "profile_from", "record_in_manifest", "tensorrt_section",
+    "timing_cache_path", "unavailable_reason"
 ]
