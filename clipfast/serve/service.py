@@ -110,8 +110,7 @@ class Service:
         # path parameter (``prefix/{id}``), labelled by the prefix.
         self.routes: set[str] = set(ROUTES)
         self.param_routes: set[str] = set()
-        pad = getattr(getattr(engine.manifest.spec, "tokenizer", None), "pad_id", 0)
-        self._pad_id = pad if isinstance(pad, int) else 0
+        self._pad_id = int(engine.manifest.spec.tokenizer.pad_id)
 
     def _batch_observer(self, tower: str):
         metrics, counts = self.metrics.batch_observer(tower), self.batch_sizes[tower]
