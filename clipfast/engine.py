@@ -307,9 +307,7 @@ class Engine:
 
             pixels = parts[0] if len(parts) == 1 else torch.cat(
                 [torch.as_tensor(x, device=parts[0].device) for x in parts])
-            out = self._run_chunks("image", [pixels[s:s + self._chunk]
-                                             for s in range(0, pixels.shape[0], self._chunk)])
-            emb = np.concatenate(out).astype(np.float32, copy=False)
+            emb = self._run_image_chunked(pixels)
         if emb.shape[0] != len(indices):
             raise ClipfastError(f"backend {self.backend} returned {emb.shape[0]} image rows for "
                                 f"{len(indices)} images")
@@ -323,6 +321,11 @@ class Engine:
             raise InputError(f"pixels: expected shape (N, 3, {h}, {w}), got {pixels.shape}")
         if pixels.shape[0] == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return self._run_image_chunked(pixels)
+
+    def _run_image_chunked(self, pixels) -> np.ndarray:
+        """Pixels ``(N, 3, H, W)`` (host array or device tensor, N >= 1) through the image
+        tower in chunks of the engine's batch size -> float32 ``(N, D)``."""
         out = self._run_chunks("image", [pixels[s:s + self._chunk]
                                          for s in range(0, pixels.shape[0], self._chunk)])
         return np.concatenate(out).astype(np.float32, copy=False)
